@@ -1,0 +1,39 @@
+# `make run` and `make test` do all set-up on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.kvrack-installed
+SOURCES := pyproject.toml setup.py $(wildcard native/*.c)
+
+.PHONY: run test test-all bench lint example clean
+
+$(STAMP): $(SOURCES)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $(STAMP)
+
+## run: start kvrackd in the foreground with the embedded default config
+run: $(STAMP)
+	$(VENV)/bin/kvrackd
+
+## test: the default test run (what CI runs)
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+## test-all: every test, slow ones included
+test-all: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m ''
+
+## bench: kvrack bench local, results in bench-local.json
+bench: $(STAMP)
+	$(VENV)/bin/kvrack bench local --json bench-local.json
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+## example: regenerate deploy/kvrack.example.toml from the settings table
+example: $(STAMP)
+	$(VENV)/bin/kvrackd --write-example deploy/kvrack.example.toml
+
+clean:
+	rm -rf $(VENV) build *.egg-info pkg/_native*.so

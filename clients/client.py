@@ -1,0 +1,169 @@
+"""The synchronous client: ``Client.connect(...)``, then lookup / put / get / get_into / delete."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from kvrack.clients.core import ClientCore, LookupResult, PutResult, Step, check_put
+from kvrack.clients.errors import KvrackError
+from kvrack.clients.transport import SyncChannel, unix_socket
+from kvrack.daemon import protocol as P
+from kvrack.daemon.protocol import ErrorCode
+from kvrack.daemon.settings import default_socket_path
+
+
+def socket_path_of(address: str | None) -> str:
+    """``unix:///path``, ``unix:/path`` or a plain path; None means the default socket."""
+    if address is None:
+        return default_socket_path()
+    for prefix in ("unix://", "unix:"):
+        if address.startswith(prefix):
+            return address[len(prefix):]
+    if "://" in address:
+        raise ValueError(f"unsupported address {address!r}: this client speaks unix:// only")
+    return address
+
+
+class Lease:
+    """Pinned blocks as zero-copy read-only views; the pins end when the context exits."""
+
+    def __init__(self, client: Client, keys: list[bytes], views: list[memoryview | None]) -> None:
+        self._client = client
+        self._keys = keys
+        self.views = views
+
+    @property
+    def hits(self) -> int:
+        return sum(v is not None for v in self.views)
+
+    def arrays(self, dtype: Any = "uint8") -> list[Any]:
+        """The views as numpy arrays of ``dtype`` (None for misses)."""
+        import numpy as np
+
+        return [None if v is None else np.frombuffer(v, dtype=dtype) for v in self.views]
+
+    def release(self) -> None:
+        if self._keys:
+            keys, self._keys = self._keys, []
+            for v in self.views:
+                if v is not None:
+                    v.release()
+            self._client._run(self._client._core.keys_op("release", P.Release, keys))
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class Client:
+    """A connection to kvrackd over its Unix socket. Not thread-safe: one per thread."""
+
+    def __init__(self, channel: SyncChannel, core: ClientCore) -> None:
+        self._channel = channel
+        self._core = core
+
+    @classmethod
+    def connect(cls, address: str | None = None, namespace: str = "default", client_name: str = "",
+                timeout: float | None = 30.0) -> Client:
+        """Connect and say hello; the namespace's segments are mapped once, here and on first use."""
+        client = cls(SyncChannel(unix_socket(socket_path_of(address), timeout)), ClientCore(namespace, client_name))
+        try:
+            client._run(client._core.hello())
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    def _run(self, gen: Step) -> Any:
+        """Drive an operation: each yielded request goes to the daemon, its reply comes back in."""
+        call = self._channel.call
+        try:
+            op, req = next(gen)
+            while True:
+                try:
+                    reply = call(op, P.encode_frame(req))
+                except BaseException as exc:
+                    op, req = gen.throw(exc)
+                else:
+                    op, req = gen.send(reply)
+        except StopIteration as stop:
+            return stop.value
+
+    # ------------------------------------------------------------------ ops
+    @property
+    def namespace_salt(self) -> bytes:
+        """The salt to build this namespace's first block keys with (``KeyBuilder``)."""
+        return self._core.salt
+
+    def lookup(self, keys: Sequence[bytes]) -> LookupResult:
+        """How many leading keys are cached, and each key's tier."""
+        return self._run(self._core.lookup(keys))
+
+    def put(self, keys: Sequence[bytes], buffers: Sequence[Any], parents: Sequence[bytes | None] | None = None,
+            *, wait_timeout: float | None = None, raise_on_error: bool = True) -> PutResult:
+        """Store blocks: reserve, copy into the mapped segments, commit.
+
+        Keys already stored are skipped; keys another client is writing are
+        skipped too, or waited for up to ``wait_timeout`` seconds.
+        """
+        result, message = self._run(self._core.put(keys, buffers, parents))
+        if wait_timeout and result.in_progress:
+            self._wait_for(keys, result, wait_timeout)
+        return check_put(result, message, raise_on_error)
+
+    def _wait_for(self, keys: Sequence[bytes], result: PutResult, timeout: float) -> None:
+        pending = [i for i, c in enumerate(result.codes) if c == ErrorCode.IN_PROGRESS]
+        deadline = time.monotonic() + timeout
+        delay = 0.0005
+        while pending and time.monotonic() < deadline:
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+            found = self.lookup([keys[i] for i in pending]).tiers
+            for i, tier in zip(list(pending), found):
+                if tier:
+                    result.codes[i] = ErrorCode.ALREADY_EXISTS
+                    pending.remove(i)
+
+    def get(self, keys: Sequence[bytes]) -> Lease:
+        """Pin blocks and return zero-copy views (None for misses), valid inside ``with``."""
+        codes, descriptors = self._run(self._core.acquire(keys))
+        pinned = [k for k, d in zip(keys, descriptors) if d is not None]
+        return Lease(self, pinned, [None if d is None else self._core.view(d) for d in descriptors])
+
+    def get_into(self, keys: Sequence[bytes], out: Sequence[Any]) -> list[bool]:
+        """Copy blocks into caller buffers (numpy, torch CPU tensors, bytearrays); per-key hit flags."""
+        if len(out) != len(keys):
+            raise ValueError("get_into: keys and out must have the same length")
+        codes, descriptors = self._run(self._core.acquire(keys))
+        try:
+            return self._core.copy_out(descriptors, out)
+        finally:
+            pinned = [k for k, d in zip(keys, descriptors) if d is not None]
+            if pinned:
+                self._run(self._core.keys_op("release", P.Release, pinned))
+
+    def delete(self, keys: Sequence[bytes]) -> int:
+        """Remove blocks; returns how many existed."""
+        codes, _, _ = self._run(self._core.keys_op("delete", P.Delete, keys))
+        return sum(1 for c in codes if c == 0)
+
+    def stats(self) -> dict[str, Any]:
+        reply = self._channel.call("stats", P.encode_frame(P.Stats(id=self._core._id())))
+        return reply[0].stats
+
+    def close(self) -> None:
+        self._channel.close()
+        self._core.segments.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["Client", "Lease", "KvrackError", "socket_path_of"]

@@ -1,0 +1,220 @@
+"""What the sync and async clients share: requests, batching, segment maps, copies.
+
+Each operation is a generator that yields ``(op, request)`` and is sent the
+reply, so the sync client drives it with blocking calls and the async client
+with awaits, and the logic exists once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import mmap
+import os
+from collections.abc import Generator, Sequence
+from typing import Any
+
+from kvrack.clients.buffers import byte_view, copy
+from kvrack.clients.errors import KvrackError
+from kvrack.daemon import protocol as P
+from kvrack.daemon.protocol import ErrorCode, TierId
+
+Step = Generator[tuple[str, Any], Any, Any]
+_OK = int(ErrorCode.OK)
+_KEY_WIRE_BYTES = 40  # a 32-byte key as msgpack bin plus list overhead, for batch sizing
+
+
+@dataclasses.dataclass
+class LookupResult:
+    prefix: int  # how many leading keys are cached
+    tiers: list[TierId]  # per key; TierId.NONE for a miss
+
+    def __len__(self) -> int:
+        return self.prefix
+
+
+@dataclasses.dataclass
+class PutResult:
+    codes: list[int]  # per key: OK (stored now), ALREADY_EXISTS, IN_PROGRESS, or a failure
+
+    @property
+    def stored(self) -> int:
+        return sum(1 for c in self.codes if c == _OK)
+
+    @property
+    def existing(self) -> int:
+        return sum(1 for c in self.codes if c == ErrorCode.ALREADY_EXISTS)
+
+    @property
+    def in_progress(self) -> int:
+        return sum(1 for c in self.codes if c == ErrorCode.IN_PROGRESS)
+
+    @property
+    def failed(self) -> list[int]:
+        """Indices of keys that are not stored and not being stored by anyone."""
+        ok = (_OK, ErrorCode.ALREADY_EXISTS, ErrorCode.IN_PROGRESS)
+        return [i for i, c in enumerate(self.codes) if c not in ok]
+
+
+class SegmentMaps:
+    """Segments mapped once per connection (MAP_POPULATE: no faults on the data path)."""
+
+    def __init__(self) -> None:
+        self.maps: dict[int, mmap.mmap] = {}
+
+    def add(self, infos: Sequence[P.SegmentInfo], fds: Sequence[int]) -> None:
+        if len(infos) != len(fds):
+            for fd in fds:
+                os.close(fd)
+            raise KvrackError(ErrorCode.INTERNAL, f"daemon sent {len(fds)} fds for {len(infos)} segments")
+        for info, fd in zip(infos, fds):
+            try:
+                if info.segment not in self.maps:
+                    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+                    self.maps[info.segment] = mmap.mmap(fd, info.size, flags=flags,
+                                                        prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            finally:
+                os.close(fd)
+
+    def missing(self, descriptors: Sequence[P.Descriptor | None]) -> list[int]:
+        maps = self.maps
+        return sorted({d.segment for d in descriptors if d is not None and d.segment not in maps})
+
+    def close(self) -> None:
+        for m in self.maps.values():
+            try:
+                m.close()
+            except BufferError:  # a caller still holds a view; the mapping ends with it
+                pass
+        self.maps.clear()
+
+
+class ClientCore:
+    """Connection-independent client state and the operations as generators."""
+
+    def __init__(self, namespace: str, client_name: str) -> None:
+        self.namespace = namespace
+        self.client_name = client_name
+        self.segments = SegmentMaps()
+        self.salt = b""
+        self.session = 0
+        self.max_batch_keys = 1024
+        self.max_frame_bytes = P.DEFAULT_MAX_FRAME_BYTES
+        self._next_id = 1
+
+    def _id(self) -> int:
+        rid = self._next_id
+        self._next_id += 1
+        return rid
+
+    def batch_size(self) -> int:
+        return max(1, min(self.max_batch_keys, (self.max_frame_bytes - 4096) // (2 * _KEY_WIRE_BYTES)))
+
+    def _chunks(self, n: int) -> range:
+        return range(0, n, self.batch_size())
+
+    # ---------------------------------------------------------------- steps
+    def hello(self) -> Step:
+        reply, fds = yield "hello", P.Hello(id=self._id(), version=P.PROTOCOL_VERSION, namespace=self.namespace,
+                                            client_name=self.client_name)
+        self.salt = reply.salt
+        self.session = reply.session
+        self.max_batch_keys = reply.max_batch_keys or self.max_batch_keys
+        self.max_frame_bytes = reply.max_frame_bytes
+        self.segments.add(reply.segments, fds)
+
+    def map_segments(self, descriptors: Sequence[P.Descriptor | None]) -> Step:
+        missing = self.segments.missing(descriptors)
+        for i in range(0, len(missing), 256):
+            reply, fds = yield "map", P.MapSegments(id=self._id(), segments=missing[i : i + 256])
+            self.segments.add(reply.segments, fds)
+
+    def lookup(self, keys: Sequence[bytes]) -> Step:
+        tiers = bytearray()
+        prefix = None
+        for start in self._chunks(len(keys)):
+            chunk = list(keys[start : start + self.batch_size()])
+            reply, _ = yield "lookup", P.Lookup(id=self._id(), keys=chunk)
+            tiers += reply.tiers
+            if prefix is None and reply.prefix < len(chunk):
+                prefix = start + reply.prefix
+        return LookupResult(len(keys) if prefix is None else prefix, [TierId(t) for t in tiers])
+
+    def keys_op(self, op: str, cls: type, keys: Sequence[bytes]) -> Step:
+        """commit / abort / release / delete / acquire over any number of keys."""
+        codes: list[int] = []
+        descriptors: list[P.Descriptor | None] = []
+        message = ""
+        for start in self._chunks(len(keys)):
+            reply, _ = yield op, cls(id=self._id(), keys=list(keys[start : start + self.batch_size()]))
+            codes += reply.codes
+            descriptors += reply.descriptors
+            message = reply.message or message
+        return codes, descriptors, message
+
+    def put(self, keys: Sequence[bytes], buffers: Sequence[Any], parents: Sequence[bytes | None] | None) -> Step:
+        if len(buffers) != len(keys) or (parents is not None and len(parents) != len(keys)):
+            raise ValueError("put: keys, buffers and parents must have the same length")
+        views = [byte_view(b) for b in buffers]
+        codes: list[int] = []
+        message = ""
+        step = self.batch_size()
+        for start in range(0, len(keys), step):
+            end = start + step
+            chunk = list(keys[start:end])
+            reply, _ = yield "reserve", P.Reserve(id=self._id(), keys=chunk, sizes=[v.nbytes for v in views[start:end]],
+                                                  parents=list(parents[start:end]) if parents is not None else None)
+            message = reply.message or message
+            yield from self.map_segments(reply.descriptors)
+            ready = []
+            maps = self.segments.maps
+            try:
+                for i, d in enumerate(reply.descriptors):
+                    if d is not None and reply.codes[i] == _OK:
+                        copy(maps[d.segment], d.offset, views[start + i], 0, d.length)
+                        ready.append(chunk[i])
+            except BaseException:
+                aborted = [chunk[i] for i, d in enumerate(reply.descriptors) if d is not None and reply.codes[i] == _OK]
+                yield "abort", P.Abort(id=self._id(), keys=aborted)
+                raise
+            batch_codes = list(reply.codes)
+            if ready:
+                creply, _ = yield "commit", P.Commit(id=self._id(), keys=ready)
+                failed = {k: c for k, c in zip(ready, creply.codes) if c != _OK}
+                if failed:  # e.g. the reservation's lease ran out before the copy finished
+                    batch_codes = [failed.get(k, c) for k, c in zip(chunk, batch_codes)]
+            codes += batch_codes
+        return PutResult(codes), message
+
+    def acquire(self, keys: Sequence[bytes]) -> Step:
+        codes, descriptors, message = yield from self.keys_op("acquire", P.Acquire, keys)
+        try:
+            yield from self.map_segments(descriptors)
+        except BaseException:
+            yield from self.keys_op("release", P.Release, [k for k, d in zip(keys, descriptors) if d is not None])
+            raise
+        return codes, descriptors
+
+    def view(self, d: P.Descriptor) -> memoryview:
+        """Read-only zero-copy view of a block in its mapped segment."""
+        return memoryview(self.segments.maps[d.segment])[d.offset : d.offset + d.length].toreadonly()
+
+    def copy_out(self, descriptors: Sequence[P.Descriptor | None], outs: Sequence[Any]) -> list[bool]:
+        hits = []
+        maps = self.segments.maps
+        for d, out in zip(descriptors, outs):
+            if d is None:
+                hits.append(False)
+                continue
+            view = byte_view(out, writable=True)
+            if view.nbytes < d.length:
+                raise ValueError(f"get_into: buffer of {view.nbytes} bytes is smaller than the {d.length}-byte block")
+            copy(view, 0, maps[d.segment], d.offset, d.length)
+            hits.append(True)
+        return hits
+
+
+def check_put(result: PutResult, message: str, raise_on_error: bool) -> PutResult:
+    if raise_on_error and result.failed:
+        first = result.codes[result.failed[0]]
+        raise KvrackError(first, message or f"{len(result.failed)} of {len(result.codes)} keys not stored", result.codes)
+    return result

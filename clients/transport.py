@@ -1,0 +1,150 @@
+"""Client-side framing over a Unix socket, with segment fds arriving beside frames."""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import os
+import socket
+
+import msgspec
+
+from kvrack.clients.errors import KvrackError
+from kvrack.daemon import protocol as P
+
+_ANC_BYTES = socket.CMSG_SPACE(256 * 4)
+_RECV_BYTES = 1 << 20
+
+
+class FrameBuffer:
+    """Sans-I/O frame reassembly: feed bytes and fds, take whole frames."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.fds: list[int] = []
+
+    def feed(self, data: bytes, ancdata: list[tuple[int, int, bytes]]) -> None:
+        self.buf += data
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                self.fds.extend(fds)
+
+    def next_frame(self) -> bytes | None:
+        buf = self.buf
+        if len(buf) < P.HEADER_BYTES:
+            return None
+        (n,) = P.HEADER.unpack_from(buf)
+        end = P.HEADER_BYTES + n
+        if len(buf) < end:
+            return None
+        body = bytes(buf[P.HEADER_BYTES : end])
+        del buf[:end]
+        return body
+
+    def take_fds(self) -> list[int]:
+        fds, self.fds = self.fds, []
+        return fds
+
+    def close_fds(self) -> None:
+        for fd in self.take_fds():
+            os.close(fd)
+
+
+_decoders = {op: msgspec.msgpack.Decoder(t) for op, t in P.REPLY_TYPES.items()}
+_error_decoder = msgspec.msgpack.Decoder(P.ErrorReply)
+
+
+def decode_reply(op: str, body: bytes) -> P.Reply:
+    """Decode a reply; a non-OK overall code becomes ``KvrackError``."""
+    try:
+        reply = _decoders[op].decode(body)
+    except msgspec.ValidationError:
+        reply = _error_decoder.decode(body)  # an error reply lacks the op's fields' shapes
+    if reply.code != 0:
+        raise KvrackError(reply.code, reply.message)
+    return reply
+
+
+def unix_socket(path: str, timeout: float | None) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        sock.close()
+        raise ConnectionError(f"no kvrackd listening on {path} ({exc.strerror}); start one with `kvrackd` or `make run`") from None
+    return sock
+
+
+class SyncChannel:
+    """One request in flight at a time; the reply's fds come back with it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.frames = FrameBuffer()
+
+    def call(self, op: str, frame: bytes) -> tuple[P.Reply, list[int]]:
+        self.sock.sendall(frame)
+        frames = self.frames
+        while True:
+            body = frames.next_frame()
+            if body is not None:
+                return decode_reply(op, body), frames.take_fds()
+            data, anc, _flags, _addr = self.sock.recvmsg(_RECV_BYTES, _ANC_BYTES)
+            if not data:
+                frames.close_fds()
+                raise ConnectionError("kvrackd closed the connection")
+            frames.feed(data, anc)
+
+    def close(self) -> None:
+        self.frames.close_fds()
+        self.sock.close()
+
+
+class AsyncChannel:
+    """The same over asyncio: readiness callbacks so that SCM_RIGHTS can be read."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.frames = FrameBuffer()
+        self.lock = asyncio.Lock()
+
+    async def _wait(self, add, remove) -> None:  # type: ignore[no-untyped-def]
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        add(self.sock.fileno(), lambda: fut.done() or fut.set_result(None))
+        try:
+            await fut
+        finally:
+            remove(self.sock.fileno())
+
+    async def call(self, op: str, frame: bytes) -> tuple[P.Reply, list[int]]:
+        loop = asyncio.get_running_loop()
+        async with self.lock:
+            view = memoryview(frame)
+            while view:
+                try:
+                    view = view[self.sock.send(view):]
+                except (BlockingIOError, InterruptedError):
+                    await self._wait(loop.add_writer, loop.remove_writer)
+            frames = self.frames
+            while True:
+                body = frames.next_frame()
+                if body is not None:
+                    return decode_reply(op, body), frames.take_fds()
+                try:
+                    data, anc, _flags, _addr = self.sock.recvmsg(_RECV_BYTES, _ANC_BYTES)
+                except (BlockingIOError, InterruptedError):
+                    await self._wait(loop.add_reader, loop.remove_reader)
+                    continue
+                if not data:
+                    frames.close_fds()
+                    raise ConnectionError("kvrackd closed the connection")
+                frames.feed(data, anc)
+
+    def close(self) -> None:
+        self.frames.close_fds()
+        self.sock.close()

@@ -1,0 +1,1 @@
+"""The kvrack daemon: config, control server, sessions, index and tiers' owner."""

@@ -1,0 +1,98 @@
+"""The block index: key -> small slotted entry, per namespace, plus an intrusive LRU.
+
+An entry is in the LRU list exactly when it is committed and unpinned, so the
+eviction candidate is always the list head: O(1), no scan past pinned blocks.
+The index knows nothing of bytes; ``seg``/``slot`` only name where they are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+RESERVED = 1
+COMMITTED = 2
+DELETED = 3  # removed from the index, bytes kept until the last pin ends
+
+
+class Entry:
+    """One block. ~100 bytes; the key's bytes object is shared with the index dict."""
+
+    __slots__ = ("key", "ns", "seg", "slot", "nbytes", "state", "pins", "prev", "next", "parent")
+
+    def __init__(self, key: bytes, ns: Namespace, seg: Any, slot: int, nbytes: int, parent: bytes | None) -> None:
+        self.key = key
+        self.ns = ns
+        self.seg = seg
+        self.slot = slot
+        self.nbytes = nbytes
+        self.state = RESERVED
+        self.pins = 0
+        self.prev: Entry | None = None
+        self.next: Entry | None = None
+        self.parent = parent
+
+    @property
+    def offset(self) -> int:
+        return self.slot * self.seg.slot_size
+
+
+class LruList:
+    """Doubly linked list threaded through the entries, with one sentinel: no edge cases."""
+
+    __slots__ = ("root", "size")
+
+    def __init__(self) -> None:
+        root = Entry.__new__(Entry)
+        root.prev = root.next = root
+        self.root = root
+        self.size = 0
+
+    def push_mru(self, e: Entry) -> None:
+        root = self.root
+        last = root.prev
+        e.prev = last
+        e.next = root
+        last.next = e  # type: ignore[union-attr]
+        root.prev = e
+        self.size += 1
+
+    def unlink(self, e: Entry) -> None:
+        e.prev.next = e.next  # type: ignore[union-attr]
+        e.next.prev = e.prev  # type: ignore[union-attr]
+        e.prev = e.next = None
+        self.size -= 1
+
+    def touch(self, e: Entry) -> None:
+        self.unlink(e)
+        self.push_mru(e)
+
+    def lru(self) -> Entry | None:
+        e = self.root.next
+        return None if e is self.root else e
+
+    def __iter__(self):  # oldest first; for tests and debugging
+        e = self.root.next
+        while e is not self.root:
+            yield e
+            e = e.next
+
+
+class Namespace:
+    """A tenant's isolated key space and its counters."""
+
+    __slots__ = ("name", "salt", "uids", "gids", "entries", "blocks", "bytes")
+
+    def __init__(self, name: str, salt: bytes, uids: tuple[int, ...] = (), gids: tuple[int, ...] = ()) -> None:
+        self.name = name
+        self.salt = salt
+        self.uids = uids
+        self.gids = gids
+        self.entries: dict[bytes, Entry] = {}
+        self.blocks = 0  # committed
+        self.bytes = 0  # committed
+
+    def allows(self, uid: int, gids: set[int]) -> bool:
+        """Whether a peer with these credentials may use the namespace."""
+        if not self.uids and not self.gids:
+            return True
+        return uid in self.uids or bool(gids.intersection(self.gids))

@@ -1,0 +1,166 @@
+"""``kvrackd``: load config, open tiers, serve, drain, close — in that order, each step logged."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from kvrack import __version__
+from kvrack.daemon.server import ControlServer
+from kvrack.daemon.settings import Config, ConfigError, example_toml, format_size, load_config
+from kvrack.daemon.store import Store
+from kvrack.tiers.dram import open_dram_tier
+
+log = logging.getLogger("kvrackd")
+
+
+def _notify(state: str) -> None:
+    """Tell systemd (Type=notify) where we are; a no-op outside systemd."""
+    if not os.environ.get("NOTIFY_SOCKET"):
+        return
+    try:
+        import sdnotify
+
+        sdnotify.SystemdNotifier().notify(state)
+    except Exception as exc:  # notification is advisory
+        log.debug("sd_notify failed: %s", exc)
+
+
+class Daemon:
+    """The daemon's whole life as one object."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.started = time.time()
+        self.stop_event: asyncio.Event | None = None
+        self.store: Store | None = None
+        self.server: ControlServer | None = None
+
+    def open(self) -> None:
+        c = self.config
+        t0 = time.perf_counter()
+        tier = open_dram_tier(c["dram.capacity_bytes"], c["dram.segment_bytes"], c["dram.hugepages"], c["dram.prefault"])
+        log.info("dram tier ready: %s in %.2fs", format_size(tier.capacity), time.perf_counter() - t0)
+        self.store = Store(tier, c.namespaces, c["leases.reserve_timeout_s"], c["leases.pin_timeout_s"])
+        self.server = ControlServer(self.store, c["server.socket_path"], c["server.max_frame_bytes"],
+                                    c["server.max_batch_keys"], c["server.socket_mode"], self._stats_extra)
+
+    def _stats_extra(self) -> dict[str, object]:
+        return {"daemon": {"version": __version__, "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 1)}}
+
+    async def serve(self) -> None:
+        assert self.server is not None and self.store is not None
+        loop = asyncio.get_running_loop()
+        self.stop_event = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        self.server.start(loop)
+        names = ", ".join(self.store.namespaces)
+        log.info("kvrackd %s listening on unix:%s (namespaces: %s)", __version__, self.config["server.socket_path"], names)
+        _notify("READY=1\nSTATUS=serving")
+        sweeper = asyncio.create_task(self._sweep_leases())
+        await self.stop_event.wait()
+        sweeper.cancel()
+        await self.drain()
+
+    def _on_signal(self, sig: int) -> None:
+        log.info("%s received: shutting down", signal.Signals(sig).name)
+        _notify("STOPPING=1")
+        assert self.stop_event is not None
+        self.stop_event.set()
+
+    async def _sweep_leases(self) -> None:
+        assert self.store is not None
+        interval = self.config["leases.sweep_interval_s"]
+        while True:
+            await asyncio.sleep(interval)
+            self.store.sweep()
+
+    async def drain(self) -> None:
+        """Stop accepting, let queued replies go out (bounded), then close every session."""
+        assert self.server is not None
+        server = self.server
+        server.stop_accepting()
+        server.begin_drain()
+        deadline = time.monotonic() + self.config["server.drain_timeout_s"]
+        while server.pending_output() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        n = len(server.connections)
+        server.close_all()
+        log.info("closed %d session(s)", n)
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.tier.close()
+        log.info("kvrackd stopped")
+
+
+def _install_loop() -> None:
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:  # uvloop is a dependency; plain asyncio still works
+        log.warning("uvloop is not available; using the default asyncio loop")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvrackd", description="kvrack: a per-rack KV-cache pool daemon.")
+    parser.add_argument("--config", metavar="PATH", help="TOML config file (default: embedded defaults)")
+    parser.add_argument("--socket", metavar="PATH", help="override server.socket_path")
+    parser.add_argument("--set", metavar="NAME=VALUE", action="append", default=[], help="override any setting")
+    parser.add_argument("--print-config", action="store_true", help="print the effective settings as TOML and exit")
+    parser.add_argument("--write-example", metavar="PATH", help="write the documented example config and exit")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--version", action="version", version=f"kvrackd {__version__}")
+    args = parser.parse_args(argv)
+
+    if args.write_example:
+        Path(args.write_example).write_text(example_toml())
+        return 0
+    overrides: dict[str, object] = {}
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set expects NAME=VALUE, got {item!r}")
+        overrides[name.strip()] = value.strip()
+    if args.socket:
+        overrides["server.socket_path"] = args.socket
+    if args.log_level:
+        overrides["log.level"] = args.log_level
+    try:
+        config = load_config(args.config, overrides=overrides)
+    except ConfigError as exc:
+        print(f"kvrackd: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        sys.stdout.write(config.to_toml())
+        return 0
+
+    logging.basicConfig(level=config["log.level"].upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.info("kvrackd %s starting (pid %d, config: %s)", __version__, os.getpid(), args.config or "embedded defaults")
+    daemon = Daemon(config)
+    try:
+        daemon.open()
+    except (OSError, ValueError) as exc:
+        log.error("cannot open tiers: %s", exc)
+        return 1
+    _install_loop()
+    try:
+        asyncio.run(daemon.serve())
+    except RuntimeError as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        daemon.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

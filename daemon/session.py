@@ -1,0 +1,48 @@
+"""A client session: who it is and which reservations and pins it holds."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from kvrack.daemon.index import Entry, Namespace
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerCredentials:
+    pid: int
+    uid: int
+    gid: int
+
+    def groups(self) -> set[int]:
+        """Primary and supplementary groups of the peer process, read from /proc."""
+        groups = {self.gid}
+        try:
+            with open(f"/proc/{self.pid}/status") as fh:
+                for line in fh:
+                    if line.startswith("Groups:"):
+                        groups.update(int(g) for g in line.split()[1:])
+                        break
+        except OSError:
+            pass
+        return groups
+
+    @classmethod
+    def of_self(cls) -> PeerCredentials:
+        return cls(os.getpid(), os.getuid(), os.getgid())
+
+
+class Session:
+    """State the daemon keeps per connection; everything here ends with the connection."""
+
+    __slots__ = ("id", "peer", "namespace", "client_name", "reserved", "pins", "closed")
+
+    def __init__(self, session_id: int, peer: PeerCredentials | None) -> None:
+        self.id = session_id
+        self.peer = peer
+        self.namespace: Namespace | None = None
+        self.client_name = ""
+        self.reserved: dict[bytes, Entry] = {}
+        # key -> [pin count, deadline of the latest acquire, entry]
+        self.pins: dict[bytes, list] = {}
+        self.closed = False

@@ -1,0 +1,326 @@
+"""Every daemon setting, declared once.
+
+The TOML loader, the ``KVRACK_*`` environment overrides, ``kvrackd
+--print-config`` and ``deploy/kvrack.example.toml`` all come from ``SETTINGS``.
+Namespaces are a list of tables (``[[namespaces]]``) described by
+``NAMESPACE_FIELDS``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tempfile
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+class ConfigError(ValueError):
+    """A setting is unknown, of the wrong type or out of bounds."""
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from an int or a string like ``"64MiB"``/``"2G"`` (binary units)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"expected a size, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            unit = (m.group(2) or "").upper()[:1]
+            return int(float(m.group(1)) * _UNITS[unit])
+    raise ConfigError(f"expected a size such as 1073741824 or \"1GiB\", got {value!r}")
+
+
+def format_size(n: int) -> str:
+    """The shortest exact binary-unit form of ``n`` bytes."""
+    for unit, mult in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= mult and n % mult == 0:
+            return f"{n // mult}{unit}"
+    return str(n)
+
+
+def _runtime_dir() -> str:
+    return os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+
+
+def default_socket_path() -> str:
+    """``$XDG_RUNTIME_DIR/kvrack/kvrack.sock``, or under /tmp when that is unset."""
+    return os.path.join(_runtime_dir(), "kvrack", "kvrack.sock")
+
+
+def default_dram_capacity() -> int:
+    """min(2 GiB, a quarter of physical memory)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return min(2 * 1024**3, total // 4)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    name: str  # dotted: section.key
+    kind: str  # "int", "size", "float", "bool", "str", "choice"
+    default: Any
+    help: str
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[str, ...] = ()
+    runtime: bool = False  # may change without a restart
+    dynamic_default: Callable[[], Any] | None = None
+    default_doc: str = ""  # how a computed default is shown in the example file
+
+    @property
+    def env(self) -> str:
+        return "KVRACK_" + self.name.replace(".", "_").upper()
+
+    def resolve_default(self) -> Any:
+        return self.dynamic_default() if self.dynamic_default else self.default
+
+    def coerce(self, value: Any, source: str) -> Any:
+        """Check and convert one raw value (from TOML or the environment)."""
+        where = f"{self.name} (from {source})"
+        try:
+            if self.kind == "size":
+                value = parse_size(value)
+            elif self.kind == "int":
+                if isinstance(value, str):
+                    value = int(value, 0)
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ConfigError(f"expected an integer, got {value!r}")
+            elif self.kind == "float":
+                if isinstance(value, str):
+                    value = float(value)
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ConfigError(f"expected a number, got {value!r}")
+                value = float(value)
+            elif self.kind == "bool":
+                if isinstance(value, str):
+                    low = value.strip().lower()
+                    if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                        raise ConfigError(f"expected true/false, got {value!r}")
+                    value = low in ("1", "true", "yes", "on")
+                if not isinstance(value, bool):
+                    raise ConfigError(f"expected true/false, got {value!r}")
+            elif self.kind in ("str", "choice"):
+                if not isinstance(value, str):
+                    raise ConfigError(f"expected a string, got {value!r}")
+                if self.choices and value not in self.choices:
+                    raise ConfigError(f"expected one of {', '.join(self.choices)}, got {value!r}")
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        if self.min is not None and value < self.min:
+            raise ConfigError(f"{where}: {value} is below the minimum {self.min}")
+        if self.max is not None and value > self.max:
+            raise ConfigError(f"{where}: {value} is above the maximum {self.max}")
+        return value
+
+
+KiB, MiB, GiB = 1024, 1024**2, 1024**3
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("server.socket_path", "str", None, "Unix socket the control server listens on.",
+            dynamic_default=default_socket_path, default_doc="$XDG_RUNTIME_DIR/kvrack/kvrack.sock, else /tmp/kvrack/kvrack.sock"),
+    Setting("server.socket_mode", "int", 0o666, "Permission bits of the socket file; namespaces restrict who may use them.",
+            min=0, max=0o777),
+    Setting("server.max_frame_bytes", "size", 16 * MiB, "Largest request frame accepted; larger frames close the connection.",
+            min=4 * KiB, max=1 * GiB),
+    Setting("server.max_batch_keys", "int", 262144, "Most keys one request may carry.", min=1, max=16_777_216),
+    Setting("server.drain_timeout_s", "float", 5.0, "On SIGTERM, how long to wait for replies in flight before closing.",
+            min=0.0, max=600.0),
+    Setting("leases.reserve_timeout_s", "float", 30.0, "A reservation not committed or aborted within this time is freed.",
+            min=0.1, max=86400.0, runtime=True),
+    Setting("leases.pin_timeout_s", "float", 300.0, "A pin not released within this time (since its last acquire) ends.",
+            min=0.1, max=86400.0, runtime=True),
+    Setting("leases.sweep_interval_s", "float", 0.5, "How often expired leases are looked for.", min=0.01, max=60.0),
+    Setting("dram.capacity_bytes", "size", None, "Bytes of shared memory for the DRAM tier.",
+            min=0, dynamic_default=default_dram_capacity, default_doc="min(2GiB, a quarter of physical memory)"),
+    Setting("dram.segment_bytes", "size", 64 * MiB, "Size of one shared-memory segment; also the largest block.",
+            min=64 * KiB, max=64 * GiB),
+    Setting("dram.hugepages", "bool", False, "Back segments with huge pages (memfd MFD_HUGETLB; needs reserved hugepages)."),
+    Setting("dram.prefault", "bool", True, "Allocate every page of a segment when it is created, so puts do not fault."),
+    Setting("log.level", "choice", "info", "Log verbosity.", choices=("debug", "info", "warning", "error"), runtime=True),
+)
+BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@dataclasses.dataclass(frozen=True)
+class NamespaceField:
+    name: str
+    kind: str
+    default: Any
+    help: str
+
+
+NAMESPACE_FIELDS: tuple[NamespaceField, ...] = (
+    NamespaceField("name", "str", "default", "Namespace name that clients give in hello."),
+    NamespaceField("uids", "list[int]", [], "Unix user ids allowed to use it over the Unix socket; empty = anyone."),
+    NamespaceField("gids", "list[int]", [], "Unix group ids allowed to use it (either list may match); empty = anyone."),
+    NamespaceField("salt", "str", "", "Hex salt handed to clients for their first block keys; empty = derived from the name."),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class NamespaceConfig:
+    name: str
+    uids: tuple[int, ...] = ()
+    gids: tuple[int, ...] = ()
+    salt: bytes = b""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The effective settings, loaded once and handed to everything else."""
+
+    values: dict[str, Any]
+    namespaces: tuple[NamespaceConfig, ...]
+    sources: dict[str, str]
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+    def to_toml(self) -> str:
+        """The effective settings as TOML, with where each came from."""
+        return render_toml(self.values, self.namespaces, self.sources)
+
+
+def _toml_value(setting: Setting | None, value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if setting is not None and setting.kind == "size" and isinstance(value, int):
+        return f'"{format_size(value)}"'
+    if setting is not None and setting.name == "server.socket_mode":
+        return f"0o{value:o}"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(None, v) for v in value) + "]"
+    if isinstance(value, bytes):
+        return f'"{value.hex()}"'
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_toml(values: dict[str, Any] | None, namespaces: tuple[NamespaceConfig, ...] | None,
+                sources: dict[str, str] | None = None) -> str:
+    """TOML for the given values; with ``values=None`` the documented example file."""
+    lines = ["# kvrack daemon configuration (kvrackd --config PATH).",
+             "# Every setting can also be set by an environment variable, shown with it.",
+             "# Generated from kvrack.daemon.settings; `kvrackd --write-example PATH` rewrites it."]
+    section = None
+    for s in SETTINGS:
+        sec, key = s.name.split(".", 1)
+        if sec != section:
+            lines += ["", f"[{sec}]"]
+            section = sec
+        lines.append(f"# {s.help}")
+        meta = [f"env {s.env}"]
+        if s.choices:
+            meta.append("one of " + ", ".join(s.choices))
+        if s.min is not None or s.max is not None:
+            lo = format_size(int(s.min)) if s.kind == "size" and s.min is not None else s.min
+            hi = format_size(int(s.max)) if s.kind == "size" and s.max is not None else s.max
+            meta.append(f"bounds [{lo if lo is not None else ''}, {hi if hi is not None else ''}]")
+        meta.append("changeable at runtime" if s.runtime else "needs a restart")
+        lines.append("# " + "; ".join(meta))
+        if values is None:
+            if s.dynamic_default is not None:
+                lines.append(f"# default: {s.default_doc}")
+                lines.append(f"# {key} = ...")
+            else:
+                lines.append(f"{key} = {_toml_value(s, s.default)}")
+        else:
+            src = f"  # from {sources[s.name]}" if sources and s.name in sources else ""
+            lines.append(f"{key} = {_toml_value(s, values[s.name])}{src}")
+    lines += ["", "# Namespaces: isolated key spaces. With none configured, one open namespace", "# named \"default\" exists."]
+    for f in NAMESPACE_FIELDS:
+        lines.append(f"#   {f.name} ({f.kind}): {f.help}")
+    for ns in namespaces or (NamespaceConfig("default"),):
+        lines += ["[[namespaces]]", f"name = {_toml_value(None, ns.name)}", f"uids = {_toml_value(None, list(ns.uids))}",
+                  f"gids = {_toml_value(None, list(ns.gids))}"]
+        if ns.salt:
+            lines.append(f"salt = {_toml_value(None, ns.salt)}")
+    return "\n".join(lines) + "\n"
+
+
+def example_toml() -> str:
+    """The contents of deploy/kvrack.example.toml."""
+    return render_toml(None, None)
+
+
+def _parse_namespaces(raw: Any) -> tuple[NamespaceConfig, ...]:
+    if raw is None:
+        return (NamespaceConfig("default"),)
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("namespaces: expected a non-empty list of [[namespaces]] tables")
+    out: list[NamespaceConfig] = []
+    known = {f.name for f in NAMESPACE_FIELDS}
+    for i, table in enumerate(raw):
+        if not isinstance(table, dict):
+            raise ConfigError(f"namespaces[{i}]: expected a table")
+        unknown = set(table) - known
+        if unknown:
+            raise ConfigError(f"namespaces[{i}]: unknown field(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        name = table.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+            raise ConfigError(f"namespaces[{i}].name: expected 1-64 characters of [A-Za-z0-9_.-], got {name!r}")
+        ids: dict[str, tuple[int, ...]] = {}
+        for field in ("uids", "gids"):
+            vals = table.get(field, [])
+            if not isinstance(vals, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+                raise ConfigError(f"namespaces[{i}].{field}: expected a list of integers")
+            ids[field] = tuple(vals)
+        salt_hex = table.get("salt", "")
+        try:
+            salt = bytes.fromhex(salt_hex) if salt_hex else b""
+        except (ValueError, TypeError):
+            raise ConfigError(f"namespaces[{i}].salt: expected hex digits") from None
+        if any(ns.name == name for ns in out):
+            raise ConfigError(f"namespaces: {name!r} is declared twice")
+        out.append(NamespaceConfig(name, ids["uids"], ids["gids"], salt))
+    return tuple(out)
+
+
+def load_config(path: str | Path | None = None, env: dict[str, str] | None = None,
+                overrides: dict[str, Any] | None = None) -> Config:
+    """Embedded defaults, then the TOML file, then ``KVRACK_*`` env, then explicit overrides."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                raw = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    namespaces = _parse_namespaces(raw.pop("namespaces", None))
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for section, table in raw.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: top-level key {section!r} is not a [section]")
+        for key, value in table.items():
+            name = f"{section}.{key}"
+            if name not in BY_NAME:
+                raise ConfigError(f"{path}: unknown setting {name!r}; see deploy/kvrack.example.toml")
+            values[name] = BY_NAME[name].coerce(value, str(path))
+            sources[name] = str(path)
+    for s in SETTINGS:
+        if s.env in env:
+            values[s.name] = s.coerce(env[s.env], s.env)
+            sources[s.name] = s.env
+    for name, value in (overrides or {}).items():
+        if name not in BY_NAME:
+            raise ConfigError(f"unknown setting {name!r}")
+        values[name] = BY_NAME[name].coerce(value, "command line")
+        sources[name] = "command line"
+    for s in SETTINGS:
+        if s.name not in values:
+            values[s.name] = s.resolve_default()
+            sources[s.name] = "default"
+    return Config(values, namespaces, sources)

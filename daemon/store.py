@@ -1,0 +1,389 @@
+"""The block store: two-phase writes, pins, leases and eviction over the index and the tiers.
+
+Pure logic with no sockets: the control server calls it with a session and a
+batch of keys, and gets back per-key codes and descriptors. Time comes from an
+injected clock so lease expiry is testable.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import blake3
+
+from kvrack.daemon.index import COMMITTED, DELETED, RESERVED, Entry, LruList, Namespace
+from kvrack.daemon.protocol import KEY_BYTES, Descriptor, ErrorCode, TierId
+from kvrack.daemon.session import Session
+from kvrack.daemon.settings import NamespaceConfig
+from kvrack.tiers.base import Segment, Tier
+
+log = logging.getLogger("kvrack.store")
+OK = int(ErrorCode.OK)
+
+
+def namespace_salt(cfg: NamespaceConfig) -> bytes:
+    """The configured salt, or one derived from the name so that restarts keep keys stable."""
+    return cfg.salt or blake3.blake3(b"kvrack-namespace-salt-v1:" + cfg.name.encode()).digest()
+
+
+class KeysResult:
+    """Per-key outcome of one batched op."""
+
+    __slots__ = ("codes", "descriptors", "message")
+
+    def __init__(self, n: int, with_descriptors: bool) -> None:
+        self.codes = [OK] * n
+        self.descriptors: list[Descriptor | None] = [None] * n if with_descriptors else []
+        self.message = ""
+
+
+class Counters:
+    """Operation counters; the single source that stats views read."""
+
+    __slots__ = ("lookup_keys", "lookup_hits", "get_keys", "get_hits", "puts", "put_bytes", "evictions",
+                 "evicted_bytes", "expired_reservations", "expired_pins", "aborted", "deleted", "no_space")
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class Store:
+    """Index + tier + leases. One instance per daemon, driven from the event loop thread."""
+
+    def __init__(self, tier: Tier, namespaces: Sequence[NamespaceConfig], reserve_timeout_s: float = 30.0,
+                 pin_timeout_s: float = 300.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.tier = tier
+        self.tiers: dict[int, Tier] = {int(tier.tier_id): tier}
+        self.namespaces = {ns.name: Namespace(ns.name, namespace_salt(ns), ns.uids, ns.gids) for ns in namespaces}
+        self.reserve_timeout_s = reserve_timeout_s
+        self.pin_timeout_s = pin_timeout_s
+        self.clock = clock
+        self.lru = LruList()
+        self.counters = Counters()
+        self._sizes: dict[int, int] = {}  # interned block sizes: one int object per size, not per entry
+        self._reserve_deadlines: collections.deque[tuple[float, Session, bytes, Entry]] = collections.deque()
+        self._pin_deadlines: collections.deque[tuple[float, Session, bytes]] = collections.deque()
+
+    # --------------------------------------------------------------- lookup
+    def lookup(self, ns: Namespace, keys: Sequence[bytes]) -> tuple[int, bytes] | str:
+        """Length of the committed prefix and each key's tier (0 = miss), or an error message."""
+        entries = ns.entries
+        tiers = bytearray(len(keys))
+        prefix = -1
+        hits = 0
+        for i, key in enumerate(keys):
+            e = entries.get(key)
+            if e is not None and e.state == COMMITTED:
+                tiers[i] = e.seg.tier
+                hits += 1
+            elif prefix < 0:
+                prefix = i
+        if prefix >= 0:  # a miss may be a malformed key: say so rather than answer "not cached"
+            for i, key in enumerate(keys):
+                if len(key) != KEY_BYTES:
+                    return f"key {i} has {len(key)} bytes; keys are {KEY_BYTES} bytes"
+        self.counters.lookup_keys += len(keys)
+        self.counters.lookup_hits += hits
+        return (len(keys) if prefix < 0 else prefix), bytes(tiers)
+
+    # -------------------------------------------------------------- writing
+    def reserve(self, session: Session, keys: Sequence[bytes], sizes: Sequence[int],
+                parents: Sequence[bytes | None] | None) -> KeysResult:
+        """Slots to write into. Existing keys: ALREADY_EXISTS; keys being written: IN_PROGRESS."""
+        ns = session.namespace
+        assert ns is not None
+        res = KeysResult(len(keys), True)
+        if len(sizes) != len(keys) or (parents is not None and len(parents) != len(keys)):
+            res.codes = [int(ErrorCode.BAD_REQUEST)] * len(keys)
+            res.message = "keys, sizes and parents must have the same length"
+            return res
+        deadline = self.clock() + self.reserve_timeout_s
+        max_bytes = self.tier.max_block_bytes
+        no_space = 0
+        no_space_bytes = 0
+        for i, key in enumerate(keys):
+            size = sizes[i]
+            parent = parents[i] if parents is not None else None
+            if len(key) != KEY_BYTES:
+                res.codes[i] = ErrorCode.INVALID_KEY
+                continue
+            if parent is not None and len(parent) != KEY_BYTES:
+                res.codes[i] = ErrorCode.INVALID_PARENT
+                continue
+            if size <= 0:
+                res.codes[i] = ErrorCode.INVALID_SIZE
+                continue
+            if size > max_bytes:
+                res.codes[i] = ErrorCode.VALUE_TOO_LARGE
+                res.message = (f"block of {size} bytes exceeds the {self.tier.name} tier's largest block "
+                               f"({max_bytes} bytes, setting {self.tier.name}.segment_bytes)")
+                continue
+            e = ns.entries.get(key)
+            if e is not None:
+                if e.state == COMMITTED:
+                    res.codes[i] = ErrorCode.ALREADY_EXISTS
+                    if e.pins == 0:
+                        self.lru.touch(e)  # a second put of a block is a sign of reuse
+                elif session.reserved.get(key) is e:  # retried reserve: same slot again
+                    res.descriptors[i] = self._descriptor(e)
+                else:
+                    res.codes[i] = ErrorCode.IN_PROGRESS
+                continue
+            placement = self._make_room(ns.name, size)
+            if placement is None:
+                res.codes[i] = ErrorCode.NO_SPACE
+                no_space += 1
+                no_space_bytes += size
+                continue
+            seg, slot = placement
+            size = self._sizes.setdefault(size, size)
+            if parent is not None:
+                pe = ns.entries.get(parent)
+                parent = pe.key if pe is not None else bytes(parent)  # share the parent's key object
+            e = Entry(key, ns, seg, slot, size, parent)
+            ns.entries[key] = e
+            session.reserved[key] = e
+            self._reserve_deadlines.append((deadline, session, key, e))
+            res.descriptors[i] = self._descriptor(e)
+        if no_space:
+            self.counters.no_space += no_space
+            res.message = (f"{self.tier.name} tier full: {no_space} key(s) asking {no_space_bytes} bytes found no free "
+                           f"or evictable slot (capacity {self.tier.capacity} bytes, {self._pinned_or_reserved()} "
+                           f"blocks pinned or being written)")
+        return res
+
+    def _make_room(self, owner: str, size: int) -> tuple[Segment, int] | None:
+        """A slot, evicting least-recently-used unpinned blocks until one frees up (O(1) each)."""
+        while True:
+            placement = self.tier.allocate(owner, size)
+            if placement is not None:
+                return placement
+            victim = self.lru.lru()
+            if victim is None:
+                return None
+            self._evict(victim)
+
+    def _evict(self, e: Entry) -> None:
+        self.lru.unlink(e)
+        ns = e.ns
+        del ns.entries[e.key]
+        ns.blocks -= 1
+        ns.bytes -= e.nbytes
+        self.counters.evictions += 1
+        self.counters.evicted_bytes += e.nbytes
+        self.tier.free(e.seg, e.slot)
+
+    def commit(self, session: Session, keys: Sequence[bytes]) -> KeysResult:
+        """Publish reserved blocks: from now on readers see them."""
+        res = KeysResult(len(keys), False)
+        counters = self.counters
+        for i, key in enumerate(keys):
+            e = session.reserved.pop(key, None)
+            if e is None:
+                res.codes[i] = self._not_reserved_code(session, key)
+                continue
+            e.state = COMMITTED
+            ns = e.ns
+            ns.blocks += 1
+            ns.bytes += e.nbytes
+            counters.puts += 1
+            counters.put_bytes += e.nbytes
+            self.lru.push_mru(e)
+        return res
+
+    def abort(self, session: Session, keys: Sequence[bytes]) -> KeysResult:
+        """Drop reservations; their slots are free again."""
+        res = KeysResult(len(keys), False)
+        for i, key in enumerate(keys):
+            e = session.reserved.pop(key, None)
+            if e is None:
+                res.codes[i] = self._not_reserved_code(session, key)
+                continue
+            self._drop_reserved(e)
+        return res
+
+    def _drop_reserved(self, e: Entry) -> None:
+        del e.ns.entries[e.key]
+        e.state = DELETED
+        self.counters.aborted += 1
+        self.tier.free(e.seg, e.slot)
+
+    def _not_reserved_code(self, session: Session, key: bytes) -> int:
+        if len(key) != KEY_BYTES:
+            return ErrorCode.INVALID_KEY
+        e = session.namespace.entries.get(key)  # type: ignore[union-attr]
+        if e is not None and e.state == COMMITTED:
+            return ErrorCode.ALREADY_EXISTS
+        return ErrorCode.NOT_RESERVED
+
+    # -------------------------------------------------------------- reading
+    def acquire(self, session: Session, keys: Sequence[bytes]) -> KeysResult:
+        """Pin committed blocks and say where they are."""
+        ns = session.namespace
+        assert ns is not None
+        res = KeysResult(len(keys), True)
+        now = self.clock()
+        deadline = now + self.pin_timeout_s
+        pins = session.pins
+        hits = 0
+        for i, key in enumerate(keys):
+            e = ns.entries.get(key)
+            if e is None or e.state != COMMITTED:
+                if len(key) != KEY_BYTES:
+                    res.codes[i] = ErrorCode.INVALID_KEY
+                else:
+                    res.codes[i] = ErrorCode.IN_PROGRESS if e is not None else ErrorCode.NOT_FOUND
+                continue
+            if e.pins == 0:
+                self.lru.unlink(e)
+            e.pins += 1
+            pin = pins.get(key)
+            if pin is None:
+                pins[key] = [1, deadline, e]
+            else:
+                pin[0] += 1
+                pin[1] = deadline
+            self._pin_deadlines.append((deadline, session, key))
+            res.descriptors[i] = self._descriptor(e)
+            hits += 1
+        self.counters.get_keys += len(keys)
+        self.counters.get_hits += hits
+        return res
+
+    def release(self, session: Session, keys: Sequence[bytes]) -> KeysResult:
+        """End one pin per key."""
+        res = KeysResult(len(keys), False)
+        pins = session.pins
+        for i, key in enumerate(keys):
+            pin = pins.get(key)
+            if pin is None:
+                res.codes[i] = ErrorCode.NOT_PINNED if len(key) == KEY_BYTES else ErrorCode.INVALID_KEY
+                continue
+            pin[0] -= 1
+            if pin[0] == 0:
+                del pins[key]
+            self._unpin(pin[2])
+        return res
+
+    def _unpin(self, e: Entry, count: int = 1) -> None:
+        e.pins -= count
+        if e.pins == 0:
+            if e.state == COMMITTED:
+                self.lru.push_mru(e)
+            elif e.state == DELETED:
+                self.tier.free(e.seg, e.slot)
+
+    def delete(self, session: Session, keys: Sequence[bytes]) -> KeysResult:
+        """Remove blocks from the index now; pinned bytes stay valid until their last release."""
+        ns = session.namespace
+        assert ns is not None
+        res = KeysResult(len(keys), False)
+        for i, key in enumerate(keys):
+            e = ns.entries.get(key)
+            if e is None:
+                res.codes[i] = ErrorCode.INVALID_KEY if len(key) != KEY_BYTES else ErrorCode.NOT_FOUND
+                continue
+            if e.state == RESERVED:
+                if session.reserved.get(key) is e:
+                    del session.reserved[key]
+                    self._drop_reserved(e)
+                else:
+                    res.codes[i] = ErrorCode.IN_PROGRESS
+                continue
+            del ns.entries[key]
+            ns.blocks -= 1
+            ns.bytes -= e.nbytes
+            self.counters.deleted += 1
+            if e.pins == 0:
+                self.lru.unlink(e)
+                e.state = DELETED
+                self.tier.free(e.seg, e.slot)
+            else:
+                e.state = DELETED
+        return res
+
+    # --------------------------------------------------------------- leases
+    def close_session(self, session: Session) -> tuple[int, int]:
+        """A client went away: abort its reservations and end its pins. Returns (aborted, unpinned)."""
+        session.closed = True
+        aborted = len(session.reserved)
+        for e in session.reserved.values():
+            self._drop_reserved(e)
+        session.reserved.clear()
+        unpinned = 0
+        for count, _deadline, e in session.pins.values():
+            self._unpin(e, count)
+            unpinned += count
+        session.pins.clear()
+        return aborted, unpinned
+
+    def sweep(self) -> tuple[int, int]:
+        """End reservations and pins whose lease ran out. Returns (reservations, pins) ended."""
+        now = self.clock()
+        expired_res = 0
+        dq = self._reserve_deadlines
+        while dq and dq[0][0] <= now:
+            _, session, key, e = dq.popleft()
+            if not session.closed and session.reserved.get(key) is e:
+                del session.reserved[key]
+                self._drop_reserved(e)
+                expired_res += 1
+        expired_pins = 0
+        pq = self._pin_deadlines
+        while pq and pq[0][0] <= now:
+            _, session, key = pq.popleft()
+            pin = session.pins.get(key)
+            if pin is not None and not session.closed and pin[1] <= now:
+                del session.pins[key]
+                self._unpin(pin[2], pin[0])
+                expired_pins += pin[0]
+        self.counters.expired_reservations += expired_res
+        self.counters.expired_pins += expired_pins
+        if expired_res or expired_pins:
+            log.warning("lease expiry: %d reservation(s) and %d pin(s) ended", expired_res, expired_pins)
+        return expired_res, expired_pins
+
+    # -------------------------------------------------------------- helpers
+    def _descriptor(self, e: Entry) -> Descriptor:
+        return Descriptor(int(e.seg.tier), e.seg.id, e.slot * e.seg.slot_size, e.nbytes)
+
+    def _pinned_or_reserved(self) -> int:
+        return sum(len(ns.entries) - ns.blocks for ns in self.namespaces.values()) + self._count_pinned()
+
+    def _count_pinned(self) -> int:
+        return sum(1 for ns in self.namespaces.values() for e in ns.entries.values() if e.pins)
+
+    def stats(self) -> dict[str, Any]:
+        """Everything an operator needs, in sections (the REST API, metrics and CLI read this)."""
+        c = self.counters
+        blocks = sum(ns.blocks for ns in self.namespaces.values())
+        used = sum(ns.bytes for ns in self.namespaces.values())
+        tier_stats = self.tier.stats()
+        tier_stats.update(
+            tier_id=int(self.tier.tier_id),
+            blocks=blocks,
+            used_bytes=used,
+            evictable_blocks=self.lru.size,
+            hit_ratio=round(c.lookup_hits / c.lookup_keys, 4) if c.lookup_keys else None,
+            get_hit_ratio=round(c.get_hits / c.get_keys, 4) if c.get_keys else None,
+        )
+        return {
+            "tiers": [tier_stats],
+            "ops": c.as_dict(),
+            "namespaces": {ns.name: {"blocks": ns.blocks, "bytes": ns.bytes, "entries": len(ns.entries)}
+                           for ns in self.namespaces.values()},
+        }
+
+    def tier_of(self, tier_id: int) -> Tier | None:
+        return self.tiers.get(tier_id)
+
+
+__all__ = ["Store", "KeysResult", "namespace_salt", "TierId"]

@@ -1,0 +1,1 @@
+"""Storage tiers: the ``Tier`` protocol, the slot allocator and one module per medium."""

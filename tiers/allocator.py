@@ -1,0 +1,160 @@
+"""Slot allocator shared by the memory tiers.
+
+A tier's capacity is a fixed number of equal segments. A segment is handed to
+one namespace and one size class the first time that pair needs room, then
+carved into equal slots. Segments that become empty are kept (their pages
+stay warm) until another pair needs capacity; then they are destroyed and a
+fresh one is created, so memory is never handed from one tenant to another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from kvrack.daemon.protocol import TierId
+from kvrack.tiers.base import Segment
+
+SMALL_ALIGN = 64  # cache line: blocks below one page
+PAGE_ALIGN = 4096  # page: O_DIRECT, DMA and huge blocks
+
+
+def size_class(nbytes: int) -> int:
+    """Slot size for a block: rounded to a cache line below 4 KiB, to a page above."""
+    if nbytes <= 0:
+        raise ValueError("block size must be > 0")
+    align = SMALL_ALIGN if nbytes < PAGE_ALIGN else PAGE_ALIGN
+    return -(-nbytes // align) * align
+
+
+class SegmentBacking(Protocol):
+    """Creates and destroys the memory behind segments."""
+
+    kind: str
+
+    def create(self, seg_id: int, size: int) -> Any: ...
+
+    def destroy(self, handle: Any) -> None: ...
+
+
+class SlotAllocator:
+    """Placement for one tier: segments × size classes × namespaces. O(1) per call."""
+
+    def __init__(self, tier: TierId, capacity: int, segment_bytes: int, backing: SegmentBacking,
+                 on_retire: Callable[[Segment], None] | None = None) -> None:
+        if segment_bytes <= 0:
+            raise ValueError("segment_bytes must be > 0")
+        self.tier = tier
+        self.segment_bytes = segment_bytes
+        self.max_segments = capacity // segment_bytes
+        self.capacity = self.max_segments * segment_bytes
+        self.backing = backing
+        self.on_retire = on_retire
+        self._next_id = (int(tier) << 40) + 1  # segment ids are unique across tiers and never reused
+        self._segments: dict[int, Segment] = {}
+        self._fresh: list[Segment] = []  # created, never handed out: safe for any namespace
+        self._open: dict[tuple[str, int], dict[Segment, None]] = {}  # segments with a free slot
+        self._empty: dict[Segment, None] = {}  # assigned, no live slot
+        self.retired = 0
+
+    # ---------------------------------------------------------------- setup
+    def prefill(self) -> None:
+        """Create every segment now, so no request waits for memory to be set up."""
+        while len(self._segments) < self.max_segments:
+            self._fresh.append(self._create())
+
+    def _create(self) -> Segment:
+        seg_id = self._next_id
+        self._next_id += 1
+        seg = Segment(seg_id, self.tier, self.segment_bytes, self.backing.create(seg_id, self.segment_bytes))
+        self._segments[seg_id] = seg
+        return seg
+
+    # ----------------------------------------------------------- placement
+    def allocate(self, owner: str, nbytes: int) -> tuple[Segment, int] | None:
+        """A slot for ``owner``, or None when only eviction can make room."""
+        cls = size_class(nbytes)
+        if cls > self.segment_bytes:
+            raise ValueError(f"block of {nbytes} bytes exceeds the segment size {self.segment_bytes}")
+        pool = self._open.get((owner, cls))
+        if pool:
+            seg = next(iter(pool))
+        else:
+            seg = self._new_segment(owner, cls)
+            if seg is None:
+                return None
+        slot = seg.take_slot()
+        assert slot is not None
+        self._empty.pop(seg, None)
+        if seg.full:
+            self._open[(owner, cls)].pop(seg, None)
+        return seg, slot
+
+    def _new_segment(self, owner: str, cls: int) -> Segment | None:
+        if self._fresh:
+            seg = self._fresh.pop()
+        elif len(self._segments) < self.max_segments:
+            seg = self._create()
+        elif self._empty:
+            self._retire(next(iter(self._empty)))
+            seg = self._create()
+        else:
+            return None
+        seg.assign(owner, cls)
+        self._open.setdefault((owner, cls), {})[seg] = None
+        return seg
+
+    def free(self, seg: Segment, slot: int) -> None:
+        """Give a slot back; an emptied segment stays assigned until capacity is needed."""
+        was_full = seg.full
+        seg.give_slot(slot)
+        if was_full:
+            self._open.setdefault((seg.owner, seg.slot_size), {})[seg] = None  # type: ignore[index]
+        if seg.live == 0:
+            self._empty[seg] = None
+
+    def _retire(self, seg: Segment) -> None:
+        self._empty.pop(seg, None)
+        pool = self._open.get((seg.owner, seg.slot_size))  # type: ignore[arg-type]
+        if pool is not None:
+            pool.pop(seg, None)
+        del self._segments[seg.id]
+        self.retired += 1
+        if self.on_retire is not None:
+            self.on_retire(seg)
+        self.backing.destroy(seg.handle)
+
+    def has_room_for(self, owner: str, nbytes: int) -> bool:
+        """Whether ``allocate`` would succeed without eviction."""
+        return bool(self._open.get((owner, size_class(nbytes)))) or bool(self._fresh) \
+            or len(self._segments) < self.max_segments or bool(self._empty)
+
+    # -------------------------------------------------------------- queries
+    def segment(self, seg_id: int) -> Segment | None:
+        return self._segments.get(seg_id)
+
+    def segments_of(self, owner: str) -> list[Segment]:
+        return [s for s in self._segments.values() if s.owner == owner]
+
+    def stats(self) -> dict[str, Any]:
+        assigned = [s for s in self._segments.values() if s.owner is not None]
+        slot_bytes = sum(s.live * s.slot_size for s in assigned)
+        return {
+            "capacity_bytes": self.capacity,
+            "segment_bytes": self.segment_bytes,
+            "segments_total": self.max_segments,
+            "segments_assigned": len(assigned),
+            "segments_empty": len(self._empty),
+            "segments_retired": self.retired,
+            "slot_bytes_used": slot_bytes,
+            # share of assigned segment bytes not holding a live slot
+            "fragmentation": round(1 - slot_bytes / (len(assigned) * self.segment_bytes), 4) if assigned else 0.0,
+        }
+
+    def close(self) -> None:
+        for seg in list(self._segments.values()):
+            self.backing.destroy(seg.handle)
+        self._segments.clear()
+        self._fresh.clear()
+        self._open.clear()
+        self._empty.clear()
