@@ -101,7 +101,12 @@ class Client:
 
     def lookup(self, keys: Sequence[bytes]) -> LookupResult:
         """How many leading keys are cached, and each key's tier."""
-        return self._run(self._core.lookup(keys))
+        core = self._core
+        if len(keys) <= core.max_batch:  # one request: skip the generator machinery (latency path)
+            frame = P.encode_frame(P.Lookup(id=core._id(), keys=keys if isinstance(keys, list) else list(keys)))
+            reply, _ = self._channel.call("lookup", frame)
+            return LookupResult(reply.prefix, reply.tiers)
+        return self._run(core.lookup(keys))
 
     def put(self, keys: Sequence[bytes], buffers: Sequence[Any], parents: Sequence[bytes | None] | None = None,
             *, wait_timeout: float | None = None, raise_on_error: bool = True) -> PutResult:

@@ -26,7 +26,10 @@ _KEY_WIRE_BYTES = 40  # a 32-byte key as msgpack bin plus list overhead, for bat
 @dataclasses.dataclass
 class LookupResult:
     prefix: int  # how many leading keys are cached
-    tiers: list[TierId]  # per key; TierId.NONE for a miss
+    tiers: bytes  # per key, its TierId value (0 = TierId.NONE, a miss); compact for big batches
+
+    def tier(self, i: int) -> TierId:
+        return TierId(self.tiers[i])
 
     def __len__(self) -> int:
         return self.prefix
@@ -106,11 +109,13 @@ class ClientCore:
         self._next_id += 1
         return rid
 
-    def batch_size(self) -> int:
+    @property
+    def max_batch(self) -> int:
+        """Keys per request: the daemon's batch limit, and what fits a frame with room to spare."""
         return max(1, min(self.max_batch_keys, (self.max_frame_bytes - 4096) // (2 * _KEY_WIRE_BYTES)))
 
     def _chunks(self, n: int) -> range:
-        return range(0, n, self.batch_size())
+        return range(0, n, self.max_batch)
 
     # ---------------------------------------------------------------- steps
     def hello(self) -> Step:
@@ -132,12 +137,12 @@ class ClientCore:
         tiers = bytearray()
         prefix = None
         for start in self._chunks(len(keys)):
-            chunk = list(keys[start : start + self.batch_size()])
+            chunk = list(keys[start : start + self.max_batch])
             reply, _ = yield "lookup", P.Lookup(id=self._id(), keys=chunk)
             tiers += reply.tiers
             if prefix is None and reply.prefix < len(chunk):
                 prefix = start + reply.prefix
-        return LookupResult(len(keys) if prefix is None else prefix, [TierId(t) for t in tiers])
+        return LookupResult(len(keys) if prefix is None else prefix, bytes(tiers))
 
     def keys_op(self, op: str, cls: type, keys: Sequence[bytes]) -> Step:
         """commit / abort / release / delete / acquire over any number of keys."""
@@ -145,7 +150,7 @@ class ClientCore:
         descriptors: list[P.Descriptor | None] = []
         message = ""
         for start in self._chunks(len(keys)):
-            reply, _ = yield op, cls(id=self._id(), keys=list(keys[start : start + self.batch_size()]))
+            reply, _ = yield op, cls(id=self._id(), keys=list(keys[start : start + self.max_batch]))
             codes += reply.codes
             descriptors += reply.descriptors
             message = reply.message or message
@@ -157,7 +162,7 @@ class ClientCore:
         views = [byte_view(b) for b in buffers]
         codes: list[int] = []
         message = ""
-        step = self.batch_size()
+        step = self.max_batch
         for start in range(0, len(keys), step):
             end = start + step
             chunk = list(keys[start:end])

@@ -23,7 +23,7 @@ class FrameBuffer:
         self.buf = bytearray()
         self.fds: list[int] = []
 
-    def feed(self, data: bytes, ancdata: list[tuple[int, int, bytes]]) -> None:
+    def feed(self, data: bytes | memoryview, ancdata: list[tuple[int, int, bytes]]) -> None:
         self.buf += data
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -84,6 +84,7 @@ class SyncChannel:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.frames = FrameBuffer()
+        self.rbuf = bytearray(_RECV_BYTES)
 
     def call(self, op: str, frame: bytes) -> tuple[P.Reply, list[int]]:
         self.sock.sendall(frame)
@@ -92,11 +93,11 @@ class SyncChannel:
             body = frames.next_frame()
             if body is not None:
                 return decode_reply(op, body), frames.take_fds()
-            data, anc, _flags, _addr = self.sock.recvmsg(_RECV_BYTES, _ANC_BYTES)
-            if not data:
+            n, anc, _flags, _addr = self.sock.recvmsg_into([self.rbuf], _ANC_BYTES)
+            if not n:
                 frames.close_fds()
                 raise ConnectionError("kvrackd closed the connection")
-            frames.feed(data, anc)
+            frames.feed(memoryview(self.rbuf)[:n], anc)
 
     def close(self) -> None:
         self.frames.close_fds()
@@ -110,6 +111,7 @@ class AsyncChannel:
         sock.setblocking(False)
         self.sock = sock
         self.frames = FrameBuffer()
+        self.rbuf = bytearray(_RECV_BYTES)
         self.lock = asyncio.Lock()
 
     async def _wait(self, add, remove) -> None:  # type: ignore[no-untyped-def]
@@ -136,14 +138,14 @@ class AsyncChannel:
                 if body is not None:
                     return decode_reply(op, body), frames.take_fds()
                 try:
-                    data, anc, _flags, _addr = self.sock.recvmsg(_RECV_BYTES, _ANC_BYTES)
+                    n, anc, _flags, _addr = self.sock.recvmsg_into([self.rbuf], _ANC_BYTES)
                 except (BlockingIOError, InterruptedError):
                     await self._wait(loop.add_reader, loop.remove_reader)
                     continue
-                if not data:
+                if not n:
                     frames.close_fds()
                     raise ConnectionError("kvrackd closed the connection")
-                frames.feed(data, anc)
+                frames.feed(memoryview(self.rbuf)[:n], anc)
 
     def close(self) -> None:
         self.frames.close_fds()

@@ -49,18 +49,19 @@ class Connection:
 
     # -------------------------------------------------------------- reading
     def on_readable(self) -> None:
+        rbuf = self.server.recv_buffer
         try:
-            data = self.sock.recv(_RECV_BYTES)
+            n = self.sock.recv_into(rbuf)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             self.close()
             return
-        if not data:
+        if not n:
             self.close()
             return
         buf = self.inbuf
-        buf += data
+        buf += rbuf[:n] if n < 4096 else memoryview(rbuf)[:n]
         max_frame = self.server.max_frame_bytes
         pos = 0
         while len(buf) - pos >= P.HEADER_BYTES and not self.closing:
@@ -169,6 +170,7 @@ class ControlServer:
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.listener: socket.socket | None = None
         self.connections: set[Connection] = set()
+        self.recv_buffer = bytearray(_RECV_BYTES)  # one loop thread: one reusable receive buffer
         self.draining = False
         self._next_session = 1
         self.requests = 0

@@ -42,7 +42,7 @@ class Session:
         self.peer = peer
         self.namespace: Namespace | None = None
         self.client_name = ""
-        self.reserved: dict[bytes, Entry] = {}
+        self.reserved: dict[bytes, tuple[Entry, float]] = {}  # key -> (entry, lease deadline)
         # key -> [pin count, deadline of the latest acquire, entry]
         self.pins: dict[bytes, list] = {}
         self.closed = False

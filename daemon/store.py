@@ -7,7 +7,6 @@ injected clock so lease expiry is testable.
 
 from __future__ import annotations
 
-import collections
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -69,8 +68,9 @@ class Store:
         self.lru = LruList()
         self.counters = Counters()
         self._sizes: dict[int, int] = {}  # interned block sizes: one int object per size, not per entry
-        self._reserve_deadlines: collections.deque[tuple[float, Session, bytes, Entry]] = collections.deque()
-        self._pin_deadlines: collections.deque[tuple[float, Session, bytes]] = collections.deque()
+        # sessions holding reservations or pins: the sweeper looks only at these, so lease
+        # bookkeeping costs memory per outstanding lease, never per request served
+        self._leaseholders: set[Session] = set()
 
     # --------------------------------------------------------------- lookup
     def lookup(self, ns: Namespace, keys: Sequence[bytes]) -> tuple[int, bytes] | str:
@@ -132,7 +132,7 @@ class Store:
                     res.codes[i] = ErrorCode.ALREADY_EXISTS
                     if e.pins == 0:
                         self.lru.touch(e)  # a second put of a block is a sign of reuse
-                elif session.reserved.get(key) is e:  # retried reserve: same slot again
+                elif session.reserved.get(key, (None,))[0] is e:  # retried reserve: same slot again
                     res.descriptors[i] = self._descriptor(e)
                 else:
                     res.codes[i] = ErrorCode.IN_PROGRESS
@@ -150,9 +150,10 @@ class Store:
                 parent = pe.key if pe is not None else bytes(parent)  # share the parent's key object
             e = Entry(key, ns, seg, slot, size, parent)
             ns.entries[key] = e
-            session.reserved[key] = e
-            self._reserve_deadlines.append((deadline, session, key, e))
+            session.reserved[key] = (e, deadline)
             res.descriptors[i] = self._descriptor(e)
+        if session.reserved:
+            self._leaseholders.add(session)
         if no_space:
             self.counters.no_space += no_space
             res.message = (f"{self.tier.name} tier full: {no_space} key(s) asking {no_space_bytes} bytes found no free "
@@ -186,10 +187,11 @@ class Store:
         res = KeysResult(len(keys), False)
         counters = self.counters
         for i, key in enumerate(keys):
-            e = session.reserved.pop(key, None)
-            if e is None:
+            held = session.reserved.pop(key, None)
+            if held is None:
                 res.codes[i] = self._not_reserved_code(session, key)
                 continue
+            e = held[0]
             e.state = COMMITTED
             ns = e.ns
             ns.blocks += 1
@@ -203,11 +205,11 @@ class Store:
         """Drop reservations; their slots are free again."""
         res = KeysResult(len(keys), False)
         for i, key in enumerate(keys):
-            e = session.reserved.pop(key, None)
-            if e is None:
+            held = session.reserved.pop(key, None)
+            if held is None:
                 res.codes[i] = self._not_reserved_code(session, key)
                 continue
-            self._drop_reserved(e)
+            self._drop_reserved(held[0])
         return res
 
     def _drop_reserved(self, e: Entry) -> None:
@@ -230,8 +232,7 @@ class Store:
         ns = session.namespace
         assert ns is not None
         res = KeysResult(len(keys), True)
-        now = self.clock()
-        deadline = now + self.pin_timeout_s
+        deadline = self.clock() + self.pin_timeout_s
         pins = session.pins
         hits = 0
         for i, key in enumerate(keys):
@@ -251,9 +252,10 @@ class Store:
             else:
                 pin[0] += 1
                 pin[1] = deadline
-            self._pin_deadlines.append((deadline, session, key))
             res.descriptors[i] = self._descriptor(e)
             hits += 1
+        if hits:
+            self._leaseholders.add(session)
         self.counters.get_keys += len(keys)
         self.counters.get_hits += hits
         return res
@@ -292,7 +294,7 @@ class Store:
                 res.codes[i] = ErrorCode.INVALID_KEY if len(key) != KEY_BYTES else ErrorCode.NOT_FOUND
                 continue
             if e.state == RESERVED:
-                if session.reserved.get(key) is e:
+                if session.reserved.get(key, (None,))[0] is e:
                     del session.reserved[key]
                     self._drop_reserved(e)
                 else:
@@ -314,8 +316,9 @@ class Store:
     def close_session(self, session: Session) -> tuple[int, int]:
         """A client went away: abort its reservations and end its pins. Returns (aborted, unpinned)."""
         session.closed = True
+        self._leaseholders.discard(session)
         aborted = len(session.reserved)
-        for e in session.reserved.values():
+        for e, _deadline in session.reserved.values():
             self._drop_reserved(e)
         session.reserved.clear()
         unpinned = 0
@@ -326,25 +329,25 @@ class Store:
         return aborted, unpinned
 
     def sweep(self) -> tuple[int, int]:
-        """End reservations and pins whose lease ran out. Returns (reservations, pins) ended."""
+        """End reservations and pins whose lease ran out. Returns (reservations, pins) ended.
+
+        Cost is proportional to the leases outstanding, which clients bound by what they hold.
+        """
         now = self.clock()
         expired_res = 0
-        dq = self._reserve_deadlines
-        while dq and dq[0][0] <= now:
-            _, session, key, e = dq.popleft()
-            if not session.closed and session.reserved.get(key) is e:
-                del session.reserved[key]
-                self._drop_reserved(e)
-                expired_res += 1
         expired_pins = 0
-        pq = self._pin_deadlines
-        while pq and pq[0][0] <= now:
-            _, session, key = pq.popleft()
-            pin = session.pins.get(key)
-            if pin is not None and not session.closed and pin[1] <= now:
-                del session.pins[key]
-                self._unpin(pin[2], pin[0])
-                expired_pins += pin[0]
+        for session in list(self._leaseholders):
+            reserved = session.reserved
+            for key in [k for k, (_e, deadline) in reserved.items() if deadline <= now]:
+                self._drop_reserved(reserved.pop(key)[0])
+                expired_res += 1
+            pins = session.pins
+            for key in [k for k, pin in pins.items() if pin[1] <= now]:
+                count, _deadline, e = pins.pop(key)
+                self._unpin(e, count)
+                expired_pins += count
+            if not reserved and not pins:
+                self._leaseholders.discard(session)
         self.counters.expired_reservations += expired_res
         self.counters.expired_pins += expired_pins
         if expired_res or expired_pins:

@@ -1,0 +1,204 @@
+"""``kvrack bench local``: same-host put/get/lookup against memcpy, measured in one run.
+
+Every kvrack figure is paired with a baseline taken in the same run on the
+same buffers: put and get bandwidth against ``numpy.copyto`` of the same
+block sizes and batches. Each figure is the best of ``repeats`` passes, for
+the baseline and for kvrack alike.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from kvrack.clients.client import Client
+from kvrack.clients.spawn import DaemonProcess, rss_anon_bytes
+
+MiB = 1024 * 1024
+SIZES = {"64KiB": 64 * 1024, "2MiB": 2 * MiB, "16MiB": 16 * MiB}
+BATCH_BYTES = 64 * MiB  # bytes per put/get request batch
+WORKING_SET = 256 * MiB  # bytes per size per pass
+
+
+def _best(fn: Callable[[], float], repeats: int) -> float:
+    return min(fn() for _ in range(repeats))
+
+
+def _keys(n: int) -> list[bytes]:
+    return [os.urandom(32) for _ in range(n)]
+
+
+def bench_bandwidth(client: Client, size: int, repeats: int, working_set: int = WORKING_SET) -> dict[str, float]:
+    """GB/s of memcpy, put and get_into for blocks of ``size`` bytes."""
+    n = max(1, working_set // size)
+    batch = max(1, min(n, BATCH_BYTES // size))
+    rng = np.random.default_rng(size)
+    src = [rng.integers(0, 255, size, dtype=np.uint8) for _ in range(n)]
+    dst = [np.ones(size, dtype=np.uint8) for _ in range(n)]
+    total = n * size
+
+    def memcpy() -> float:
+        t0 = time.perf_counter()
+        for i in range(n):
+            np.copyto(dst[i], src[i])
+        return time.perf_counter() - t0
+
+    keys: list[bytes] = []
+
+    def put() -> float:
+        if keys:
+            client.delete(keys)
+        keys[:] = _keys(n)
+        t0 = time.perf_counter()
+        for s in range(0, n, batch):
+            client.put(keys[s : s + batch], src[s : s + batch])
+        return time.perf_counter() - t0
+
+    def get() -> float:
+        t0 = time.perf_counter()
+        for s in range(0, n, batch):
+            hits = client.get_into(keys[s : s + batch], dst[s : s + batch])
+            if not all(hits):
+                raise RuntimeError("get_into missed blocks that were just stored; is the DRAM tier too small?")
+        return time.perf_counter() - t0
+
+    t_memcpy = _best(memcpy, repeats)
+    t_put = _best(put, repeats)
+    t_get = _best(get, repeats)
+    if not all(np.array_equal(a, b) for a, b in zip(src[:4], dst[:4])):
+        raise RuntimeError("bytes read back differ from bytes stored")
+    client.delete(keys)
+    gbs = lambda t: total / t / 1e9  # noqa: E731
+    return {"block_bytes": size, "blocks": n, "batch": batch, "memcpy_gbs": round(gbs(t_memcpy), 3),
+            "put_gbs": round(gbs(t_put), 3), "get_gbs": round(gbs(t_get), 3),
+            "put_vs_memcpy": round(t_memcpy / t_put, 3), "get_vs_memcpy": round(t_memcpy / t_get, 3)}
+
+
+def bench_lookup(client: Client, stored: int = 100_000, batch: int = 8192, seconds: float = 1.0) -> dict[str, float]:
+    """Keys per second through batched lookups, all hits (the common prefix-probe case)."""
+    keys = _keys(stored)
+    blob = np.zeros(64, dtype=np.uint8)
+    for s in range(0, stored, 16384):
+        client.put(keys[s : s + 16384], [blob] * len(keys[s : s + 16384]))
+    done = 0
+    t0 = time.perf_counter()
+    deadline = t0 + seconds
+    i = 0
+    while time.perf_counter() < deadline and done < 50_000_000:
+        chunk = keys[i : i + batch] if i + batch <= stored else keys[:batch]
+        i = (i + batch) % (stored - batch)
+        res = client.lookup(chunk)
+        if res.prefix != len(chunk):
+            raise RuntimeError("lookup missed stored keys")
+        done += len(chunk)
+    elapsed = time.perf_counter() - t0
+    client.delete(keys)
+    return {"lookup_keys_per_s": round(done / elapsed), "lookup_batch": batch}
+
+
+def bench_rtt(client: Client, iterations: int = 5000) -> dict[str, float]:
+    """Single-key lookup round trips: the floor of any request."""
+    key = [os.urandom(32)]
+    for _ in range(200):
+        client.lookup(key)
+    samples = []
+    for _ in range(iterations):
+        t0 = time.perf_counter_ns()
+        client.lookup(key)
+        samples.append(time.perf_counter_ns() - t0)
+    samples.sort()
+    return {"rtt_p50_us": round(samples[len(samples) // 2] / 1000, 2),
+            "rtt_p99_us": round(samples[int(len(samples) * 0.99)] / 1000, 2),
+            "rtt_mean_us": round(statistics.fmean(samples) / 1000, 2)}
+
+
+def bench_raw_rtt(iterations: int = 5000) -> dict[str, float]:
+    """Baseline: a 64-byte ping-pong between two Python processes over a Unix socket pair."""
+    import socket
+
+    a, b = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # echo child
+        a.close()
+        buf = bytearray(65536)
+        try:
+            while True:
+                n = b.recv_into(buf)
+                if not n:
+                    break
+                b.sendall(buf[:n])
+        finally:
+            os._exit(0)
+    b.close()
+    msg = b"x" * 64
+    samples = []
+    try:
+        for i in range(iterations + 200):
+            t0 = time.perf_counter_ns()
+            a.sendall(msg)
+            a.recv(65536)
+            if i >= 200:
+                samples.append(time.perf_counter_ns() - t0)
+    finally:
+        a.close()
+        os.waitpid(pid, 0)
+    samples.sort()
+    return {"raw_socket_rtt_p50_us": round(samples[len(samples) // 2] / 1000, 2)}
+
+
+def bench_index_memory(blocks: int = 1_000_000, batch: int = 16384) -> dict[str, Any]:
+    """Daemon RSS growth per indexed block, on a private daemon holding ``blocks`` 64-byte blocks."""
+    capacity = max(64 * MiB, -(-blocks * 64 // (64 * MiB)) * 64 * MiB)
+    with DaemonProcess({"dram.capacity_bytes": capacity}) as daemon, Client.connect(daemon.socket_path) as client:
+        blob = np.zeros(64, dtype=np.uint8)
+        warm = _keys(batch)  # first batch warms the allocator and frame buffers out of the measurement
+        client.put(warm, [blob] * batch)
+        before = rss_anon_bytes(daemon.pid)
+        stored = 0
+        while stored < blocks:
+            keys = _keys(min(batch, blocks - stored))
+            client.put(keys, [blob] * len(keys))
+            stored += len(keys)
+        after = rss_anon_bytes(daemon.pid)
+        total = client.stats()["tiers"][0]["blocks"]
+    return {"index_blocks": total, "index_bytes_per_block": round((after - before) / stored, 1)}
+
+
+def run(socket_path: str | None, sizes: list[str], repeats: int, index_blocks: int,
+        progress: Callable[[str], None] = lambda _s: None) -> dict[str, Any]:
+    """Every figure of the benchmark; starts a private daemon unless ``socket_path`` is given."""
+    daemon = None
+    if socket_path is None:
+        daemon = DaemonProcess({"dram.capacity_bytes": "1GiB"})
+        socket_path = daemon.socket_path
+    out: dict[str, Any] = {"daemon": "private" if daemon else socket_path, "sizes": {}}
+    try:
+        with Client.connect(socket_path, client_name="kvrack-bench") as client:
+            for name in sizes:
+                progress(f"bandwidth {name}")
+                out["sizes"][name] = bench_bandwidth(client, SIZES[name], repeats)
+            progress("lookup")
+            out.update(bench_lookup(client))
+            progress("round trip")
+            out.update(bench_raw_rtt())
+            out.update(bench_rtt(client))
+            out["rtt_vs_raw_socket"] = round(out["rtt_p50_us"] / out["raw_socket_rtt_p50_us"], 2)
+    finally:
+        if daemon is not None:
+            daemon.stop()
+    if index_blocks:
+        progress(f"index memory ({index_blocks} blocks)")
+        out.update(bench_index_memory(index_blocks))
+    ref = out["sizes"].get("2MiB") or next(iter(out["sizes"].values()), None)
+    if ref:
+        out["get_vs_memcpy"] = ref["get_vs_memcpy"]
+        out["put_vs_memcpy"] = ref["put_vs_memcpy"]
+        out["memcpy_gbs"] = ref["memcpy_gbs"]
+    out["targets"] = {"get_vs_memcpy": 0.8, "put_vs_memcpy": 0.7, "lookup_keys_per_s": 1_000_000,
+                      "rtt_p50_us": 50, "index_bytes_per_block": 300}
+    return out

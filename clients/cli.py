@@ -1,0 +1,119 @@
+"""The ``kvrack`` command: status of a running daemon, and benchmarks."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from kvrack.clients.client import Client, socket_path_of
+from kvrack.clients.errors import KvrackError
+from kvrack.daemon.settings import format_size
+
+app = typer.Typer(help="kvrack: pooled KV cache for LLM inference.", no_args_is_help=True, add_completion=False)
+bench_app = typer.Typer(help="Benchmarks; each figure is a ratio to a baseline measured in the same run.",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+console = Console()
+
+SocketOpt = Annotated[Optional[str], typer.Option("--socket", "-s", help="daemon socket (default: the default socket)")]
+JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="write the results as JSON to this path")]
+
+
+def write_json(path: Path | None, data: dict[str, Any]) -> None:
+    """The convention every bench and sim command follows for ``--json PATH``."""
+    if path is not None:
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        console.print(f"wrote {path}")
+
+
+def _fmt_bytes(n: Any) -> str:
+    return format_size(int(n)) if isinstance(n, int) and n and n % 1024 == 0 else str(n)
+
+
+@app.command()
+def status(socket: SocketOpt = None, namespace: str = "default",
+           as_json: Annotated[bool, typer.Option("--json", help="print raw stats as JSON")] = False) -> None:
+    """Tiers, capacity, use, blocks and hit ratio of a running daemon."""
+    try:
+        with Client.connect(socket, namespace=namespace, client_name="kvrack-status", timeout=5.0) as client:
+            stats = client.stats()
+    except (ConnectionError, KvrackError, OSError) as exc:
+        console.print(f"[red]cannot reach kvrackd at {socket_path_of(socket)}: {exc}")
+        raise typer.Exit(1) from None
+    if as_json:
+        sys.stdout.write(json.dumps(stats, indent=2) + "\n")
+        return
+    d = stats.get("daemon", {})
+    console.print(f"kvrackd {d.get('version', '?')} pid {d.get('pid', '?')} up {d.get('uptime_s', '?')}s, "
+                  f"{stats['server']['sessions']} session(s)")
+    table = Table(title="tiers")
+    for col in ("tier", "capacity", "used", "blocks", "segments", "fragmentation", "hit ratio"):
+        table.add_column(col, justify="right" if col != "tier" else "left")
+    for t in stats["tiers"]:
+        used = t["used_bytes"]
+        pct = f" ({100 * used / t['capacity_bytes']:.1f}%)" if t["capacity_bytes"] else ""
+        hit = t.get("hit_ratio")
+        table.add_row(t["tier"], _fmt_bytes(t["capacity_bytes"]), f"{used}{pct}", str(t["blocks"]),
+                      f"{t['segments_assigned']}/{t['segments_total']}", f"{t['fragmentation']:.3f}",
+                      "-" if hit is None else f"{hit:.3f}")
+    console.print(table)
+    ops = stats["ops"]
+    console.print(f"puts {ops['puts']}  evictions {ops['evictions']}  no-space {ops['no_space']}  "
+                  f"expired reservations {ops['expired_reservations']}  expired pins {ops['expired_pins']}")
+
+
+@bench_app.command("local")
+def bench_local(socket: SocketOpt = None, json_path: JsonOpt = None,
+                sizes: Annotated[str, typer.Option(help="block sizes, comma-separated")] = "64KiB,2MiB,16MiB",
+                repeats: Annotated[int, typer.Option(min=1, max=20, help="passes per figure (best kept)")] = 3,
+                index_blocks: Annotated[int, typer.Option(min=0, help="blocks for the index memory figure; 0 skips")] = 1_000_000,
+                ) -> None:
+    """Same-host put/get bandwidth vs memcpy, lookup rate, round trip, index memory per block.
+
+    With no --socket a private daemon is started on a temporary socket and stopped afterwards.
+    """
+    from kvrack.clients import bench_local as bl
+
+    names = [s.strip() for s in sizes.split(",") if s.strip()]
+    unknown = [s for s in names if s not in bl.SIZES]
+    if unknown:
+        raise typer.BadParameter(f"unknown size(s) {unknown}; choose from {', '.join(bl.SIZES)}")
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("bench", total=len(names) + 2 + (1 if index_blocks else 0))
+
+        def step(label: str) -> None:
+            progress.update(task, description=label, advance=0 if progress.tasks[0].description == "bench" else 1)
+
+        result = bl.run(socket, names, repeats, index_blocks, step)
+        progress.update(task, completed=progress.tasks[0].total)
+    table = Table(title="kvrack bench local")
+    for col in ("figure", "kvrack", "baseline", "ratio", "target"):
+        table.add_column(col, justify="left" if col == "figure" else "right")
+    for name, s in result["sizes"].items():
+        table.add_row(f"put {name} blocks (batch {s['batch']})", f"{s['put_gbs']:.2f} GB/s",
+                      f"memcpy {s['memcpy_gbs']:.2f} GB/s", f"{s['put_vs_memcpy']:.2f}", "≥ 0.70" if name == "2MiB" else "")
+        table.add_row(f"get {name} blocks (batch {s['batch']})", f"{s['get_gbs']:.2f} GB/s",
+                      f"memcpy {s['memcpy_gbs']:.2f} GB/s", f"{s['get_vs_memcpy']:.2f}", "≥ 0.80" if name == "2MiB" else "")
+    table.add_row(f"lookup (batch {result['lookup_batch']})", f"{result['lookup_keys_per_s']:,} keys/s", "", "", "≥ 1,000,000")
+    table.add_row("round trip p50 / p99", f"{result['rtt_p50_us']} / {result['rtt_p99_us']} µs",
+                  f"raw socket {result['raw_socket_rtt_p50_us']} µs", f"{result['rtt_vs_raw_socket']:.2f}", "p50 ≤ 50 µs")
+    if "index_bytes_per_block" in result:
+        table.add_row(f"index memory ({result['index_blocks']:,} blocks)", f"{result['index_bytes_per_block']} B/block",
+                      "", "", "≤ 300")
+    console.print(table)
+    write_json(json_path, result)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

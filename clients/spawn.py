@@ -1,0 +1,84 @@
+"""Start a private kvrackd in a subprocess: for benchmarks, tests and tools."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from kvrack.clients.transport import unix_socket
+
+
+class DaemonProcess:
+    """A kvrackd child process on its own socket; stops with ``stop()`` or the context manager."""
+
+    def __init__(self, settings: dict[str, object] | None = None, socket_path: str | None = None,
+                 config_path: str | None = None, log_path: str | None = None, ready_timeout: float = 30.0) -> None:
+        self._tmp = tempfile.mkdtemp(prefix="kvrack-")
+        self.socket_path = socket_path or os.path.join(self._tmp, "kvrack.sock")
+        self.log_path = log_path or os.path.join(self._tmp, "kvrackd.log")
+        args = [sys.executable, "-m", "kvrack.daemon.main", "--socket", self.socket_path]
+        if config_path:
+            args += ["--config", config_path]
+        for name, value in (settings or {}).items():
+            args += ["--set", f"{name}={value}"]
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self._wait_ready(ready_timeout)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"kvrackd exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                unix_socket(self.socket_path, 1.0).close()
+                return
+            except ConnectionError:
+                time.sleep(0.02)
+        self.kill()
+        raise TimeoutError(f"kvrackd did not listen on {self.socket_path} within {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return Path(self.log_path).read_text(errors="replace")
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM, then wait; SIGKILL if it does not stop in time."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+    def __enter__(self) -> DaemonProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def rss_anon_bytes(pid: int) -> int:
+    """Anonymous resident memory of a process (excludes shared-memory segments)."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no RssAnon in /proc/{pid}/status")
