@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kvrack-installed
 SOURCES := pyproject.toml setup.py $(wildcard native/*.c)
 
-.PHONY: run test test-all bench lint example clean
+.PHONY: run test test-all bench bench-check lint example clean
 
 $(STAMP): $(SOURCES)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test-all: $(STAMP)
 ## bench: kvrack bench local, results in bench-local.json
 bench: $(STAMP)
 	$(VENV)/bin/kvrack bench local --json bench-local.json
+
+## bench-check: the benchmark targets as assertions (tests/perf)
+bench-check: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m perf tests/perf
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

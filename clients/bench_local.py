@@ -170,18 +170,19 @@ def bench_index_memory(blocks: int = 1_000_000, batch: int = 16384) -> dict[str,
 
 
 def run(socket_path: str | None, sizes: list[str], repeats: int, index_blocks: int,
-        progress: Callable[[str], None] = lambda _s: None) -> dict[str, Any]:
+        progress: Callable[[str], None] = lambda _s: None, working_set: int = WORKING_SET) -> dict[str, Any]:
     """Every figure of the benchmark; starts a private daemon unless ``socket_path`` is given."""
     daemon = None
     if socket_path is None:
         daemon = DaemonProcess({"dram.capacity_bytes": "1GiB"})
         socket_path = daemon.socket_path
-    out: dict[str, Any] = {"daemon": "private" if daemon else socket_path, "sizes": {}}
+    out: dict[str, Any] = {"daemon": "private" if daemon else socket_path, "sizes": {}, "working_set_bytes": working_set,
+                           "repeats": repeats, "cpu_count": os.cpu_count()}
     try:
         with Client.connect(socket_path, client_name="kvrack-bench") as client:
             for name in sizes:
                 progress(f"bandwidth {name}")
-                out["sizes"][name] = bench_bandwidth(client, SIZES[name], repeats)
+                out["sizes"][name] = bench_bandwidth(client, SIZES[name], repeats, working_set)
             progress("lookup")
             out.update(bench_lookup(client))
             progress("round trip")

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from kvrack.clients.client import Client, socket_path_of
 from kvrack.clients.errors import KvrackError
-from kvrack.daemon.settings import format_size
+from kvrack.daemon.settings import format_size, parse_size
 
 app = typer.Typer(help="kvrack: pooled KV cache for LLM inference.", no_args_is_help=True, add_completion=False)
 bench_app = typer.Typer(help="Benchmarks; each figure is a ratio to a baseline measured in the same run.",
@@ -74,6 +74,7 @@ def bench_local(socket: SocketOpt = None, json_path: JsonOpt = None,
                 sizes: Annotated[str, typer.Option(help="block sizes, comma-separated")] = "64KiB,2MiB,16MiB",
                 repeats: Annotated[int, typer.Option(min=1, max=20, help="passes per figure (best kept)")] = 3,
                 index_blocks: Annotated[int, typer.Option(min=0, help="blocks for the index memory figure; 0 skips")] = 1_000_000,
+                working_set: Annotated[str, typer.Option(help="bytes moved per block size per pass")] = "256MiB",
                 ) -> None:
     """Same-host put/get bandwidth vs memcpy, lookup rate, round trip, index memory per block.
 
@@ -91,7 +92,7 @@ def bench_local(socket: SocketOpt = None, json_path: JsonOpt = None,
         def step(label: str) -> None:
             progress.update(task, description=label, advance=0 if progress.tasks[0].description == "bench" else 1)
 
-        result = bl.run(socket, names, repeats, index_blocks, step)
+        result = bl.run(socket, names, repeats, index_blocks, step, parse_size(working_set))
         progress.update(task, completed=progress.tasks[0].total)
     table = Table(title="kvrack bench local")
     for col in ("figure", "kvrack", "baseline", "ratio", "target"):

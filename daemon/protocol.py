@@ -162,7 +162,7 @@ class Envelope(msgspec.Struct):
 # ------------------------------------------------------------------ replies
 
 
-class Reply(msgspec.Struct, omit_defaults=True):
+class Reply(msgspec.Struct):
     """Every reply: request id, overall code and message, then op fields."""
 
     id: int

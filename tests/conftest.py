@@ -1,0 +1,96 @@
+"""Shared fixtures: real kvrackd subprocesses and a raw protocol connection for bad-input tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+
+import msgspec
+import pytest
+
+from kvrack.clients.spawn import DaemonProcess
+from kvrack.daemon import protocol as P
+
+SMALL = {"dram.capacity_bytes": "8MiB", "dram.segment_bytes": "1MiB"}
+
+
+@pytest.fixture
+def daemon():
+    d = DaemonProcess(SMALL)
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+class RawConn:
+    """Speaks frames by hand, so tests can send what no well-behaved client would."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(path)
+        self.fds: list[int] = []
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def send(self, obj) -> None:
+        body = msgspec.msgpack.encode(obj)
+        self.sock.sendall(struct.pack("<I", len(body)) + body)
+
+    def recv(self) -> dict | None:
+        """One reply as a dict, or None when the daemon closed the connection."""
+        head = self._exact(4)
+        if head is None:
+            return None
+        (n,) = struct.unpack("<I", head)
+        body = self._exact(n)
+        return msgspec.msgpack.decode(body)
+
+    def _exact(self, n: int) -> bytes | None:
+        buf = b""
+        while len(buf) < n:
+            data, anc, _f, _a = self.sock.recvmsg(n - len(buf), socket.CMSG_SPACE(64 * 4))
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    self.fds += list(struct.unpack(f"{len(payload) // 4}i", payload[: len(payload) // 4 * 4]))
+            if not data:
+                return None
+            buf += data
+        return buf
+
+    def hello(self, namespace: str = "default") -> dict:
+        self.send({"op": "hello", "id": 1, "version": P.PROTOCOL_VERSION, "namespace": namespace})
+        return self.recv()
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.sock.close()
+
+
+@pytest.fixture
+def raw(daemon):
+    conns: list[RawConn] = []
+
+    def connect() -> RawConn:
+        c = RawConn(daemon.socket_path)
+        conns.append(c)
+        return c
+
+    yield connect
+    for c in conns:
+        c.close()
+
+
+def eventually(predicate, timeout: float = 10.0, interval: float = 0.05):
+    """Poll a condition, bounded in time; returns its last value."""
+    deadline = time.monotonic() + timeout
+    value = predicate()
+    while not value and time.monotonic() < deadline:
+        time.sleep(interval)
+        value = predicate()
+    return value

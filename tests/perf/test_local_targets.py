@@ -1,0 +1,33 @@
+"""Benchmark targets of the local data path (`make bench-check`; not in the default run).
+
+Ratios are against memcpy measured in the same run, so the check follows the
+machine rather than absolute numbers.
+"""
+
+import pytest
+
+from kvrack.clients import bench_local
+
+pytestmark = pytest.mark.perf
+
+
+@pytest.fixture(scope="module")
+def result():
+    return bench_local.run(None, ["2MiB"], repeats=3, index_blocks=1_000_000)
+
+
+def test_get_and_put_bandwidth_vs_memcpy(result):
+    assert result["get_vs_memcpy"] >= 0.8
+    assert result["put_vs_memcpy"] >= 0.7
+
+
+def test_lookup_rate(result):
+    assert result["lookup_keys_per_s"] >= 1_000_000
+
+
+def test_round_trip(result):
+    assert result["rtt_p50_us"] <= 50
+
+
+def test_index_memory(result):
+    assert result["index_bytes_per_block"] <= 300

@@ -1,0 +1,19 @@
+"""`kvrack bench local` runs end to end and writes the JSON keys its contract names (no timing asserted)."""
+
+import json
+import subprocess
+import sys
+
+
+def test_bench_local_writes_the_contracted_json(tmp_path):
+    out = tmp_path / "bench.json"
+    res = subprocess.run([sys.executable, "-m", "kvrack.clients.cli", "bench", "local", "--json", str(out),
+                          "--sizes", "64KiB,2MiB", "--repeats", "1", "--working-set", "8MiB", "--index-blocks", "20000"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    data = json.loads(out.read_text())
+    for key in ("get_vs_memcpy", "put_vs_memcpy", "lookup_keys_per_s", "rtt_p50_us", "index_bytes_per_block"):
+        assert isinstance(data[key], (int, float)) and data[key] > 0, key
+    assert data["index_blocks"] >= 20000
+    assert set(data["sizes"]) == {"64KiB", "2MiB"}
+    assert "put 2MiB blocks" in res.stdout

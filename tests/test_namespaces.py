@@ -1,0 +1,99 @@
+"""Tenants: isolated keys, segments that only their owner can map, credentials checked at hello."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from kvrack.clients import Client, ErrorCode, KvrackError
+from kvrack.clients.spawn import DaemonProcess
+
+from .conftest import RawConn
+
+NOBODY = 65534
+
+
+@pytest.fixture
+def tenants(tmp_path):
+    cfg = tmp_path / "kvrack.toml"
+    cfg.write_text(textwrap.dedent(f"""
+        [dram]
+        capacity_bytes = "8MiB"
+        segment_bytes = "1MiB"
+        [[namespaces]]
+        name = "a"
+        [[namespaces]]
+        name = "b"
+        [[namespaces]]
+        name = "locked"
+        uids = [{NOBODY}]
+    """))
+    d = DaemonProcess(config_path=str(cfg))
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+def test_a_tenant_sees_only_its_own_blocks(tenants):
+    with Client.connect(tenants.socket_path, namespace="a") as a, Client.connect(tenants.socket_path, namespace="b") as b:
+        assert a.namespace_salt != b.namespace_salt
+        key = os.urandom(32)
+        a.put([key], [b"secret" * 100])
+        assert b.lookup([key]).prefix == 0
+        assert b.get_into([key], [bytearray(600)]) == [False]
+        assert b.delete([key]) == 0
+        assert a.lookup([key]).prefix == 1
+        b.put([key], [b"other" * 100])  # the same key is a different block in b
+        out = bytearray(600)
+        a.get_into([key], [out])
+        assert bytes(out) == b"secret" * 100
+        assert set(b.stats()["namespaces"]) == {"b"}
+
+
+def test_segments_of_another_tenant_cannot_be_mapped(tenants):
+    with Client.connect(tenants.socket_path, namespace="a") as a:
+        a.put([os.urandom(32)], [bytes(4096)])
+        a_segments = set(a._core.segments.maps)
+    assert a_segments
+    b = RawConn(tenants.socket_path)
+    try:
+        hello = b.hello("b")
+        assert not {s[0] for s in hello["segments"]} & a_segments, "hello hands out only b's segments"
+        b.send({"op": "map", "id": 2, "segments": sorted(a_segments)})
+        reply = b.recv()
+        assert reply["code"] == ErrorCode.UNKNOWN_SEGMENT and not b.fds
+    finally:
+        b.close()
+
+
+def test_unknown_namespace(tenants):
+    with pytest.raises(KvrackError) as info:
+        Client.connect(tenants.socket_path, namespace="nope")
+    assert info.value.code == ErrorCode.UNKNOWN_NAMESPACE
+
+
+def test_namespace_restricted_to_uids(tenants):
+    if os.getuid() == NOBODY:
+        pytest.skip("runs as the allowed uid")
+    with pytest.raises(KvrackError) as info:
+        Client.connect(tenants.socket_path, namespace="locked")
+    assert info.value.code == ErrorCode.PERMISSION_DENIED
+    if os.getuid() != 0:
+        return  # cannot become another user to test the allowed side
+    os.chmod(os.path.dirname(tenants.socket_path), 0o755)
+    code = textwrap.dedent("""
+        import os, sys
+        from kvrack.clients import Client  # import first: the interpreter's files may be unreadable to nobody
+        os.setgroups([]); os.setgid(65534); os.setuid(65534)
+        with Client.connect(sys.argv[1], namespace="locked") as c:
+            c.put([os.urandom(32)], [bytes(64)])
+            print("ok", c.stats()["namespaces"]["locked"]["blocks"])
+    """)
+    res = subprocess.run([sys.executable, "-c", code, tenants.socket_path], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "ok 1"

@@ -1,0 +1,77 @@
+"""The settings table drives the TOML loader, env overrides, --print-config and the example file."""
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from kvrack.daemon.settings import SETTINGS, ConfigError, example_toml, load_config, parse_size
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_example_file_is_current():
+    assert (ROOT / "deploy" / "kvrack.example.toml").read_text() == example_toml(), \
+        "run `make example` to regenerate deploy/kvrack.example.toml"
+
+
+def test_example_file_lists_every_setting_and_loads():
+    text = example_toml()
+    for s in SETTINGS:
+        assert s.help in text and s.env in text
+    parsed = tomllib.loads(text)
+    assert parsed["namespaces"] == [{"name": "default", "uids": [], "gids": []}]
+
+
+def test_defaults_need_no_file(monkeypatch):
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    cfg = load_config(env={})
+    assert cfg["server.socket_path"].endswith("kvrack/kvrack.sock")
+    assert 0 < cfg["dram.capacity_bytes"] <= 2 * 1024**3
+    assert [ns.name for ns in cfg.namespaces] == ["default"]
+
+
+def test_file_then_env_then_overrides(tmp_path):
+    path = tmp_path / "k.toml"
+    path.write_text('[dram]\ncapacity_bytes = "512MiB"\nsegment_bytes = "8MiB"\n'
+                    '[[namespaces]]\nname = "team-a"\nuids = [1000]\nsalt = "00ff"\n')
+    cfg = load_config(path, env={"KVRACK_DRAM_CAPACITY_BYTES": "1GiB"}, overrides={"log.level": "debug"})
+    assert cfg["dram.capacity_bytes"] == 1024**3 and cfg.sources["dram.capacity_bytes"] == "KVRACK_DRAM_CAPACITY_BYTES"
+    assert cfg["dram.segment_bytes"] == 8 * 1024**2 and cfg["log.level"] == "debug"
+    assert cfg.namespaces[0].uids == (1000,) and cfg.namespaces[0].salt == b"\x00\xff"
+    again = tomllib.loads(cfg.to_toml())
+    assert again["dram"]["capacity_bytes"] == "1GiB"
+
+
+@pytest.mark.parametrize("text, match", [
+    ("[dram]\ncapacity = 1\n", "unknown setting"),
+    ("[dram]\nsegment_bytes = 10\n", "below the minimum"),
+    ("[log]\nlevel = \"loud\"\n", "one of"),
+    ("[dram]\nhugepages = \"maybe\"\n", "true/false"),
+    ("[[namespaces]]\nname = \"a b\"\n", "namespaces\\[0\\].name"),
+    ("[[namespaces]]\nname = \"a\"\n[[namespaces]]\nname = \"a\"\n", "declared twice"),
+    ("[[namespaces]]\nname = \"a\"\nsecret = 1\n", "unknown field"),
+    ("not toml [", "not valid TOML"),
+])
+def test_bad_config_says_what_is_wrong(tmp_path, text, match):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(path, env={})
+
+
+def test_sizes():
+    assert parse_size("64MiB") == 64 * 1024**2 and parse_size("2G") == 2 * 1024**3 and parse_size(4096) == 4096
+    with pytest.raises(ConfigError):
+        parse_size("lots")
+
+
+def test_kvrackd_print_config_and_bad_file(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "kvrack.daemon.main", "--print-config", "--set", "dram.hugepages=true"],
+                         capture_output=True, text=True, check=True).stdout
+    assert tomllib.loads(out)["dram"]["hugepages"] is True
+    res = subprocess.run([sys.executable, "-m", "kvrack.daemon.main", "--config", str(tmp_path / "missing.toml")],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "cannot read config file" in res.stderr
