@@ -18,6 +18,7 @@ run: $(STAMP)
 
 ## test: the default test run (what CI runs)
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -p no:cacheprovider
 
 ## test-all: every test, slow ones included

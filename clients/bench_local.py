@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-
 from kvrack.clients.client import Client
 from kvrack.clients.spawn import DaemonProcess, rss_anon_bytes
 

@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.progress import Progress
-from rich.table import Table
-
 from kvrack.clients.client import Client, socket_path_of
 from kvrack.clients.errors import KvrackError
 from kvrack.daemon.settings import format_size, parse_size
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
 
 app = typer.Typer(help="kvrack: pooled KV cache for LLM inference.", no_args_is_help=True, add_completion=False)
 bench_app = typer.Typer(help="Benchmarks; each figure is a ratio to a baseline measured in the same run.",
@@ -22,8 +21,8 @@ bench_app = typer.Typer(help="Benchmarks; each figure is a ratio to a baseline m
 app.add_typer(bench_app, name="bench")
 console = Console()
 
-SocketOpt = Annotated[Optional[str], typer.Option("--socket", "-s", help="daemon socket (default: the default socket)")]
-JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="write the results as JSON to this path")]
+SocketOpt = Annotated[str | None, typer.Option("--socket", "-s", help="daemon socket (default: the default socket)")]
+JsonOpt = Annotated[Path | None, typer.Option("--json", help="write the results as JSON to this path")]
 
 
 def write_json(path: Path | None, data: dict[str, Any]) -> None:

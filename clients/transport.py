@@ -8,7 +8,6 @@ import os
 import socket
 
 import msgspec
-
 from kvrack.clients.errors import KvrackError
 from kvrack.daemon import protocol as P
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import Any, Union
+from typing import Any
 
 import msgspec
 
@@ -111,7 +111,7 @@ class Reserve(msgspec.Struct, tag="reserve", **_REQ):  # type: ignore[call-arg]
     keys: list[bytes]
     sizes: list[int]
     # each key's previous block in its chain, or None for a chain's first block
-    parents: Union[list[Union[bytes, None]], None] = None
+    parents: list[bytes | None] | None = None
 
 
 class Commit(msgspec.Struct, tag="commit", **_REQ):  # type: ignore[call-arg]
@@ -148,7 +148,7 @@ class Stats(msgspec.Struct, tag="stats", **_REQ):  # type: ignore[call-arg]
     id: int
 
 
-Request = Union[Hello, Lookup, Reserve, Commit, Abort, Acquire, Release, Delete, MapSegments, Stats]
+Request = Hello | Lookup | Reserve | Commit | Abort | Acquire | Release | Delete | MapSegments | Stats
 OPS = ("hello", "lookup", "reserve", "commit", "abort", "acquire", "release", "delete", "map", "stats")
 
 
@@ -196,7 +196,7 @@ class KeysReply(Reply):
     """Reply to reserve/acquire/commit/abort/release/delete."""
 
     codes: list[int] = []
-    descriptors: list[Union[Descriptor, None]] = []
+    descriptors: list[Descriptor | None] = []
 
 
 class MapReply(Reply):

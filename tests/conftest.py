@@ -9,7 +9,6 @@ import time
 
 import msgspec
 import pytest
-
 from kvrack.clients.spawn import DaemonProcess
 from kvrack.daemon import protocol as P
 

@@ -2,7 +2,6 @@
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from kvrack.daemon.protocol import TierId
 from kvrack.tiers.allocator import SlotAllocator, size_class
 from kvrack.tiers.dram import HeapBacking
@@ -55,7 +54,7 @@ def test_random_sequences_keep_every_invariant(ops, nseg):
         # live counts agree with what we hold
         for seg in alloc._segments.values():
             assert seg.live == sum(1 for s, *_ in live if s is seg)
-    for seg, slot, *_ in live:
+    for seg, _slot, *_ in live:
         assert alloc.segment(seg.id) is seg, "a segment with live slots is never retired"
 
 

@@ -4,7 +4,6 @@ import mmap
 
 import numpy as np
 import pytest
-
 from kvrack import _native
 
 

@@ -5,7 +5,6 @@ machine rather than absolute numbers.
 """
 
 import pytest
-
 from kvrack.clients import bench_local
 
 pytestmark = pytest.mark.perf
