@@ -77,7 +77,9 @@ def bench_local(socket: SocketOpt = None, json_path: JsonOpt = None,
                 ) -> None:
     """Same-host put/get bandwidth vs memcpy, lookup rate, round trip, index memory per block.
 
-    With no --socket a private daemon is started on a temporary socket and stopped afterwards.
+    Without --socket it uses the daemon on the default socket if one is listening; with no daemon
+    running it starts a private one on a temporary socket and stops it afterwards. The index memory
+    figure always comes from a private daemon, so that nothing else moves its RSS.
     """
     from kvrack.clients import bench_local as bl
 
