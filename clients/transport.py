@@ -30,6 +30,13 @@ class FrameBuffer:
                 fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
                 self.fds.extend(fds)
 
+    def received(self, buf: bytearray, n: int, ancdata: list[tuple[int, int, bytes]]) -> None:
+        """Take one ``recvmsg_into`` result; zero bytes means the daemon hung up."""
+        if not n:
+            self.close_fds()
+            raise ConnectionError("kvrackd closed the connection")
+        self.feed(memoryview(buf)[:n], ancdata)
+
     def next_frame(self) -> bytes | None:
         buf = self.buf
         if len(buf) < P.HEADER_BYTES:
@@ -93,10 +100,7 @@ class SyncChannel:
             if body is not None:
                 return decode_reply(op, body), frames.take_fds()
             n, anc, _flags, _addr = self.sock.recvmsg_into([self.rbuf], _ANC_BYTES)
-            if not n:
-                frames.close_fds()
-                raise ConnectionError("kvrackd closed the connection")
-            frames.feed(memoryview(self.rbuf)[:n], anc)
+            frames.received(self.rbuf, n, anc)
 
     def close(self) -> None:
         self.frames.close_fds()
@@ -141,10 +145,7 @@ class AsyncChannel:
                 except (BlockingIOError, InterruptedError):
                     await self._wait(loop.add_reader, loop.remove_reader)
                     continue
-                if not n:
-                    frames.close_fds()
-                    raise ConnectionError("kvrackd closed the connection")
-                frames.feed(memoryview(self.rbuf)[:n], anc)
+                frames.received(self.rbuf, n, anc)
 
     def close(self) -> None:
         self.frames.close_fds()

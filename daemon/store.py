@@ -65,6 +65,7 @@ class Store:
         self.pin_timeout_s = pin_timeout_s
         self.clock = clock
         self.lru = LruList()
+        self.pinned_blocks = 0  # blocks with at least one pin, deleted-but-pinned included
         self.counters = Counters()
         self._sizes: dict[int, int] = {}  # interned block sizes: one int object per size, not per entry
         # sessions holding reservations or pins: the sweeper looks only at these, so lease
@@ -244,6 +245,7 @@ class Store:
                 continue
             if e.pins == 0:
                 self.lru.unlink(e)
+                self.pinned_blocks += 1
             e.pins += 1
             pin = pins.get(key)
             if pin is None:
@@ -277,6 +279,7 @@ class Store:
     def _unpin(self, e: Entry, count: int = 1) -> None:
         e.pins -= count
         if e.pins == 0:
+            self.pinned_blocks -= 1
             if e.state == COMMITTED:
                 self.lru.push_mru(e)
             elif e.state == DELETED:
@@ -358,10 +361,8 @@ class Store:
         return Descriptor(int(e.seg.tier), e.seg.id, e.slot * e.seg.slot_size, e.nbytes)
 
     def _pinned_or_reserved(self) -> int:
-        return sum(len(ns.entries) - ns.blocks for ns in self.namespaces.values()) + self._count_pinned()
-
-    def _count_pinned(self) -> int:
-        return sum(1 for ns in self.namespaces.values() for e in ns.entries.values() if e.pins)
+        reserved = sum(len(ns.entries) - ns.blocks for ns in self.namespaces.values())
+        return reserved + self.pinned_blocks
 
     def stats(self) -> dict[str, Any]:
         """Everything an operator needs, in sections (the REST API, metrics and CLI read this)."""
@@ -374,6 +375,7 @@ class Store:
             blocks=blocks,
             used_bytes=used,
             evictable_blocks=self.lru.size,
+            pinned_blocks=self.pinned_blocks,
             hit_ratio=round(c.lookup_hits / c.lookup_keys, 4) if c.lookup_keys else None,
             get_hit_ratio=round(c.get_hits / c.get_keys, 4) if c.get_keys else None,
         )

@@ -86,7 +86,8 @@ def test_bad_keys_sizes_and_parents_fail_per_key(store):
 def test_lru_evicts_least_recently_used_unpinned(store):
     s = session(store)
     put(store, s, [key(i) for i in range(8)])  # full
-    store.release(s, store.acquire(s, [key(0)]) and [key(0)])  # touch key 0: now most recent
+    store.acquire(s, [key(0)])
+    store.release(s, [key(0)])  # key 0 is now the most recently used
     put(store, s, [key(100)])
     hits = store.lookup(s.namespace, [key(i) for i in range(8)])[1]
     assert hits[0] == TierId.DRAM and hits[1] == 0, "key 1 was the least recently used"
@@ -100,7 +101,8 @@ def test_pinned_blocks_are_never_evicted_and_full_pins_give_no_space(store):
     assert store.acquire(s, keys).codes == [0] * 8
     res = store.reserve(s, [key(50), key(51)], [BLOCK, BLOCK], None)
     assert res.codes == [ErrorCode.NO_SPACE] * 2
-    assert "dram tier full" in res.message and str(2 * BLOCK) in res.message
+    assert "dram tier full" in res.message and str(2 * BLOCK) in res.message and "8 blocks pinned" in res.message
+    assert store.stats()["tiers"][0]["pinned_blocks"] == 8
     assert store.lookup(s.namespace, keys)[0] == 8, "nothing committed was disturbed"
     store.release(s, keys[:1])
     assert store.reserve(s, [key(50)], [BLOCK], None).codes == [0], "one release makes room again"
@@ -115,7 +117,7 @@ def test_delete_of_a_pinned_block_keeps_its_bytes_until_release(store):
     seg = store.tier.segment(d.segment)
     assert seg.live == 1, "slot still held by the reader's pin"
     store.release(reader, [key(1)])
-    assert seg.live == 0
+    assert seg.live == 0 and store.pinned_blocks == 0
 
 
 def test_abort_and_session_close_free_reservations_and_pins(store):
@@ -127,6 +129,7 @@ def test_abort_and_session_close_free_reservations_and_pins(store):
     assert store.close_session(s) == (1, 1)
     e = store.namespaces["a"].entries[key(3)]
     assert e.state == COMMITTED and e.pins == 0 and key(2) not in store.namespaces["a"].entries
+    assert store.pinned_blocks == 0
     assert store.lru.size == 1
 
 
