@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -61,6 +62,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         self.server.start(loop)
+        gc.freeze()  # start-up objects (config, tiers, modules) never need collecting
         names = ", ".join(self.store.namespaces)
         log.info("kvrackd %s listening on unix:%s (namespaces: %s)", __version__, self.config["server.socket_path"], names)
         _notify("READY=1\nSTATUS=serving")
@@ -81,6 +83,10 @@ class Daemon:
         while True:
             await asyncio.sleep(interval)
             self.store.sweep()
+            # Index entries are long-lived and always unlinked explicitly, so the cyclic GC has
+            # nothing to find among them; without this, each full collection walks every entry
+            # (~255 ms at 1 M blocks). Freezing moves what exists now out of the GC's sight.
+            gc.freeze()
 
     async def drain(self) -> None:
         """Stop accepting, let queued replies go out (bounded), then close every session."""

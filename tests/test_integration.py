@@ -54,8 +54,9 @@ def test_one_process_puts_another_reads_the_same_bytes(daemon):
     assert out.strip() == digest
 
 
-def test_get_into_numpy_bytearray_and_misses(daemon):
-    with Client.connect(daemon.socket_path) as c:
+@pytest.mark.parametrize("spin_us", [0, 50], ids=["blocking", "polling"])
+def test_get_into_numpy_bytearray_and_misses(daemon, spin_us):
+    with Client.connect(daemon.socket_path, spin_us=spin_us) as c:
         keys = [os.urandom(32) for _ in range(3)]
         data = blocks(2, seed=1)
         c.put(keys[:2], data)
@@ -217,3 +218,21 @@ def test_status_command(daemon):
     missing = subprocess.run([sys.executable, "-m", "kvrack.clients.cli", "status", "--socket", "/nonexistent.sock"],
                              capture_output=True, text=True, timeout=30)
     assert missing.returncode == 1 and "cannot reach kvrackd" in missing.stdout
+
+
+@pytest.mark.parametrize("spin_us", [0, 50], ids=["blocking", "polling"])
+def test_a_daemon_that_does_not_answer_times_out(tmp_path, spin_us):
+    import socket
+    import time
+
+    path = str(tmp_path / "silent.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)  # accepts into the backlog, never replies
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match="did not answer hello"):
+            Client.connect(path, timeout=0.3, spin_us=spin_us)
+        assert time.monotonic() - t0 < 5
+    finally:
+        listener.close()
