@@ -8,9 +8,28 @@ from collections.abc import Sequence
 from typing import Any
 
 from kvrack.clients.client import socket_path_of
-from kvrack.clients.core import ClientCore, LookupResult, PutResult, Step, check_put
+from kvrack.clients.core import ClientCore, LeaseViews, LookupResult, PutResult, Step, check_put
 from kvrack.clients.transport import AsyncChannel
 from kvrack.daemon import protocol as P
+
+
+class AsyncLease(LeaseViews):
+    """Pinned blocks as zero-copy read-only views; the pins end when ``async with`` exits."""
+
+    def __init__(self, client: AsyncClient, keys: list[bytes], views: list[memoryview | None]) -> None:
+        super().__init__(keys, views)
+        self._client = client
+
+    async def release(self) -> None:
+        keys = self._end()
+        if keys:
+            await self._client._run(self._client._core.keys_op("release", P.Release, keys))
+
+    async def __aenter__(self) -> AsyncLease:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.release()
 
 
 class AsyncClient:
@@ -43,6 +62,10 @@ class AsyncClient:
         try:
             op, req = next(gen)
             while True:
+                if op == "sleep":
+                    await asyncio.sleep(req)
+                    op, req = gen.send(None)
+                    continue
                 try:
                     reply = await call(op, P.encode_frame(req))
                 except BaseException as exc:
@@ -60,9 +83,16 @@ class AsyncClient:
         return await self._run(self._core.lookup(keys))
 
     async def put(self, keys: Sequence[bytes], buffers: Sequence[Any], parents: Sequence[bytes | None] | None = None,
-                  *, raise_on_error: bool = True) -> PutResult:
+                  *, wait_timeout: float | None = None, raise_on_error: bool = True) -> PutResult:
         result, message = await self._run(self._core.put(keys, buffers, parents))
+        if wait_timeout and result.in_progress:
+            await self._run(self._core.wait_for_writers(keys, result, wait_timeout))
         return check_put(result, message, raise_on_error)
+
+    async def get(self, keys: Sequence[bytes]) -> AsyncLease:
+        """Pin blocks; zero-copy views valid inside ``async with``."""
+        codes, descriptors = await self._run(self._core.acquire(keys))
+        return AsyncLease(self, *self._core.lease_views(keys, descriptors))
 
     async def get_into(self, keys: Sequence[bytes], out: Sequence[Any]) -> list[bool]:
         if len(out) != len(keys):

@@ -7,11 +7,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from kvrack.clients.core import ClientCore, LookupResult, PutResult, Step, check_put
+from kvrack.clients.core import ClientCore, LeaseViews, LookupResult, PutResult, Step, check_put
 from kvrack.clients.errors import KvrackError
 from kvrack.clients.transport import SyncChannel, unix_socket
 from kvrack.daemon import protocol as P
-from kvrack.daemon.protocol import ErrorCode
 from kvrack.daemon.settings import default_socket_path
 
 DEFAULT_SPIN_US = 50.0
@@ -29,30 +28,16 @@ def socket_path_of(address: str | None) -> str:
     return address
 
 
-class Lease:
+class Lease(LeaseViews):
     """Pinned blocks as zero-copy read-only views; the pins end when the context exits."""
 
     def __init__(self, client: Client, keys: list[bytes], views: list[memoryview | None]) -> None:
+        super().__init__(keys, views)
         self._client = client
-        self._keys = keys
-        self.views = views
-
-    @property
-    def hits(self) -> int:
-        return sum(v is not None for v in self.views)
-
-    def arrays(self, dtype: Any = "uint8") -> list[Any]:
-        """The views as numpy arrays of ``dtype`` (None for misses)."""
-        import numpy as np
-
-        return [None if v is None else np.frombuffer(v, dtype=dtype) for v in self.views]
 
     def release(self) -> None:
-        if self._keys:
-            keys, self._keys = self._keys, []
-            for v in self.views:
-                if v is not None:
-                    v.release()
+        keys = self._end()
+        if keys:
             self._client._run(self._client._core.keys_op("release", P.Release, keys))
 
     def __enter__(self) -> Lease:
@@ -95,6 +80,10 @@ class Client:
         try:
             op, req = next(gen)
             while True:
+                if op == "sleep":
+                    time.sleep(req)
+                    op, req = gen.send(None)
+                    continue
                 try:
                     reply = call(op, P.encode_frame(req))
                 except BaseException as exc:
@@ -128,27 +117,13 @@ class Client:
         """
         result, message = self._run(self._core.put(keys, buffers, parents))
         if wait_timeout and result.in_progress:
-            self._wait_for(keys, result, wait_timeout)
+            self._run(self._core.wait_for_writers(keys, result, wait_timeout))
         return check_put(result, message, raise_on_error)
-
-    def _wait_for(self, keys: Sequence[bytes], result: PutResult, timeout: float) -> None:
-        pending = [i for i, c in enumerate(result.codes) if c == ErrorCode.IN_PROGRESS]
-        deadline = time.monotonic() + timeout
-        delay = 0.0005
-        while pending and time.monotonic() < deadline:
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
-            found = self.lookup([keys[i] for i in pending]).tiers
-            for i, tier in zip(list(pending), found):
-                if tier:
-                    result.codes[i] = ErrorCode.ALREADY_EXISTS
-                    pending.remove(i)
 
     def get(self, keys: Sequence[bytes]) -> Lease:
         """Pin blocks and return zero-copy views (None for misses), valid inside ``with``."""
         codes, descriptors = self._run(self._core.acquire(keys))
-        pinned = [k for k, d in zip(keys, descriptors) if d is not None]
-        return Lease(self, pinned, [None if d is None else self._core.view(d) for d in descriptors])
+        return Lease(self, *self._core.lease_views(keys, descriptors))
 
     def get_into(self, keys: Sequence[bytes], out: Sequence[Any]) -> list[bool]:
         """Copy blocks into caller buffers (numpy, torch CPU tensors, bytearrays); per-key hit flags."""

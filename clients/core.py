@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import mmap
 import os
+import time
 from collections.abc import Generator, Sequence
 from typing import Any
 
@@ -56,6 +57,32 @@ class PutResult:
         """Indices of keys that are not stored and not being stored by anyone."""
         ok = (_OK, ErrorCode.ALREADY_EXISTS, ErrorCode.IN_PROGRESS)
         return [i for i, c in enumerate(self.codes) if c not in ok]
+
+
+class LeaseViews:
+    """What sync and async leases share: the pinned keys and their zero-copy views."""
+
+    def __init__(self, keys: list[bytes], views: list[memoryview | None]) -> None:
+        self._keys = keys
+        self.views = views
+
+    @property
+    def hits(self) -> int:
+        return sum(v is not None for v in self.views)
+
+    def arrays(self, dtype: Any = "uint8") -> list[Any]:
+        """The views as numpy arrays of ``dtype`` (None for misses)."""
+        import numpy as np
+
+        return [None if v is None else np.frombuffer(v, dtype=dtype) for v in self.views]
+
+    def _end(self) -> list[bytes]:
+        """Invalidate the views; the keys whose pins must now be released."""
+        keys, self._keys = self._keys, []
+        for v in self.views:
+            if v is not None:
+                v.release()
+        return keys
 
 
 class SegmentMaps:
@@ -190,6 +217,23 @@ class ClientCore:
             codes += batch_codes
         return PutResult(codes), message
 
+    def wait_for_writers(self, keys: Sequence[bytes], result: PutResult, timeout: float) -> Step:
+        """Poll, with backoff and a deadline, until keys another client was writing are committed.
+
+        Yields ``("sleep", seconds)`` steps that the driver performs (time.sleep or asyncio.sleep).
+        """
+        pending = [i for i, c in enumerate(result.codes) if c == ErrorCode.IN_PROGRESS]
+        deadline = time.monotonic() + timeout
+        delay = 0.0005
+        while pending and time.monotonic() < deadline:
+            yield "sleep", delay
+            delay = min(delay * 2, 0.05)
+            found = yield from self.lookup([keys[i] for i in pending])
+            for i, tier in zip(list(pending), found.tiers):
+                if tier:
+                    result.codes[i] = ErrorCode.ALREADY_EXISTS
+                    pending.remove(i)
+
     def acquire(self, keys: Sequence[bytes]) -> Step:
         codes, descriptors, message = yield from self.keys_op("acquire", P.Acquire, keys)
         try:
@@ -198,6 +242,11 @@ class ClientCore:
             yield from self.keys_op("release", P.Release, [k for k, d in zip(keys, descriptors) if d is not None])
             raise
         return codes, descriptors
+
+    def lease_views(self, keys: Sequence[bytes], descriptors: Sequence[P.Descriptor | None]
+                    ) -> tuple[list[bytes], list[memoryview | None]]:
+        pinned = [k for k, d in zip(keys, descriptors) if d is not None]
+        return pinned, [None if d is None else self.view(d) for d in descriptors]
 
     def view(self, d: P.Descriptor) -> memoryview:
         """Read-only zero-copy view of a block in its mapped segment."""

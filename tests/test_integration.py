@@ -174,6 +174,12 @@ def test_async_client(daemon):
             results = await asyncio.gather(c.get_into(keys[:2], outs[:2]), c.get_into(keys[2:], outs[2:]))
             assert results == [[True, True], [True, True]]
             assert all(np.array_equal(o, d) for o, d in zip(outs, data))
+            async with await c.get(keys + [os.urandom(32)]) as lease:
+                assert lease.hits == 4 and lease.views[4] is None
+                assert bytes(lease.views[3]) == data[3].tobytes()
+                assert (await c.stats())["tiers"][0]["pinned_blocks"] == 4
+            assert (await c.stats())["tiers"][0]["pinned_blocks"] == 0
+            assert (await c.put(keys, data, wait_timeout=1.0)).existing == 4
             assert await c.delete(keys) == 4
             assert (await c.stats())["tiers"][0]["blocks"] == 0
 
