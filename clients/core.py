@@ -156,8 +156,9 @@ class ClientCore:
 
     def map_segments(self, descriptors: Sequence[P.Descriptor | None]) -> Step:
         missing = self.segments.missing(descriptors)
-        for i in range(0, len(missing), 256):
-            reply, fds = yield "map", P.MapSegments(id=self._id(), segments=missing[i : i + 256])
+        step = P.MAX_FDS_PER_FRAME
+        for i in range(0, len(missing), step):
+            reply, fds = yield "map", P.MapSegments(id=self._id(), segments=missing[i : i + step])
             self.segments.add(reply.segments, fds)
 
     def lookup(self, keys: Sequence[bytes]) -> Step:

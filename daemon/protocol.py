@@ -22,6 +22,8 @@ KEY_BYTES = 32
 HEADER = struct.Struct("<I")
 HEADER_BYTES = HEADER.size
 DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024
+# fds that travel beside one frame; the kernel's limit per SCM_RIGHTS message is 253
+MAX_FDS_PER_FRAME = 200
 
 
 class ErrorCode(enum.IntEnum):

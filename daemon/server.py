@@ -305,7 +305,8 @@ class ControlServer:
                                 message=f"{who} may not use namespace {ns.name!r}"), ()
         s.namespace = ns
         s.client_name = req.client_name[:128]
-        infos, fds = self._segment_infos(self.store.tier.segments_of(ns.name))
+        # a first batch of the namespace's segments; the client maps the rest on first use (map)
+        infos, fds = self._segment_infos(self.store.tier.segments_of(ns.name)[: P.MAX_FDS_PER_FRAME])
         log.info("session %d: hello from pid %s (%s) for namespace %r", s.id, peer.pid, s.client_name or "-", ns.name)
         return P.HelloReply(id=req.id, namespace=ns.name, salt=ns.salt, session=s.id, segments=infos,
                             max_frame_bytes=self.max_frame_bytes, max_batch_keys=self.max_batch_keys,
@@ -351,8 +352,11 @@ class ControlServer:
 
     def _map(self, conn: Connection, req: P.MapSegments) -> tuple[P.Reply, tuple[int, ...]]:
         ns = conn.session.namespace
+        if len(req.segments) > P.MAX_FDS_PER_FRAME:
+            return P.ErrorReply(id=req.id, code=int(P.ErrorCode.BAD_REQUEST),
+                                message=f"map takes at most {P.MAX_FDS_PER_FRAME} segments per request"), ()
         segments = []
-        for seg_id in req.segments[:256]:
+        for seg_id in req.segments:
             tier = self.store.tier_of(seg_id >> 40)
             seg = tier.segment(seg_id) if tier is not None else None
             if seg is None or seg.owner != ns.name:  # type: ignore[union-attr]

@@ -112,3 +112,13 @@ def test_fuzzed_frames_never_hurt_the_daemon(daemon, payload):
         c.close()
     with Client.connect(daemon.socket_path) as probe:
         assert probe.stats()["server"]["sessions"] >= 1
+
+
+def test_map_requests_are_bounded(raw):
+    c = raw()
+    c.hello()
+    c.send({"op": "map", "id": 2, "segments": list(range(P.MAX_FDS_PER_FRAME + 1))})
+    r = c.recv()
+    assert r["code"] == ErrorCode.BAD_REQUEST and str(P.MAX_FDS_PER_FRAME) in r["message"]
+    c.send({"op": "map", "id": 3, "segments": [12345]})
+    assert c.recv()["code"] == ErrorCode.UNKNOWN_SEGMENT and not c.fds

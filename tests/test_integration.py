@@ -242,3 +242,17 @@ def test_a_daemon_that_does_not_answer_times_out(tmp_path, spin_us):
         assert time.monotonic() - t0 < 5
     finally:
         listener.close()
+
+
+def test_more_segments_than_one_message_can_carry_fds_for():
+    # 300 segments of 64 KiB: more than SCM_RIGHTS carries in one message
+    with DaemonProcess({"dram.capacity_bytes": 300 * 65536, "dram.segment_bytes": 65536}) as d:
+        with Client.connect(d.socket_path) as writer:
+            keys = [os.urandom(32) for _ in range(300)]
+            data = [bytes([i % 251]) * 65536 for i in range(300)]
+            assert writer.put(keys, data).stored == 300
+            assert len(writer._core.segments.maps) == 300
+        with Client.connect(d.socket_path) as reader:  # hello hands out a first batch, map the rest
+            outs = [bytearray(65536) for _ in keys]
+            assert reader.get_into(keys, outs) == [True] * 300
+            assert all(o == b for o, b in zip(outs, data))
