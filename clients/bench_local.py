@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
 from kvrack.clients.client import Client
 from kvrack.clients.spawn import DaemonProcess, rss_anon_bytes
 from kvrack.clients.transport import unix_socket

@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from kvrack.clients.client import Client, socket_path_of
-from kvrack.clients.errors import KvrackError
-from kvrack.daemon.settings import format_size, parse_size
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+
+from kvrack.clients.client import Client, socket_path_of
+from kvrack.clients.errors import KvrackError
+from kvrack.daemon.settings import format_size, parse_size
 
 app = typer.Typer(help="kvrack: pooled KV cache for LLM inference.", no_args_is_help=True, add_completion=False)
 bench_app = typer.Typer(help="Benchmarks; each figure is a ratio to a baseline measured in the same run.",

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from typing import NewType
 
 import blake3
+
 from kvrack.clients.layout import Layout
 
 BlockKey = NewType("BlockKey", bytes)

@@ -10,6 +10,7 @@ import struct
 import time
 
 import msgspec
+
 from kvrack.clients.errors import KvrackError
 from kvrack.daemon import protocol as P
 

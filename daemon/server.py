@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
+
 from kvrack.daemon import protocol as P
 from kvrack.daemon.session import PeerCredentials, Session
 from kvrack.daemon.store import KeysResult, Store

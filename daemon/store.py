@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import blake3
+
 from kvrack.daemon.index import COMMITTED, DELETED, RESERVED, Entry, LruList, Namespace
 from kvrack.daemon.protocol import KEY_BYTES, Descriptor, ErrorCode, TierId
 from kvrack.daemon.session import Session

@@ -9,6 +9,7 @@ import time
 
 import msgspec
 import pytest
+
 from kvrack.clients.spawn import DaemonProcess
 from kvrack.daemon import protocol as P
 

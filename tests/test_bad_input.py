@@ -8,6 +8,7 @@ import struct
 import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from kvrack.clients import Client
 from kvrack.daemon import protocol as P
 from kvrack.daemon.protocol import ErrorCode

@@ -12,6 +12,7 @@ import textwrap
 
 import numpy as np
 import pytest
+
 from kvrack.clients import AsyncClient, Client, ErrorCode, KeyBuilder, KvrackError, Layout, TierId
 from kvrack.clients.spawn import DaemonProcess
 

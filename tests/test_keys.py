@@ -4,6 +4,7 @@ import struct
 
 import blake3
 import pytest
+
 from kvrack.clients import KeyBuilder, Layout, as_key
 
 LLAMA3_8B = Layout(layers=32, kv_heads=8, head_dim=128, dtype="bfloat16", block_tokens=16)

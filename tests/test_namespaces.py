@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+
 from kvrack.clients import Client, ErrorCode, KvrackError
 from kvrack.clients.spawn import DaemonProcess
 

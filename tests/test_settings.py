@@ -6,6 +6,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+
 from kvrack.daemon.settings import SETTINGS, ConfigError, example_toml, load_config, parse_size
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,6 +1,7 @@
 """Store logic without sockets: two-phase writes, pins, LRU eviction, leases, namespaces."""
 
 import pytest
+
 from kvrack.daemon.index import COMMITTED
 from kvrack.daemon.protocol import ErrorCode, TierId
 from kvrack.daemon.session import Session

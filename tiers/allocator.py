@@ -9,7 +9,7 @@ fresh one is created, so memory is never handed from one tenant to another.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from kvrack.daemon.protocol import TierId
@@ -19,11 +19,14 @@ SMALL_ALIGN = 64  # cache line: blocks below one page
 PAGE_ALIGN = 4096  # page: O_DIRECT, DMA and huge blocks
 
 
-def size_class(nbytes: int) -> int:
-    """Slot size for a block: rounded to a cache line below 4 KiB, to a page above."""
+def size_class(nbytes: int, min_align: int = SMALL_ALIGN) -> int:
+    """Slot size for a block: rounded to a cache line below 4 KiB, to a page above.
+
+    ``min_align=PAGE_ALIGN`` rounds every block to pages (O_DIRECT media).
+    """
     if nbytes <= 0:
         raise ValueError("block size must be > 0")
-    align = SMALL_ALIGN if nbytes < PAGE_ALIGN else PAGE_ALIGN
+    align = max(min_align, SMALL_ALIGN if nbytes < PAGE_ALIGN else PAGE_ALIGN)
     return -(-nbytes // align) * align
 
 
@@ -41,10 +44,11 @@ class SlotAllocator:
     """Placement for one tier: segments × size classes × namespaces. O(1) per call."""
 
     def __init__(self, tier: TierId, capacity: int, segment_bytes: int, backing: SegmentBacking,
-                 on_retire: Callable[[Segment], None] | None = None) -> None:
+                 on_retire: Callable[[Segment], None] | None = None, min_align: int = SMALL_ALIGN) -> None:
         if segment_bytes <= 0:
             raise ValueError("segment_bytes must be > 0")
         self.tier = tier
+        self.min_align = min_align
         self.segment_bytes = segment_bytes
         self.max_segments = capacity // segment_bytes
         self.capacity = self.max_segments * segment_bytes
@@ -73,7 +77,7 @@ class SlotAllocator:
     # ----------------------------------------------------------- placement
     def allocate(self, owner: str, nbytes: int) -> tuple[Segment, int] | None:
         """A slot for ``owner``, or None when only eviction can make room."""
-        cls = size_class(nbytes)
+        cls = size_class(nbytes, self.min_align)
         if cls > self.segment_bytes:
             raise ValueError(f"block of {nbytes} bytes exceeds the segment size {self.segment_bytes}")
         pool = self._open.get((owner, cls))
@@ -126,8 +130,43 @@ class SlotAllocator:
 
     def has_room_for(self, owner: str, nbytes: int) -> bool:
         """Whether ``allocate`` would succeed without eviction."""
-        return bool(self._open.get((owner, size_class(nbytes)))) or bool(self._fresh) \
+        return bool(self._open.get((owner, size_class(nbytes, self.min_align)))) or bool(self._fresh) \
             or len(self._segments) < self.max_segments or bool(self._empty)
+
+    def rebuild(self, placements: Iterable[tuple[str, int, Any, int]]) -> dict[Any, Segment]:
+        """Recreate state after a restart from (owner, slot size, segment handle, slot) of live blocks.
+
+        Returns the segment of each handle. One pass plus one per segment, so a large recovered
+        index costs O(blocks), not O(blocks x slots).
+        """
+        by_handle: dict[Any, Segment] = {}
+        used: dict[Segment, set[int]] = {}
+        claim = self.backing.claim  # type: ignore[attr-defined]  # only backings that outlive the daemon
+        for owner, slot_size, handle, slot in placements:
+            seg = by_handle.get(handle)
+            if seg is None:
+                claim(handle)
+                seg_id = self._next_id
+                self._next_id += 1
+                seg = Segment(seg_id, self.tier, self.segment_bytes, handle)
+                seg.assign(owner, slot_size)
+                self._segments[seg_id] = seg
+                by_handle[handle] = seg
+                used[seg] = set()
+            elif seg.owner != owner or seg.slot_size != slot_size:
+                raise ValueError(f"recovered blocks disagree about segment {handle}: "
+                                 f"{seg.owner}/{seg.slot_size} vs {owner}/{slot_size}")
+            if slot in used[seg] or slot >= seg.nslots:
+                raise ValueError(f"recovered block claims slot {slot} of segment {handle} twice or out of range")
+            used[seg].add(slot)
+        for seg, slots in used.items():
+            top = max(slots) + 1
+            seg.next_unused = top
+            seg.free = [i for i in range(top) if i not in slots]
+            seg.live = len(slots)
+            if not seg.full:
+                self._open.setdefault((seg.owner, seg.slot_size), {})[seg] = None  # type: ignore[index]
+        return by_handle
 
     # -------------------------------------------------------------- queries
     def segment(self, seg_id: int) -> Segment | None:

@@ -5,6 +5,7 @@ machine rather than absolute numbers.
 """
 
 import pytest
+
 from kvrack.clients import bench_local
 
 pytestmark = pytest.mark.perf

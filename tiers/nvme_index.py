@@ -1,0 +1,122 @@
+"""The NVMe tier's persistent index: one LMDB environment, (namespace, key) -> record.
+
+A record is written only after the block's data is durable (the tier
+fdatasyncs its files first), so the index never names bytes that are not on
+disk; it is deleted before a slot can be reused. LMDB commits are durable and
+atomic, so after ``kill -9`` the index is exactly its last committed state.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+
+import lmdb
+import msgspec
+
+INDEX_VERSION = 1
+
+
+class Record(msgspec.Struct, array_like=True, frozen=True):
+    """Where a block is on the tier's media and how to check it."""
+
+    file: int  # index into the tier's configured paths
+    offset: int  # byte offset of its slot in that file
+    length: int  # bytes of block data
+    slot_size: int  # the slot's size class (>= length, page-aligned)
+    region: int  # byte offset of the slot's region (segment) in that file
+    checksum: int  # xxh3-64 of the block data
+    created: float  # unix time of the write
+    layout: bytes = b""  # the client's layout id when known
+
+
+class Geometry(msgspec.Struct, frozen=True):
+    """What the data files looked like when the index was written; checked at every open."""
+
+    version: int
+    paths: list[str]
+    capacities: list[int]
+    region_bytes: int
+
+
+_enc = msgspec.msgpack.Encoder()
+_rec = msgspec.msgpack.Decoder(Record)
+_geo = msgspec.msgpack.Decoder(Geometry)
+
+
+def index_key(namespace: str, key: bytes) -> bytes:
+    return namespace.encode() + b"\0" + key
+
+
+def split_key(raw: bytes) -> tuple[str, bytes]:
+    ns, _, key = bytes(raw).partition(b"\0")
+    return ns.decode(), key
+
+
+class GeometryMismatch(RuntimeError):
+    """The index was written for other files; refusing beats misreading every block."""
+
+
+class NvmeIndex:
+    def __init__(self, directory: str, map_size: int = 1 << 36) -> None:
+        os.makedirs(directory, exist_ok=True)
+        # sync + metasync: a committed transaction survives power loss; writemap off keeps
+        # stray writes from corrupting the map
+        self.env = lmdb.open(directory, map_size=map_size, max_dbs=2, sync=True, metasync=True, lock=True,
+                             readahead=False)
+        self.blocks = self.env.open_db(b"blocks")
+        self.meta = self.env.open_db(b"meta")
+
+    def check_geometry(self, geometry: Geometry) -> None:
+        """Record the geometry on first use; afterwards it must match."""
+        with self.env.begin(write=True, db=self.meta) as txn:
+            raw = txn.get(b"geometry")
+            if raw is None:
+                txn.put(b"geometry", _enc.encode(geometry))
+                return
+            old = _geo.decode(raw)
+            if old.version != geometry.version or old.paths != geometry.paths or old.region_bytes != geometry.region_bytes \
+                    or any(c < o for c, o in zip(geometry.capacities, old.capacities)):
+                raise GeometryMismatch(
+                    f"the NVMe index at {self.env.path()} was written for paths {old.paths} (capacities "
+                    f"{old.capacities}, regions of {old.region_bytes} bytes, index v{old.version}); the config now "
+                    f"says {geometry.paths} ({geometry.capacities}, {geometry.region_bytes}). Restore the old "
+                    "settings, or move the index directory away to start the tier empty.")
+            if geometry.capacities != old.capacities:  # grown files: remember the new sizes
+                txn.put(b"geometry", _enc.encode(geometry))
+
+    def put_many(self, items: Sequence[tuple[str, bytes, Record]]) -> None:
+        """One durable transaction for a batch of records."""
+        with self.env.begin(write=True, db=self.blocks) as txn:
+            for ns, key, rec in items:
+                txn.put(index_key(ns, key), _enc.encode(rec))
+
+    def delete_many(self, items: Sequence[tuple[str, bytes]]) -> int:
+        deleted = 0
+        with self.env.begin(write=True, db=self.blocks) as txn:
+            for ns, key in items:
+                deleted += bool(txn.delete(index_key(ns, key)))
+        return deleted
+
+    def get(self, namespace: str, key: bytes) -> Record | None:
+        with self.env.begin(db=self.blocks, buffers=True) as txn:
+            raw = txn.get(index_key(namespace, key))
+            return None if raw is None else _rec.decode(raw)
+
+    def items(self) -> Iterator[tuple[str, bytes, Record]]:
+        with self.env.begin(db=self.blocks) as txn:
+            for raw_key, raw in txn.cursor():
+                ns, key = split_key(raw_key)
+                yield ns, key, _rec.decode(raw)
+
+    def count(self) -> int:
+        with self.env.begin(db=self.blocks) as txn:
+            return txn.stat(self.blocks)["entries"]
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def now() -> float:
+    return time.time()
