@@ -114,6 +114,40 @@ def bench_local(socket: SocketOpt = None, json_path: JsonOpt = None,
     write_json(json_path, result)
 
 
+@bench_app.command("nvme")
+def bench_nvme(json_path: JsonOpt = None,
+               directory: Annotated[Path | None, typer.Option("--dir", help="where to put the test files "
+                                                                  "(default: a temporary directory here)")] = None,
+               sizes: Annotated[str, typer.Option(help="block sizes, comma-separated")] = "2MiB,256KiB",
+               working_set: Annotated[str, typer.Option(help="bytes per block size per pass")] = "512MiB",
+               repeats: Annotated[int, typer.Option(min=1, max=20, help="passes per figure (best kept)")] = 2,
+               ) -> None:
+    """NVMe tier put/get vs raw O_DIRECT writes/reads of the same sizes on the same file system."""
+    from kvrack.clients import bench_nvme as bn
+
+    names = [s.strip() for s in sizes.split(",") if s.strip()]
+    unknown = [s for s in names if s not in bn.SIZES]
+    if unknown:
+        raise typer.BadParameter(f"unknown size(s) {unknown}; choose from {', '.join(bn.SIZES)}")
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("bench", total=2 * len(names))
+        result = bn.run(str(directory) if directory else None, names, parse_size(working_set), repeats,
+                        progress=lambda label: progress.update(task, description=label, advance=1))
+    table = Table(title=f"kvrack bench nvme ({result['directory']}, {result['io_threads']} I/O threads)")
+    for col in ("figure", "kvrack", "baseline", "ratio", "target"):
+        table.add_column(col, justify="left" if col == "figure" else "right")
+    for name, s in result["sizes"].items():
+        table.add_row(f"put {name} (batch {s['batch']}, sync per batch)", f"{s['put_gbs']:.2f} GB/s",
+                      f"raw seq write {s['raw_seq_write_gbs']:.2f} GB/s", f"{s['put_vs_raw']:.2f}",
+                      "≥ 0.70" if name == "2MiB" else "")
+        table.add_row(f"get {name} (random order)", f"{s['get_gbs']:.2f} GB/s",
+                      f"raw random read {s['raw_rand_read_gbs']:.2f} GB/s", f"{s['get_vs_raw']:.2f}",
+                      "≥ 0.80" if name == "2MiB" else "")
+        table.add_row(f"single {name} get p50 / p99", f"{s['get_p50_us']} / {s['get_p99_us']} µs", "", "", "")
+    console.print(table)
+    write_json(json_path, result)
+
+
 def main() -> None:
     app()
 

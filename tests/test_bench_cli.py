@@ -17,3 +17,16 @@ def test_bench_local_writes_the_contracted_json(tmp_path):
     assert data["index_blocks"] >= 20000
     assert set(data["sizes"]) == {"64KiB", "2MiB"}
     assert "put 2MiB blocks" in res.stdout
+
+
+def test_bench_nvme_writes_the_contracted_json(tmp_path):
+    out = tmp_path / "nvme.json"
+    res = subprocess.run([sys.executable, "-m", "kvrack.clients.cli", "bench", "nvme", "--json", str(out),
+                          "--dir", str(tmp_path), "--working-set", "8MiB", "--repeats", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    data = json.loads(out.read_text())
+    for key in ("nvme_get_vs_raw", "nvme_put_vs_raw"):
+        assert isinstance(data[key], float) and data[key] > 0, key
+    assert set(data["sizes"]) == {"2MiB", "256KiB"}
+    assert [p.name for p in tmp_path.iterdir()] == ["nvme.json"], "the bench cleans up its files"

@@ -1,0 +1,159 @@
+"""``kvrack bench nvme``: the NVMe tier against raw O_DIRECT I/O on the same file system, in one run.
+
+The baseline does exactly the tier's I/O without the tier: the same block
+sizes, the same number of I/O threads, the same batches, one ``fdatasync``
+per batch of writes, on a preallocated file in the same directory. What the
+ratio shows is the tier's own cost: allocation, checksums, the LMDB
+transaction per batch, Python.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+from kvrack.tiers.blockio import DirectFile, aligned_buffer
+from kvrack.tiers.nvme import BackingPath, NvmeTier
+
+MiB = 1 << 20
+SIZES = {"2MiB": 2 * MiB, "256KiB": 256 * 1024}
+BATCH_BYTES = 32 * MiB
+IO_THREADS = 4
+
+
+def _batches(n: int, batch: int) -> list[range]:
+    return [range(s, min(n, s + batch)) for s in range(0, n, batch)]
+
+
+def raw_io(directory: str, size: int, n: int, batch: int, repeats: int) -> dict[str, float]:
+    """GB/s of raw O_DIRECT writes (batched, fdatasync per batch) and reads, sequential and random."""
+    path = os.path.join(directory, "raw.bench")
+    f = DirectFile(path, n * size)
+    bufs = [aligned_buffer(size) for _ in range(min(n, batch))]
+    for b in bufs:
+        b.write(os.urandom(size))
+    pool = concurrent.futures.ThreadPoolExecutor(IO_THREADS)
+    total = n * size
+
+    def run(order: list[int], write: bool) -> float:
+        t0 = time.perf_counter()
+        for r in _batches(n, batch):
+            ops = [pool.submit(f.pwrite if write else f.pread_into, bufs[j % len(bufs)], order[i] * size)
+                   for j, i in enumerate(r)]
+            for op in ops:
+                op.result()
+            if write:
+                f.sync()
+        return total / (time.perf_counter() - t0) / 1e9
+
+    seq = list(range(n))
+    rnd = seq[:]
+    random.Random(7).shuffle(rnd)
+    try:
+        out = {
+            "raw_seq_write_gbs": max(run(seq, True) for _ in range(repeats)),
+            "raw_rand_write_gbs": max(run(rnd, True) for _ in range(repeats)),
+            "raw_seq_read_gbs": max(run(seq, False) for _ in range(repeats)),
+            "raw_rand_read_gbs": max(run(rnd, False) for _ in range(repeats)),
+        }
+    finally:
+        pool.shutdown()
+        f.close()
+        os.unlink(path)
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+def tier_io(directory: str, size: int, n: int, batch: int, repeats: int, latency_samples: int) -> dict[str, float]:
+    """GB/s of tier put (write + sync + index) and get (random order, checksum verified), and get latency."""
+    region = max(64 * MiB, size)
+    capacity = -(-n * size // region) * region + region
+    tier = NvmeTier([BackingPath(os.path.join(directory, "tier.kvr"), capacity)], os.path.join(directory, "index"),
+                    region_bytes=region, io_threads=IO_THREADS, map_size=1 << 30)
+    tier.recover()
+    src = [aligned_buffer(size) for _ in range(min(n, batch))]
+    for b in src:
+        b.write(os.urandom(size))
+    outs = [memoryview(aligned_buffer(size)) for _ in range(min(n, batch))]
+    total = n * size
+    keys: list[bytes] = []
+    placed: list[tuple[Any, int]] = []
+
+    def put() -> float:
+        if keys:  # each pass writes fresh blocks
+            tier.remove([("bench", k) for k in keys])
+            for seg, slot in placed:
+                tier.free(seg, slot)
+        keys[:] = [os.urandom(32) for _ in range(n)]
+        placed.clear()
+        t0 = time.perf_counter()
+        for r in _batches(n, batch):
+            items = []
+            for j, i in enumerate(r):
+                seg, slot = tier.allocate("bench", size)
+                placed.append((seg, slot))
+                items.append(("bench", keys[i], seg, slot, memoryview(src[j % len(src)])))
+            errors = tier.write(items)
+            if any(errors):
+                raise RuntimeError(f"tier write failed: {next(e for e in errors if e)}")
+        return total / (time.perf_counter() - t0) / 1e9
+
+    def get() -> float:
+        order = keys[:]
+        random.Random(11).shuffle(order)
+        t0 = time.perf_counter()
+        for r in _batches(n, batch):
+            got = tier.read_many([("bench", order[i], outs[j % len(outs)]) for j, i in enumerate(r)])
+            bad = [g for g in got if isinstance(g, Exception)]
+            if bad:
+                raise RuntimeError(f"tier read failed: {bad[0]!r}")
+        return total / (time.perf_counter() - t0) / 1e9
+
+    try:
+        put_gbs = max(put() for _ in range(repeats))
+        get_gbs = max(get() for _ in range(repeats))
+        lat = []
+        for i in range(latency_samples):
+            t0 = time.perf_counter_ns()
+            tier.read_into("bench", keys[(i * 7919) % n], outs[0])
+            lat.append(time.perf_counter_ns() - t0)
+        lat.sort()
+    finally:
+        tier.close()
+    return {"put_gbs": round(put_gbs, 3), "get_gbs": round(get_gbs, 3),
+            "get_p50_us": round(lat[len(lat) // 2] / 1000, 1), "get_p99_us": round(lat[int(len(lat) * 0.99)] / 1000, 1)}
+
+
+def run(directory: str | None, sizes: list[str], working_set: int, repeats: int, latency_samples: int = 200,
+        progress: Callable[[str], None] = lambda _s: None) -> dict[str, Any]:
+    """Every figure; ``directory`` None = a temporary directory on the current directory's file system."""
+    base = tempfile.mkdtemp(prefix=".kvrack-bench-nvme-", dir=directory or os.getcwd())
+    out: dict[str, Any] = {"directory": os.path.dirname(base), "io_threads": IO_THREADS, "working_set_bytes": working_set,
+                           "repeats": repeats, "sizes": {}}
+    try:
+        for name in sizes:
+            size = SIZES[name]
+            n = max(4, working_set // size)
+            batch = max(1, min(n, BATCH_BYTES // size))
+            work = os.path.join(base, name)
+            os.mkdir(work)
+            progress(f"raw O_DIRECT {name}")
+            raw = raw_io(work, size, n, batch, repeats)
+            progress(f"nvme tier {name}")
+            tier = tier_io(work, size, n, batch, repeats, latency_samples)
+            shutil.rmtree(work, ignore_errors=True)
+            out["sizes"][name] = {"block_bytes": size, "blocks": n, "batch": batch, **raw, **tier,
+                                  "get_vs_raw": round(tier["get_gbs"] / raw["raw_rand_read_gbs"], 3),
+                                  "put_vs_raw": round(tier["put_gbs"] / raw["raw_seq_write_gbs"], 3)}
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    ref = out["sizes"].get("2MiB") or next(iter(out["sizes"].values()))
+    out["nvme_get_vs_raw"] = ref["get_vs_raw"]
+    out["nvme_put_vs_raw"] = ref["put_vs_raw"]
+    out["targets"] = {"nvme_get_vs_raw": 0.8, "nvme_put_vs_raw": 0.7}
+    return out
