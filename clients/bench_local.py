@@ -18,7 +18,7 @@ import numpy as np
 
 from kvrack.clients.client import Client
 from kvrack.clients.spawn import DaemonProcess, rss_anon_bytes
-from kvrack.clients.transport import unix_socket
+from kvrack.clients.transport import is_listening
 from kvrack.daemon.settings import default_socket_path
 
 MiB = 1024 * 1024
@@ -171,20 +171,12 @@ def bench_index_memory(blocks: int = 1_000_000, batch: int = 16384) -> dict[str,
     return {"index_blocks": total, "index_bytes_per_block": round((after - before) / stored, 1)}
 
 
-def _listening(path: str) -> bool:
-    try:
-        unix_socket(path, 1.0).close()
-    except (ConnectionError, OSError):
-        return False
-    return True
-
-
 def run(socket_path: str | None, sizes: list[str], repeats: int, index_blocks: int,
         progress: Callable[[str], None] = lambda _s: None, working_set: int = WORKING_SET) -> dict[str, Any]:
     """Every figure of the benchmark, against ``socket_path``, else a daemon on the default socket,
     else a private daemon started on a temporary socket and stopped afterwards."""
     daemon = None
-    if socket_path is None and _listening(default_socket_path()):
+    if socket_path is None and is_listening(default_socket_path()):
         socket_path = default_socket_path()
     if socket_path is None:
         daemon = DaemonProcess({"dram.capacity_bytes": "1GiB"})

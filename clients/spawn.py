@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from kvrack.clients.transport import unix_socket
+from kvrack.clients.transport import is_listening
 
 
 class DaemonProcess:
@@ -39,11 +39,9 @@ class DaemonProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"kvrackd exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                unix_socket(self.socket_path, 1.0).close()
+            if is_listening(self.socket_path):
                 return
-            except ConnectionError:
-                time.sleep(0.02)
+            time.sleep(0.02)
         self.kill()
         raise TimeoutError(f"kvrackd did not listen on {self.socket_path} within {timeout}s:\n{self.log()}")
 

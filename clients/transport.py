@@ -98,6 +98,15 @@ def unix_socket(path: str, timeout: float | None) -> socket.socket:
     return sock
 
 
+def is_listening(path: str, timeout: float = 1.0) -> bool:
+    """Whether a kvrackd accepts connections on ``path``."""
+    try:
+        unix_socket(path, timeout).close()
+    except (ConnectionError, OSError):
+        return False
+    return True
+
+
 class SyncChannel:
     """One request in flight at a time; the reply's fds come back with it.
 

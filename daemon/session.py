@@ -46,3 +46,8 @@ class Session:
         # key -> [pin count, deadline of the latest acquire, entry]
         self.pins: dict[bytes, list] = {}
         self.closed = False
+
+    def holds_reservation(self, key: bytes, entry: Entry) -> bool:
+        """Whether this session's reservation of ``key`` is ``entry`` (and not someone else's)."""
+        held = self.reserved.get(key)
+        return held is not None and held[0] is entry

@@ -133,7 +133,7 @@ class Store:
                     res.codes[i] = ErrorCode.ALREADY_EXISTS
                     if e.pins == 0:
                         self.lru.touch(e)  # a second put of a block is a sign of reuse
-                elif session.reserved.get(key, (None,))[0] is e:  # retried reserve: same slot again
+                elif session.holds_reservation(key, e):  # retried reserve: same slot again
                     res.descriptors[i] = self._descriptor(e)
                 else:
                     res.codes[i] = ErrorCode.IN_PROGRESS
@@ -297,7 +297,7 @@ class Store:
                 res.codes[i] = ErrorCode.INVALID_KEY if len(key) != KEY_BYTES else ErrorCode.NOT_FOUND
                 continue
             if e.state == RESERVED:
-                if session.reserved.get(key, (None,))[0] is e:
+                if session.holds_reservation(key, e):
                     del session.reserved[key]
                     self._drop_reserved(e)
                 else:

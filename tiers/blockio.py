@@ -113,9 +113,6 @@ class DirectFile:
     def sync(self) -> None:
         os.fdatasync(self.fd)
 
-    def size_on_disk(self) -> int:
-        return os.lseek(self.fd, 0, os.SEEK_END)
-
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

@@ -130,7 +130,10 @@ class NvmeTier:
         for ns, key, rec in self.index.items():
             fits = rec.file < len(self.files) and rec.offset + rec.slot_size <= self.files[rec.file].capacity \
                 and rec.region % self.region_bytes == 0 and rec.region <= rec.offset < rec.region + self.region_bytes
-            (live if fits else dropped).append((ns, key, rec) if fits else (ns, key))  # type: ignore[arg-type]
+            if fits:
+                live.append((ns, key, rec))
+            else:
+                dropped.append((ns, key))
         if dropped:
             log.warning("nvme: %d index record(s) point outside the configured files; dropping them", len(dropped))
             self.index.delete_many(dropped)
@@ -169,7 +172,7 @@ class NvmeTier:
 
         A block is indexed only if its data write and the fdatasync of its file succeeded.
         """
-        def one(item: tuple[str, bytes, Segment, int, memoryview]) -> tuple[int, Record]:
+        def one(item: tuple[str, bytes, Segment, int, memoryview]) -> Record:
             ns, key, seg, slot, data = item
             file_idx, offset = self.location(seg, slot)
             length = len(data)
@@ -183,16 +186,14 @@ class NvmeTier:
                 bounce = aligned_buffer(span)  # freed with its last view, even when the write raised
                 bounce[:length] = data
                 self.files[file_idx].pwrite(memoryview(bounce)[:span], offset)
-            return file_idx, Record(file_idx, offset, length, seg.slot_size, seg.handle[1], checksum, time.time(),
-                                    layout)
+            return Record(file_idx, offset, length, seg.slot_size, seg.handle[1], checksum, time.time(), layout)
 
         futures = [self.pool.submit(one, item) for item in items]
         results: list[OSError | None] = [None] * len(items)
         records: list[tuple[int, tuple[str, bytes, Record]]] = []
         for i, fut in enumerate(futures):
             try:
-                file_idx, rec = fut.result()
-                records.append((i, (items[i][0], items[i][1], rec)))
+                records.append((i, (items[i][0], items[i][1], fut.result())))
             except OSError as exc:
                 results[i] = exc
                 self._fail("write", exc)

@@ -9,7 +9,6 @@ atomic, so after ``kill -9`` the index is exactly its last committed state.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator, Sequence
 
 import lmdb
@@ -110,13 +109,6 @@ class NvmeIndex:
                 ns, key = split_key(raw_key)
                 yield ns, key, _rec.decode(raw)
 
-    def count(self) -> int:
-        with self.env.begin(db=self.blocks) as txn:
-            return txn.stat(self.blocks)["entries"]
-
     def close(self) -> None:
         self.env.close()
 
-
-def now() -> float:
-    return time.time()
