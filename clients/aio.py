@@ -95,15 +95,8 @@ class AsyncClient:
         return AsyncLease(self, *self._core.lease_views(keys, descriptors))
 
     async def get_into(self, keys: Sequence[bytes], out: Sequence[Any]) -> list[bool]:
-        if len(out) != len(keys):
-            raise ValueError("get_into: keys and out must have the same length")
-        codes, descriptors = await self._run(self._core.acquire(keys))
-        try:
-            return self._core.copy_out(descriptors, out)
-        finally:
-            pinned = [k for k, d in zip(keys, descriptors) if d is not None]
-            if pinned:
-                await self._run(self._core.keys_op("release", P.Release, pinned))
+        """Copy blocks into caller buffers (numpy, torch CPU tensors, bytearrays); per-key hit flags."""
+        return await self._run(self._core.get_into(keys, out))
 
     async def delete(self, keys: Sequence[bytes]) -> int:
         codes, _, _ = await self._run(self._core.keys_op("delete", P.Delete, keys))

@@ -127,15 +127,7 @@ class Client:
 
     def get_into(self, keys: Sequence[bytes], out: Sequence[Any]) -> list[bool]:
         """Copy blocks into caller buffers (numpy, torch CPU tensors, bytearrays); per-key hit flags."""
-        if len(out) != len(keys):
-            raise ValueError("get_into: keys and out must have the same length")
-        codes, descriptors = self._run(self._core.acquire(keys))
-        try:
-            return self._core.copy_out(descriptors, out)
-        finally:
-            pinned = [k for k, d in zip(keys, descriptors) if d is not None]
-            if pinned:
-                self._run(self._core.keys_op("release", P.Release, pinned))
+        return self._run(self._core.get_into(keys, out))
 
     def delete(self, keys: Sequence[bytes]) -> int:
         """Remove blocks; returns how many existed."""

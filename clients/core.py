@@ -244,6 +244,29 @@ class ClientCore:
             raise
         return codes, descriptors
 
+    def get_into(self, keys: Sequence[bytes], outs: Sequence[Any]) -> Step:
+        """Acquire, copy out, release; keys that found no DRAM room to be read from NVMe into (NO_SPACE)
+        are asked again once this round's pins are gone, as long as each round makes progress."""
+        if len(outs) != len(keys):
+            raise ValueError("get_into: keys and out must have the same length")
+        hits = [False] * len(keys)
+        todo = list(range(len(keys)))
+        while todo:
+            sub = [keys[i] for i in todo]
+            codes, descriptors = yield from self.acquire(sub)
+            try:
+                got = self.copy_out(descriptors, [outs[i] for i in todo])
+            finally:
+                pinned = [k for k, d in zip(sub, descriptors) if d is not None]
+                if pinned:
+                    yield from self.keys_op("release", P.Release, pinned)
+            for i, hit in zip(todo, got):
+                hits[i] = hit
+            if not any(got):
+                break
+            todo = [i for i, code in zip(todo, codes) if code == P.ErrorCode.NO_SPACE]
+        return hits
+
     def lease_views(self, keys: Sequence[bytes], descriptors: Sequence[P.Descriptor | None]
                     ) -> tuple[list[bytes], list[memoryview | None]]:
         pinned = [k for k, d in zip(keys, descriptors) if d is not None]

@@ -3,18 +3,32 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 from kvrack.clients.transport import is_listening
 
 
+def _config_names_nvme_dir(config_path: str | None) -> bool:
+    if not config_path:
+        return False
+    with open(config_path, "rb") as fh:
+        nvme = tomllib.load(fh).get("nvme", {})
+    return bool(nvme.get("dir") or nvme.get("paths"))
+
+
 class DaemonProcess:
-    """A kvrackd child process on its own socket; stops with ``stop()`` or the context manager."""
+    """A kvrackd child process on its own socket; stops with ``stop()`` or the context manager.
+
+    Unless the settings or a config file name ``nvme.dir``, its NVMe tier lives in a
+    private directory that is removed when the daemon stops.
+    """
 
     def __init__(self, settings: dict[str, object] | None = None, socket_path: str | None = None,
                  config_path: str | None = None, log_path: str | None = None, ready_timeout: float = 30.0) -> None:
@@ -24,7 +38,13 @@ class DaemonProcess:
         args = [sys.executable, "-m", "kvrack.daemon.main", "--socket", self.socket_path]
         if config_path:
             args += ["--config", config_path]
-        for name, value in (settings or {}).items():
+        settings = dict(settings or {})
+        self._private_nvme = None
+        if "nvme.dir" not in settings and not _config_names_nvme_dir(config_path):
+            self._private_nvme = os.path.join(self._tmp, "nvme")
+            settings["nvme.dir"] = self._private_nvme
+            settings.setdefault("nvme.capacity_bytes", "256MiB")
+        for name, value in settings.items():
             args += ["--set", f"{name}={value}"]
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -58,13 +78,20 @@ class DaemonProcess:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+        self._remove_private_data()
         return self.proc.returncode
 
+    def _remove_private_data(self) -> None:
+        if self._private_nvme is not None:
+            shutil.rmtree(self._private_nvme, ignore_errors=True)
+
     def kill(self) -> None:
+        """SIGKILL: no drain, no flush (what a crash looks like)."""
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
         self._log.close()
+        self._remove_private_data()
 
     def __enter__(self) -> DaemonProcess:
         return self

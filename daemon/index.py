@@ -3,6 +3,10 @@
 An entry is in the LRU list exactly when it is committed and unpinned, so the
 eviction candidate is always the list head: O(1), no scan past pinned blocks.
 The index knows nothing of bytes; ``seg``/``slot`` only name where they are.
+
+A block can have two copies: one in the memory tier clients map (``seg``/``slot``,
+``seg`` None when it is only on NVMe) and one on the NVMe tier
+(``nseg``/``nslot``, set once that copy is durable and indexed).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ DELETED = 3  # removed from the index, bytes kept until the last pin ends
 class Entry:
     """One block. ~100 bytes; the key's bytes object is shared with the index dict."""
 
-    __slots__ = ("key", "ns", "seg", "slot", "nbytes", "state", "pins", "prev", "next", "parent")
+    __slots__ = ("key", "ns", "seg", "slot", "nbytes", "state", "pins", "prev", "next", "parent", "nseg", "nslot")
 
     def __init__(self, key: bytes, ns: Namespace, seg: Any, slot: int, nbytes: int, parent: bytes | None) -> None:
         self.key = key
@@ -30,6 +34,8 @@ class Entry:
         self.prev: Entry | None = None
         self.next: Entry | None = None
         self.parent = parent
+        self.nseg: Any = None  # NVMe copy, once durable
+        self.nslot = 0
 
     @property
     def offset(self) -> int:

@@ -13,10 +13,13 @@ import time
 from pathlib import Path
 
 from kvrack import __version__
+from kvrack.daemon.mover import Mover
 from kvrack.daemon.server import ControlServer
 from kvrack.daemon.settings import Config, ConfigError, example_toml, format_size, load_config
 from kvrack.daemon.store import Store
 from kvrack.tiers.dram import open_dram_tier
+from kvrack.tiers.nvme import open_nvme_tier
+from kvrack.tiers.nvme_index import GeometryMismatch
 
 log = logging.getLogger("kvrackd")
 
@@ -49,8 +52,42 @@ class Daemon:
         tier = open_dram_tier(c["dram.capacity_bytes"], c["dram.segment_bytes"], c["dram.hugepages"], c["dram.prefault"])
         log.info("dram tier ready: %s in %.2fs", format_size(tier.capacity), time.perf_counter() - t0)
         self.store = Store(tier, c.namespaces, c["leases.reserve_timeout_s"], c["leases.pin_timeout_s"])
+        if c["nvme.enabled"]:
+            self._open_nvme()
+        else:
+            log.info("nvme tier disabled (nvme.enabled = false): blocks live in DRAM only and do not survive a restart")
         self.server = ControlServer(self.store, c["server.socket_path"], c["server.max_frame_bytes"],
                                     c["server.max_batch_keys"], c["server.socket_mode"], self._stats_extra)
+
+    def _open_nvme(self) -> None:
+        """Open, recover and attach the NVMe tier; if it cannot open, serve from DRAM and say why."""
+        c = self.config
+        assert self.store is not None
+        t0 = time.perf_counter()
+        try:
+            nvme = open_nvme_tier(c["nvme.dir"], c["nvme.paths"], c["nvme.capacity_bytes"], c["nvme.index_dir"],
+                                  c["nvme.region_bytes"], c["nvme.io_threads"])
+        except (OSError, ValueError, GeometryMismatch) as exc:
+            self.store.nvme_unavailable = str(exc)
+            log.error("nvme tier unavailable, serving from DRAM only: %s", exc)
+            return
+        try:
+            report, blocks = nvme.recover()
+        except (OSError, ValueError, GeometryMismatch) as exc:
+            nvme.close()
+            self.store.nvme_unavailable = str(exc)
+            log.error("nvme tier unavailable, serving from DRAM only: %s", exc)
+            return
+        if c["nvme.region_bytes"] < c["dram.segment_bytes"]:
+            log.warning("nvme.region_bytes (%s) < dram.segment_bytes (%s): blocks larger than a region stay in DRAM only",
+                        format_size(c["nvme.region_bytes"]), format_size(c["dram.segment_bytes"]))
+        mover = Mover(self.store, nvme, c["nvme.write_batch_bytes"])
+        mover.adopt(report, blocks)
+        self.store.attach(mover)
+        log.info("nvme tier ready: %s on %s, index %s; recovered %d block(s), %s, in %.2fs (%d dropped); opened in %.2fs",
+                 format_size(nvme.capacity), ", ".join(p.path for p in nvme.paths), nvme.index.env.path(),
+                 report.blocks, format_size(report.bytes) if report.bytes else "0 bytes", report.seconds, report.dropped,
+                 time.perf_counter() - t0)
 
     def _stats_extra(self) -> dict[str, object]:
         return {"daemon": {"version": __version__, "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 1)}}
@@ -62,6 +99,8 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         self.server.start(loop)
+        if self.store.mover is not None:
+            self.store.mover.start(loop)
         gc.freeze()  # start-up objects (config, tiers, modules) never need collecting
         names = ", ".join(self.store.namespaces)
         log.info("kvrackd %s listening on unix:%s (namespaces: %s)", __version__, self.config["server.socket_path"], names)
@@ -95,14 +134,24 @@ class Daemon:
         server.stop_accepting()
         server.begin_drain()
         deadline = time.monotonic() + self.config["server.drain_timeout_s"]
-        while server.pending_output() and time.monotonic() < deadline:
+        while (server.pending_output() or server.deferred) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         n = len(server.connections)
         server.close_all()
         log.info("closed %d session(s)", n)
+        mover = self.store.mover if self.store is not None else None
+        if mover is not None:
+            pending = mover.pending()
+            if await mover.flush(max(deadline - time.monotonic(), 0.0) + 5.0):
+                if pending:
+                    log.info("nvme: wrote the %d block(s) still queued", pending)
+            else:
+                log.warning("nvme: %d block(s) not yet on nvme at shutdown; they are lost", mover.pending())
 
     def close(self) -> None:
         if self.store is not None:
+            if self.store.mover is not None:
+                self.store.mover.close()
             self.store.tier.close()
         log.info("kvrackd stopped")
 

@@ -6,6 +6,12 @@ carry segment fds (SCM_RIGHTS) and must go out in order with the frame they
 belong to. A bad frame gets an error reply; a frame that cannot be parsed or
 is too large also closes that one connection. Nothing a client sends reaches
 past its own session.
+
+Most requests are answered inside the readiness callback. A request that must
+wait for I/O (a get of a block whose only copy is on NVMe) returns a coroutine
+instead; its connection then stops taking requests until that reply is out,
+so each connection still sees its replies, and their effects, in order, while
+other connections go on being served.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import msgspec
@@ -44,6 +50,7 @@ class Connection:
         self.out: collections.deque[tuple[memoryview, tuple[int, ...]]] = collections.deque()
         self.out_bytes = 0
         self.reading = True
+        self.paused = False  # a deferred reply is being prepared: take no further request yet
         self.closing = False  # close once the output queue is flushed
         self.closed = False
 
@@ -60,11 +67,15 @@ class Connection:
         if not n:
             self.close()
             return
+        self.inbuf += rbuf[:n] if n < 4096 else memoryview(rbuf)[:n]
+        self.process()
+
+    def process(self) -> None:
+        """Dispatch every complete frame in the input buffer, until one needs a deferred reply."""
         buf = self.inbuf
-        buf += rbuf[:n] if n < 4096 else memoryview(rbuf)[:n]
         max_frame = self.server.max_frame_bytes
         pos = 0
-        while len(buf) - pos >= P.HEADER_BYTES and not self.closing:
+        while len(buf) - pos >= P.HEADER_BYTES and not self.closing and not self.paused:
             (n,) = P.HEADER.unpack_from(buf, pos)
             if n > max_frame:
                 self.fail(P.ErrorCode.FRAME_TOO_LARGE, f"frame of {n} bytes exceeds server.max_frame_bytes={max_frame}")
@@ -91,6 +102,22 @@ class Connection:
         if self.reading:
             self.reading = False
             self.server.loop.remove_reader(self.fileno)
+
+    def pause(self) -> None:
+        self.paused = True
+        self.stop_reading()
+
+    def resume(self, frame: bytes, fds: tuple[int, ...]) -> None:
+        """The deferred reply is ready: send it, then go on with buffered and new requests."""
+        if self.closed:
+            return
+        self.send(frame, fds)
+        self.paused = False
+        self.process()
+        if not (self.paused or self.closing or self.closed or self.reading or self.server.draining) \
+                and self.out_bytes <= _MAX_QUEUED_OUT:
+            self.reading = True
+            self.server.loop.add_reader(self.fileno, self.on_readable)
 
     # -------------------------------------------------------------- writing
     def send(self, frame: bytes, fds: tuple[int, ...] = ()) -> None:
@@ -137,7 +164,7 @@ class Connection:
         self.server.loop.remove_writer(self.fileno)
         if self.closing:
             self.close()
-        elif not self.reading and not self.server.draining:
+        elif not self.reading and not self.server.draining and not self.paused:
             self.reading = True
             self.server.loop.add_reader(self.fileno, self.on_readable)
 
@@ -174,6 +201,7 @@ class ControlServer:
         self.draining = False
         self._next_session = 1
         self.requests = 0
+        self.deferred: set[asyncio.Task[None]] = set()
         self._handlers: dict[type, Callable[[Connection, Any], tuple[P.Reply, tuple[int, ...]]]] = {
             P.Hello: self._hello, P.Lookup: self._lookup, P.Reserve: self._reserve, P.Commit: self._commit,
             P.Abort: self._abort, P.Acquire: self._acquire, P.Release: self._release, P.Delete: self._delete,
@@ -279,12 +307,31 @@ class ControlServer:
                                                   f"{self.max_batch_keys}"), ()
             else:
                 try:
-                    reply, fds = self._handlers[type(req)](conn, req)
+                    out = self._handlers[type(req)](conn, req)
                 except Exception:  # a bug must cost one request, never the daemon
                     log.exception("session %d: %s failed", conn.session.id, type(req).__name__)
-                    reply, fds = P.ErrorReply(id=req.id, code=int(P.ErrorCode.INTERNAL),
-                                              message="internal error; see the daemon log"), ()
+                    out = self._internal_error(req.id)
+                if not isinstance(out, tuple):  # waits for I/O: answered when it is done
+                    conn.pause()
+                    task = self.loop.create_task(self._deferred(conn, req, out))
+                    self.deferred.add(task)
+                    task.add_done_callback(self.deferred.discard)
+                    return
+                reply, fds = out
         conn.send(P.encode_frame(reply), fds)
+
+    @staticmethod
+    def _internal_error(rid: int) -> tuple[P.Reply, tuple[int, ...]]:
+        return P.ErrorReply(id=rid, code=int(P.ErrorCode.INTERNAL), message="internal error; see the daemon log"), ()
+
+    async def _deferred(self, conn: Connection, req: Any,
+                        work: Coroutine[Any, Any, tuple[P.Reply, tuple[int, ...]]]) -> None:
+        try:
+            reply, fds = await work
+        except Exception:
+            log.exception("session %d: %s failed", conn.session.id, type(req).__name__)
+            reply, fds = self._internal_error(req.id)
+        conn.resume(P.encode_frame(reply), fds)
 
     # ------------------------------------------------------------- handlers
     def _hello(self, conn: Connection, req: P.Hello) -> tuple[P.Reply, tuple[int, ...]]:
@@ -342,8 +389,17 @@ class ControlServer:
     def _abort(self, conn: Connection, req: P.Abort) -> tuple[P.Reply, tuple[int, ...]]:
         return self._keys_reply(req.id, self.store.abort(conn.session, req.keys))
 
-    def _acquire(self, conn: Connection, req: P.Acquire) -> tuple[P.Reply, tuple[int, ...]]:
-        return self._keys_reply(req.id, self.store.acquire(conn.session, req.keys))
+    def _acquire(self, conn: Connection, req: P.Acquire) -> Any:
+        res = self.store.acquire(conn.session, req.keys)
+        if res.promote:
+            return self._promote_then_reply(conn, req, res)
+        return self._keys_reply(req.id, res)
+
+    async def _promote_then_reply(self, conn: Connection, req: P.Acquire, res: KeysResult
+                                  ) -> tuple[P.Reply, tuple[int, ...]]:
+        assert self.store.mover is not None
+        await self.store.mover.promote(conn.session, req.keys, res, res.promote)
+        return self._keys_reply(req.id, res)
 
     def _release(self, conn: Connection, req: P.Release) -> tuple[P.Reply, tuple[int, ...]]:
         return self._keys_reply(req.id, self.store.release(conn.session, req.keys))
@@ -360,7 +416,7 @@ class ControlServer:
         for seg_id in req.segments:
             tier = self.store.tier_of(seg_id >> 40)
             seg = tier.segment(seg_id) if tier is not None else None
-            if seg is None or seg.owner != ns.name:  # type: ignore[union-attr]
+            if seg is None or seg.owner != ns.name or not isinstance(seg.handle, int):  # type: ignore[union-attr]
                 # the same answer for "no such segment" and "another tenant's": nothing to probe
                 return P.ErrorReply(id=req.id, code=int(P.ErrorCode.UNKNOWN_SEGMENT),
                                     message=f"segment {seg_id:#x} is not mappable by namespace {ns.name!r}"), ()  # type: ignore[union-attr]

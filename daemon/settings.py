@@ -56,6 +56,12 @@ def default_socket_path() -> str:
     return os.path.join(_runtime_dir(), "kvrack", "kvrack.sock")
 
 
+def _nvme_defaults() -> Any:
+    from kvrack.tiers import nvme  # imported late: settings must load without the tier's dependencies
+
+    return nvme
+
+
 def default_dram_capacity() -> int:
     """min(2 GiB, a quarter of physical memory)."""
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -65,7 +71,7 @@ def default_dram_capacity() -> int:
 @dataclasses.dataclass(frozen=True)
 class Setting:
     name: str  # dotted: section.key
-    kind: str  # "int", "size", "float", "bool", "str", "choice"
+    kind: str  # "int", "size", "float", "bool", "str", "choice", "list" (of strings)
     default: Any
     help: str
     min: float | None = None
@@ -107,6 +113,11 @@ class Setting:
                     value = low in ("1", "true", "yes", "on")
                 if not isinstance(value, bool):
                     raise ConfigError(f"expected true/false, got {value!r}")
+            elif self.kind == "list":
+                if isinstance(value, str):  # environment / command line: comma-separated
+                    value = [v.strip() for v in value.split(",") if v.strip()]
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise ConfigError(f"expected a list of strings, got {value!r}")
             elif self.kind in ("str", "choice"):
                 if not isinstance(value, str):
                     raise ConfigError(f"expected a string, got {value!r}")
@@ -144,6 +155,24 @@ SETTINGS: tuple[Setting, ...] = (
             min=64 * KiB, max=64 * GiB),
     Setting("dram.hugepages", "bool", False, "Back segments with huge pages (memfd MFD_HUGETLB; needs reserved hugepages)."),
     Setting("dram.prefault", "bool", True, "Allocate every page of a segment when it is created, so puts do not fault."),
+    Setting("nvme.enabled", "bool", True,
+            "Keep every committed block on the NVMe tier too (written behind the commit), so blocks outlive DRAM "
+            "eviction and daemon restarts."),
+    Setting("nvme.dir", "str", None, "Directory of the default data file (when nvme.paths is empty) and of the index.",
+            dynamic_default=lambda: _nvme_defaults().default_nvme_dir(),
+            default_doc="$XDG_DATA_HOME/kvrack (~/.local/share/kvrack); /var/lib/kvrack for a systemd service run as root"),
+    Setting("nvme.paths", "list", [],
+            "Data files or block devices, each \"PATH\" or \"PATH=SIZE\" (e.g. \"/dev/nvme1n1\" for a local or NVMe-oF "
+            "namespace, \"/mnt/nvme0/kvrack.data=800GiB\"). Empty: one file nvme.dir/kvrack-nvme.data."),
+    Setting("nvme.capacity_bytes", "size", 0,
+            "Size of the default data file; 0 = min(10GiB, 10% of the free space in nvme.dir). Files never shrink.",
+            min=0),
+    Setting("nvme.index_dir", "str", "", "LMDB index directory; empty = nvme.dir/index. Must be on durable local storage."),
+    Setting("nvme.region_bytes", "size", 64 * MiB, "Allocation region of the data files; also the largest block kept "
+            "on NVMe (keep it >= dram.segment_bytes).", min=64 * KiB, max=4 * GiB),
+    Setting("nvme.io_threads", "int", 8, "Reads and writes in flight at once (the device's queue depth).", min=1, max=256),
+    Setting("nvme.write_batch_bytes", "size", 64 * MiB, "Most bytes per durable write batch (one fdatasync and one "
+            "index commit each).", min=64 * KiB, max=16 * GiB),
     Setting("log.level", "choice", "info", "Log verbosity.", choices=("debug", "info", "warning", "error"), runtime=True),
 )
 BY_NAME = {s.name: s for s in SETTINGS}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import blake3
 
@@ -19,6 +19,9 @@ from kvrack.daemon.protocol import KEY_BYTES, Descriptor, ErrorCode, TierId
 from kvrack.daemon.session import Session
 from kvrack.daemon.settings import NamespaceConfig
 from kvrack.tiers.base import Segment, Tier
+
+if TYPE_CHECKING:
+    from kvrack.daemon.mover import Mover
 
 log = logging.getLogger("kvrack.store")
 OK = int(ErrorCode.OK)
@@ -32,12 +35,13 @@ def namespace_salt(cfg: NamespaceConfig) -> bytes:
 class KeysResult:
     """Per-key outcome of one batched op."""
 
-    __slots__ = ("codes", "descriptors", "message")
+    __slots__ = ("codes", "descriptors", "message", "promote")
 
     def __init__(self, n: int, with_descriptors: bool) -> None:
         self.codes = [OK] * n
         self.descriptors: list[Descriptor | None] = [None] * n if with_descriptors else []
         self.message = ""
+        self.promote: list[tuple[int, Entry]] = []  # acquired keys whose only copy is on NVMe
 
 
 class Counters:
@@ -55,7 +59,12 @@ class Counters:
 
 
 class Store:
-    """Index + tier + leases. One instance per daemon, driven from the event loop thread."""
+    """Index + tiers + leases. One instance per daemon, driven from the event loop thread.
+
+    ``tier`` is the memory tier clients map (DRAM); a ``Mover`` attached with
+    ``attach`` keeps NVMe copies. An entry is in ``lru`` exactly when it is
+    committed, unpinned and has a DRAM copy.
+    """
 
     def __init__(self, tier: Tier, namespaces: Sequence[NamespaceConfig], reserve_timeout_s: float = 30.0,
                  pin_timeout_s: float = 300.0, clock: Callable[[], float] = time.monotonic) -> None:
@@ -72,6 +81,18 @@ class Store:
         # sessions holding reservations or pins: the sweeper looks only at these, so lease
         # bookkeeping costs memory per outstanding lease, never per request served
         self._leaseholders: set[Session] = set()
+        self.mover: Mover | None = None
+        self.nvme_unavailable: str | None = None  # why a configured NVMe tier could not open
+        self.dram_blocks = 0  # committed blocks with a DRAM copy
+        self.dram_bytes = 0
+
+    def attach(self, mover: Mover) -> None:
+        """Add the NVMe tier (through its mover): committed blocks get a durable copy there."""
+        self.mover = mover
+        self.tiers[int(mover.nvme.tier_id)] = mover.nvme  # type: ignore[assignment]
+
+    def intern_size(self, size: int) -> int:
+        return self._sizes.setdefault(size, size)
 
     # --------------------------------------------------------------- lookup
     def lookup(self, ns: Namespace, keys: Sequence[bytes]) -> tuple[int, bytes] | str:
@@ -83,7 +104,8 @@ class Store:
         for i, key in enumerate(keys):
             e = entries.get(key)
             if e is not None and e.state == COMMITTED:
-                tiers[i] = e.seg.tier
+                seg = e.seg
+                tiers[i] = seg.tier if seg is not None else 4  # TierId.NVME
                 hits += 1
             elif prefix < 0:
                 prefix = i
@@ -131,28 +153,28 @@ class Store:
             if e is not None:
                 if e.state == COMMITTED:
                     res.codes[i] = ErrorCode.ALREADY_EXISTS
-                    if e.pins == 0:
+                    if e.prev is not None:
                         self.lru.touch(e)  # a second put of a block is a sign of reuse
                 elif session.holds_reservation(key, e):  # retried reserve: same slot again
-                    res.descriptors[i] = self._descriptor(e)
+                    res.descriptors[i] = self.descriptor(e)
                 else:
                     res.codes[i] = ErrorCode.IN_PROGRESS
                 continue
-            placement = self._make_room(ns.name, size)
+            placement = self.make_room(ns.name, size)
             if placement is None:
                 res.codes[i] = ErrorCode.NO_SPACE
                 no_space += 1
                 no_space_bytes += size
                 continue
             seg, slot = placement
-            size = self._sizes.setdefault(size, size)
+            size = self.intern_size(size)
             if parent is not None:
                 pe = ns.entries.get(parent)
                 parent = pe.key if pe is not None else bytes(parent)  # share the parent's key object
             e = Entry(key, ns, seg, slot, size, parent)
             ns.entries[key] = e
             session.reserved[key] = (e, deadline)
-            res.descriptors[i] = self._descriptor(e)
+            res.descriptors[i] = self.descriptor(e)
         if session.reserved:
             self._leaseholders.add(session)
         if no_space:
@@ -162,7 +184,7 @@ class Store:
                            f"blocks pinned or being written)")
         return res
 
-    def _make_room(self, owner: str, size: int) -> tuple[Segment, int] | None:
+    def make_room(self, owner: str, size: int) -> tuple[Segment, int] | None:
         """A slot, evicting least-recently-used unpinned blocks until one frees up (O(1) each)."""
         while True:
             placement = self.tier.allocate(owner, size)
@@ -174,14 +196,39 @@ class Store:
             self._evict(victim)
 
     def _evict(self, e: Entry) -> None:
+        """Drop a block's DRAM copy; a block with no NVMe copy leaves the index."""
         self.lru.unlink(e)
-        ns = e.ns
-        del ns.entries[e.key]
-        ns.blocks -= 1
-        ns.bytes -= e.nbytes
         self.counters.evictions += 1
         self.counters.evicted_bytes += e.nbytes
+        self._free_dram_copy(e)
+        if e.nseg is None:
+            self.forget(e)
+
+    def _free_dram_copy(self, e: Entry) -> None:
         self.tier.free(e.seg, e.slot)
+        e.seg = None
+        self.dram_blocks -= 1
+        self.dram_bytes -= e.nbytes
+
+    def forget(self, e: Entry) -> None:
+        """A committed block with no copy left: out of its namespace (pinned holders keep the entry)."""
+        ns = e.ns
+        if ns.entries.get(e.key) is e:
+            del ns.entries[e.key]
+        ns.blocks -= 1
+        ns.bytes -= e.nbytes
+        e.state = DELETED
+
+    def hold(self, e: Entry) -> None:
+        """An internal pin (a copy between tiers in flight): not evictable, not freed, until ``unhold``."""
+        if e.pins == 0:
+            if e.prev is not None:
+                self.lru.unlink(e)
+            self.pinned_blocks += 1
+        e.pins += 1
+
+    def unhold(self, e: Entry) -> None:
+        self._unpin(e)
 
     def commit(self, session: Session, keys: Sequence[bytes]) -> KeysResult:
         """Publish reserved blocks: from now on readers see them."""
@@ -199,7 +246,10 @@ class Store:
             ns.bytes += e.nbytes
             counters.puts += 1
             counters.put_bytes += e.nbytes
-            self.lru.push_mru(e)
+            self.dram_blocks += 1
+            self.dram_bytes += e.nbytes
+            if self.mover is None or not self.mover.enqueue(e):
+                self.lru.push_mru(e)
         return res
 
     def abort(self, session: Session, keys: Sequence[bytes]) -> KeysResult:
@@ -245,7 +295,8 @@ class Store:
                     res.codes[i] = ErrorCode.IN_PROGRESS if e is not None else ErrorCode.NOT_FOUND
                 continue
             if e.pins == 0:
-                self.lru.unlink(e)
+                if e.prev is not None:
+                    self.lru.unlink(e)
                 self.pinned_blocks += 1
             e.pins += 1
             pin = pins.get(key)
@@ -254,7 +305,12 @@ class Store:
             else:
                 pin[0] += 1
                 pin[1] = deadline
-            res.descriptors[i] = self._descriptor(e)
+            if e.seg is not None:
+                res.descriptors[i] = self.descriptor(e)
+            else:
+                res.promote.append((i, e))  # on NVMe only: the mover reads it into DRAM first
+            if e.nseg is not None:
+                self.mover.touch(e)  # type: ignore[union-attr]
             hits += 1
         if hits:
             self._leaseholders.add(session)
@@ -282,9 +338,17 @@ class Store:
         if e.pins == 0:
             self.pinned_blocks -= 1
             if e.state == COMMITTED:
-                self.lru.push_mru(e)
+                if e.seg is not None:
+                    self.lru.push_mru(e)
             elif e.state == DELETED:
-                self.tier.free(e.seg, e.slot)
+                self._discard(e)
+
+    def _discard(self, e: Entry) -> None:
+        """A deleted, unpinned block: free its copies."""
+        if e.seg is not None:
+            self._free_dram_copy(e)
+        if e.nseg is not None:
+            self.mover.unindex(e)  # type: ignore[union-attr]
 
     def delete(self, session: Session, keys: Sequence[bytes]) -> KeysResult:
         """Remove blocks from the index now; pinned bytes stay valid until their last release."""
@@ -303,16 +367,12 @@ class Store:
                 else:
                     res.codes[i] = ErrorCode.IN_PROGRESS
                 continue
-            del ns.entries[key]
-            ns.blocks -= 1
-            ns.bytes -= e.nbytes
+            self.forget(e)
             self.counters.deleted += 1
             if e.pins == 0:
-                self.lru.unlink(e)
-                e.state = DELETED
-                self.tier.free(e.seg, e.slot)
-            else:
-                e.state = DELETED
+                if e.prev is not None:
+                    self.lru.unlink(e)
+                self._discard(e)
         return res
 
     # --------------------------------------------------------------- leases
@@ -358,7 +418,7 @@ class Store:
         return expired_res, expired_pins
 
     # -------------------------------------------------------------- helpers
-    def _descriptor(self, e: Entry) -> Descriptor:
+    def descriptor(self, e: Entry) -> Descriptor:
         return Descriptor(int(e.seg.tier), e.seg.id, e.slot * e.seg.slot_size, e.nbytes)
 
     def _pinned_or_reserved(self) -> int:
@@ -368,20 +428,23 @@ class Store:
     def stats(self) -> dict[str, Any]:
         """Everything an operator needs, in sections (the REST API, metrics and CLI read this)."""
         c = self.counters
-        blocks = sum(ns.blocks for ns in self.namespaces.values())
-        used = sum(ns.bytes for ns in self.namespaces.values())
         tier_stats = self.tier.stats()
         tier_stats.update(
             tier_id=int(self.tier.tier_id),
-            blocks=blocks,
-            used_bytes=used,
+            blocks=self.dram_blocks,
+            used_bytes=self.dram_bytes,
             evictable_blocks=self.lru.size,
             pinned_blocks=self.pinned_blocks,
             hit_ratio=round(c.lookup_hits / c.lookup_keys, 4) if c.lookup_keys else None,
             get_hit_ratio=round(c.get_hits / c.get_keys, 4) if c.get_keys else None,
         )
+        tiers = [tier_stats]
+        if self.mover is not None:
+            tiers.append(self.mover.stats())
+        elif self.nvme_unavailable is not None:
+            tiers.append({"tier": "nvme", "tier_id": 4, "available": False, "degraded": self.nvme_unavailable})
         return {
-            "tiers": [tier_stats],
+            "tiers": tiers,
             "ops": c.as_dict(),
             "namespaces": {ns.name: {"blocks": ns.blocks, "bytes": ns.bytes, "entries": len(ns.entries)}
                            for ns in self.namespaces.values()},

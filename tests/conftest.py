@@ -13,7 +13,8 @@ import pytest
 from kvrack.clients.spawn import DaemonProcess
 from kvrack.daemon import protocol as P
 
-SMALL = {"dram.capacity_bytes": "8MiB", "dram.segment_bytes": "1MiB"}
+# DRAM-only: these tests pin down DRAM-tier semantics; tests/test_nvme_daemon.py runs both tiers
+SMALL = {"dram.capacity_bytes": "8MiB", "dram.segment_bytes": "1MiB", "nvme.enabled": "false"}
 
 
 @pytest.fixture

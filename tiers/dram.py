@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 from typing import Any
 
@@ -64,11 +65,30 @@ class MemoryTier:
         self.tier_id = tier_id
         self.name = tier_id.name.lower()
         self.backing = backing
-        self.allocator = SlotAllocator(tier_id, capacity, segment_bytes, backing)
+        self.allocator = SlotAllocator(tier_id, capacity, segment_bytes, backing, on_retire=self._unmap)
         self.capacity = self.allocator.capacity
         self.max_block_bytes = segment_bytes
+        self._maps: dict[int, Any] = {}  # segment id -> the daemon's own mapping, made on first use
         if prefill:
             self.allocator.prefill()
+
+    def view(self, segment: Segment, slot: int, nbytes: int) -> memoryview:
+        """The daemon's window on a slot, for moving blocks between tiers (clients map their own)."""
+        m = self._maps.get(segment.id)
+        if m is None:
+            handle = segment.handle
+            m = mmap.mmap(handle, segment.size, mmap.MAP_SHARED) if isinstance(handle, int) else handle
+            self._maps[segment.id] = m
+        off = slot * segment.slot_size
+        return memoryview(m)[off: off + nbytes]
+
+    def _unmap(self, segment: Segment) -> None:
+        m = self._maps.pop(segment.id, None)
+        if isinstance(m, mmap.mmap):
+            try:
+                m.close()
+            except BufferError:  # a view is still alive somewhere; the mapping goes with it
+                pass
 
     def allocate(self, owner: str, nbytes: int) -> tuple[Segment, int] | None:
         return self.allocator.allocate(owner, nbytes)
@@ -86,6 +106,11 @@ class MemoryTier:
         return {"tier": self.name, "backing": self.backing.kind, **self.allocator.stats()}
 
     def close(self) -> None:
+        for seg_id in list(self._maps):
+            seg = self.allocator.segment(seg_id)
+            if seg is not None:
+                self._unmap(seg)
+        self._maps.clear()
         self.allocator.close()
 
 

@@ -107,6 +107,10 @@ class NvmeTier:
             raise
         self.region_bytes = region_bytes
         self.regions = FileRegions(self.files, region_bytes)
+        if not self.regions.total:
+            self.close()
+            raise ValueError(f"the NVMe tier's files ({', '.join(p.path for p in self.paths)}) do not hold one "
+                             f"{region_bytes}-byte region; give them more space or lower nvme.region_bytes")
         self.allocator = SlotAllocator(TierId.NVME, self.regions.total * region_bytes, region_bytes, self.regions,
                                        min_align=PAGE_ALIGN)
         self.capacity = self.allocator.capacity
@@ -301,3 +305,31 @@ def default_nvme_capacity(directory: str) -> int:
         probe = os.path.dirname(probe) or "/"
     st = os.statvfs(probe)
     return min(10 << 30, st.f_bavail * st.f_frsize // 10) // ALIGN * ALIGN
+
+
+def parse_path_spec(spec: str) -> BackingPath:
+    """``"PATH"`` or ``"PATH=SIZE"`` (binary units: ``"800GiB"``); a device without a size uses all of it."""
+    from kvrack.daemon.settings import parse_size  # the one size syntax of the config
+
+    path, sep, size = spec.rpartition("=") if "=" in spec else (spec, "", "")
+    capacity = parse_size(size) if sep else 0
+    if not path:
+        raise ValueError(f"nvme.paths entry {spec!r} has no path")
+    if capacity == 0 and not os.path.exists(path):
+        raise ValueError(f"nvme.paths entry {spec!r}: a new file needs a size (\"{path}=100GiB\")")
+    return BackingPath(path, capacity)
+
+
+def open_nvme_tier(directory: str, path_specs: Sequence[str], capacity: int, index_dir: str, region_bytes: int,
+                   io_threads: int) -> NvmeTier:
+    """The tier as the daemon configures it: explicit paths, or one file in ``directory``."""
+    if path_specs:
+        paths = [parse_path_spec(s) for s in path_specs]
+    else:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        paths = [BackingPath(os.path.join(directory, "kvrack-nvme.data"), capacity or default_nvme_capacity(directory))]
+    for p in paths:
+        if p.capacity and p.capacity < region_bytes and not os.path.exists(p.path):
+            raise ValueError(f"{p.path}: capacity {p.capacity} is smaller than one region ({region_bytes} bytes)")
+    return NvmeTier(paths, index_dir or os.path.join(directory, "index"), region_bytes=region_bytes,
+                    io_threads=io_threads)

@@ -8,6 +8,8 @@ atomic, so after ``kill -9`` the index is exactly its last committed state.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 from collections.abc import Iterator, Sequence
 
@@ -57,13 +59,38 @@ class GeometryMismatch(RuntimeError):
     """The index was written for other files; refusing beats misreading every block."""
 
 
+class IndexInUse(OSError):
+    """Another process has this index (and so the tier's files) open."""
+
+
+def _lock_directory(directory: str) -> int:
+    """An exclusive lock held for the index's life: two daemons on the same files would corrupt each other."""
+    path = os.path.join(directory, "kvrack.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise IndexInUse(errno.EBUSY, f"the NVMe index at {directory} is in use by pid {holder}; "
+                                      "each kvrackd needs its own nvme.dir / nvme.index_dir and data paths") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 class NvmeIndex:
     def __init__(self, directory: str, map_size: int = 1 << 36) -> None:
         os.makedirs(directory, exist_ok=True)
+        self._lock_fd = _lock_directory(directory)
         # sync + metasync: a committed transaction survives power loss; writemap off keeps
         # stray writes from corrupting the map
-        self.env = lmdb.open(directory, map_size=map_size, max_dbs=2, sync=True, metasync=True, lock=True,
-                             readahead=False)
+        try:
+            self.env = lmdb.open(directory, map_size=map_size, max_dbs=2, sync=True, metasync=True, lock=True,
+                                 readahead=False)
+        except lmdb.Error as exc:
+            os.close(self._lock_fd)
+            raise OSError(errno.EIO, f"cannot open the NVMe index at {directory}: {exc}") from None
         self.blocks = self.env.open_db(b"blocks")
         self.meta = self.env.open_db(b"meta")
 
@@ -111,4 +138,7 @@ class NvmeIndex:
 
     def close(self) -> None:
         self.env.close()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 

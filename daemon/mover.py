@@ -1,0 +1,324 @@
+"""Moves block copies between the DRAM tier and the NVMe tier, off the event loop.
+
+* Write-through: every committed DRAM block is queued and written to NVMe in
+  batches (one fdatasync and one index commit per batch). The block is held,
+  like a pin, until its NVMe copy is durable, so its DRAM bytes cannot be
+  reused under the write.
+* Promotion: a get of a block whose only copy is on NVMe reads it (checksum
+  verified) into a fresh DRAM slot of the block's namespace; the client then
+  maps it like any other block. Why not let the client read the file range
+  itself: the files hold every tenant's blocks, so handing out their fds would
+  break isolation, and the DRAM copy serves the next reader at memory speed.
+  The extra memcpy (~8 GB/s) is cheaper than the NVMe read it follows.
+* Removal: an NVMe copy is unindexed durably before its slot may be reused.
+
+Entry and allocator state is touched on the event-loop thread only; threads
+move bytes and talk to LMDB. Index mutations and write batches run on one
+thread in submission order, and one batch is in flight at a time, so a delete
+followed by a re-put of the same key never unindexes the new copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from kvrack.daemon.index import COMMITTED, Entry
+from kvrack.daemon.protocol import ErrorCode
+from kvrack.daemon.session import Session
+from kvrack.tiers.base import Segment
+from kvrack.tiers.nvme import NvmeTier, Record, Recovery
+
+if TYPE_CHECKING:
+    from kvrack.daemon.store import KeysResult, Store
+
+log = logging.getLogger("kvrack.mover")
+
+
+class MoverCounters:
+    __slots__ = ("written_blocks", "written_bytes", "write_errors", "not_persisted", "promoted_blocks",
+                 "promoted_bytes", "read_errors", "evictions", "evicted_bytes", "unindexed")
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class Mover:
+    """Owns the NVMe tier's copies: write-through, promotion, removal, NVMe eviction."""
+
+    def __init__(self, store: Store, nvme: NvmeTier, write_batch_bytes: int = 64 << 20,
+                 retry_s: float = 30.0) -> None:
+        self.store = store
+        self.nvme = nvme
+        self.dram = store.tier
+        self.write_batch_bytes = write_batch_bytes
+        self.retry_s = retry_s
+        self.loop: asyncio.AbstractEventLoop | None = None
+        # one thread, FIFO: index deletes and write batches keep their order
+        self.ordered = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvrack-mover")
+        self.queue: collections.deque[Entry] = collections.deque()
+        self.in_flight = 0  # blocks in the batch being written
+        self.lru: collections.OrderedDict[Entry, None] = collections.OrderedDict()  # durable NVMe copies, oldest first
+        self.promoting: dict[Entry, asyncio.Future[str | None]] = {}
+        self.writing = False
+        self._unindex: list[tuple[Entry, Segment, int]] = []
+        self._retry_at = 0.0
+        self.blocks = 0
+        self.bytes = 0
+        self.recovery: Recovery | None = None
+        self.orphans = 0
+        self.counters = MoverCounters()
+        self.closed = False
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    # ------------------------------------------------------------- recovery
+    def adopt(self, recovery: Recovery, blocks: list[tuple[str, bytes, Segment, int, Record]]) -> None:
+        """Index entries for every block the NVMe tier recovered, oldest first in its LRU."""
+        self.recovery = recovery
+        store = self.store
+        blocks.sort(key=lambda b: b[4].created)
+        for ns_name, key, seg, slot, rec in blocks:
+            ns = store.namespaces.get(ns_name)
+            if ns is None:  # its namespace is no longer configured: keep the bytes, serve nothing
+                self.orphans += 1
+                continue
+            e = Entry(key, ns, None, 0, store.intern_size(rec.length), None)
+            e.state = COMMITTED
+            e.nseg = seg
+            e.nslot = slot
+            ns.entries[key] = e
+            ns.blocks += 1
+            ns.bytes += rec.length
+            self.lru[e] = None
+            self.blocks += 1
+            self.bytes += rec.length
+        if self.orphans:
+            log.warning("nvme: %d recovered block(s) belong to namespaces no longer configured; they stay on disk, "
+                        "unserved, until the namespace is configured again", self.orphans)
+
+    # ---------------------------------------------------------- write-through
+    def enqueue(self, e: Entry) -> bool:
+        """Queue a freshly committed block for its NVMe copy; False when it will stay DRAM-only."""
+        if self.closed or e.nbytes > self.nvme.max_block_bytes or (
+                self.nvme.degraded is not None and time.monotonic() < self._retry_at):
+            self.counters.not_persisted += 1
+            return False
+        self.store.hold(e)
+        self.queue.append(e)
+        self._kick()
+        return True
+
+    def _kick(self) -> None:
+        if not self.writing and (self.queue or self._unindex) and self.loop is not None:
+            self.writing = True
+            self.loop.call_soon(self._write_next)  # one batch per loop turn: a commit of many keys is one batch
+
+    def _write_next(self) -> None:
+        store = self.store
+        batch: list[tuple[Entry, Segment, int]] = []
+        unindex: list[tuple[str, bytes]] = []
+        freed: list[tuple[Segment, int]] = []
+        self._take_unindex(unindex, freed)
+        nbytes = 0
+        while self.queue and (not batch or nbytes + self.queue[0].nbytes <= self.write_batch_bytes):
+            e = self.queue.popleft()
+            if e.state != COMMITTED or e.seg is None:  # deleted while queued
+                store.unhold(e)
+                continue
+            placement = self._place(e, unindex)
+            if placement is None:
+                self.counters.not_persisted += 1
+                store.unhold(e)
+                continue
+            batch.append((e, placement[0], placement[1]))
+            nbytes += e.nbytes
+        if not batch and not unindex:
+            self.writing = False
+            return
+        items = [(e.ns.name, e.key, seg, slot, self.dram.view(e.seg, e.slot, e.nbytes)) for e, seg, slot in batch]
+        self.in_flight = len(batch)
+        fut = asyncio.wrap_future(self.ordered.submit(self._write_job, unindex, items), loop=self.loop)
+        fut.add_done_callback(lambda f: self._written(batch, freed, f))
+
+    def _write_job(self, unindex: list[tuple[str, bytes]], items: list[Any]) -> list[Exception | None]:
+        """On the ordered thread: unindex what this batch overwrites (durably), then write."""
+        if unindex:
+            self.nvme.remove(unindex)
+        return self.nvme.write(items)  # type: ignore[return-value]
+
+    def _written(self, batch: list[tuple[Entry, Segment, int]], freed: list[tuple[Segment, int]],
+                 fut: asyncio.Future[list[Exception | None]]) -> None:
+        self.in_flight = 0
+        try:
+            results = fut.result()
+            for seg, slot in freed:  # removed records are durable: their slots may be reused now
+                self.nvme.free(seg, slot)
+        except Exception as exc:  # the unindex step failed: nothing was written, no freed slot is safe to reuse
+            log.error("nvme: write batch failed before writing: %s", exc)
+            self.nvme.degraded = f"index update failed: {exc}"
+            results = [exc] * len(batch)
+        failed = 0
+        for (e, seg, slot), err in zip(batch, results):
+            if err is None:
+                e.nseg = seg
+                e.nslot = slot
+                self.lru[e] = None
+                self.blocks += 1
+                self.bytes += e.nbytes
+                self.counters.written_blocks += 1
+                self.counters.written_bytes += e.nbytes
+            else:
+                failed += 1
+                self.nvme.free(seg, slot)
+            self.store.unhold(e)  # a block deleted meanwhile now loses its copies
+        if failed:
+            self.counters.write_errors += failed
+            self._retry_at = time.monotonic() + self.retry_s
+            log.error("nvme: %d of %d block(s) not persisted (%s); they stay in DRAM only; retrying the tier in %.0f s",
+                      failed, len(batch), self.nvme.degraded, self.retry_s)
+        elif batch and self.nvme.degraded is not None:
+            log.warning("nvme tier healthy again after: %s", self.nvme.degraded)
+            self.nvme.degraded = None
+        self.writing = False
+        self._kick()
+
+    def _place(self, e: Entry, unindex: list[tuple[str, bytes]]) -> tuple[Segment, int] | None:
+        """An NVMe slot, evicting the least recently used unpinned NVMe copies until one frees up."""
+        owner = e.ns.name
+        while True:
+            placement = self.nvme.allocate(owner, e.nbytes)
+            if placement is not None:
+                return placement
+            victim = next((v for v in self.lru if v.pins == 0), None)
+            if victim is None:
+                return None
+            unindex.append((victim.ns.name, victim.key))
+            self.counters.evictions += 1
+            self.counters.evicted_bytes += victim.nbytes
+            # freed now, before its record is deleted: safe only because this slot is written by the
+            # batch whose job deletes that record first (see _write_job)
+            self.nvme.free(victim.nseg, victim.nslot)
+            self._forget_copy(victim)
+
+    def _forget_copy(self, e: Entry) -> None:
+        """The entry no longer has an NVMe copy; an entry with no copy left leaves the index."""
+        self.lru.pop(e, None)
+        e.nseg = None
+        self.blocks -= 1
+        self.bytes -= e.nbytes
+        if e.seg is None and e.state == COMMITTED:
+            self.store.forget(e)
+
+    # ---------------------------------------------------------------- removal
+    def unindex(self, e: Entry) -> None:
+        """Drop a block's NVMe copy: its record goes (durably) with the next batch, then its slot is free."""
+        self._unindex.append((e, e.nseg, e.nslot))
+        self.counters.unindexed += 1
+        self._forget_copy(e)
+        self._kick()
+
+    def _take_unindex(self, unindex: list[tuple[str, bytes]], freed: list[tuple[Segment, int]]) -> None:
+        for e, seg, slot in self._unindex:
+            unindex.append((e.ns.name, e.key))
+            freed.append((seg, slot))
+        self._unindex.clear()
+
+    # -------------------------------------------------------------- promotion
+    def touch(self, e: Entry) -> None:
+        if e.nseg is not None:
+            self.lru.move_to_end(e)
+
+    async def promote(self, session: Session, keys: list[bytes], res: KeysResult,
+                      todo: list[tuple[int, Entry]]) -> None:
+        """Bring NVMe-only blocks that ``acquire`` pinned into DRAM and fill in their descriptors."""
+        assert self.loop is not None
+        store = self.store
+        reads: list[tuple[Entry, Segment, int, asyncio.Future[str | None]]] = []
+        waits: list[tuple[int, Entry, asyncio.Future[str | None] | None]] = []
+        for i, e in todo:
+            if e.seg is not None:  # promoted by another reader meanwhile
+                waits.append((i, e, None))
+                continue
+            fut = self.promoting.get(e)
+            if fut is None:
+                placement = store.make_room(e.ns.name, e.nbytes)
+                if placement is None:
+                    res.codes[i] = int(ErrorCode.NO_SPACE)
+                    res.message = (f"dram tier full: no free or evictable slot to read a block from nvme into "
+                                   f"({store.pinned_blocks} blocks pinned)")
+                    store.release(session, [keys[i]])
+                    continue
+                fut = self.loop.create_future()
+                self.promoting[e] = fut
+                store.hold(e)  # our own pin: the copy stays put even if the client goes away mid-read
+                reads.append((e, placement[0], placement[1], fut))
+            waits.append((i, e, fut))
+        if reads:
+            pending = [asyncio.wrap_future(self.nvme.pool.submit(
+                self.nvme.read_into, e.ns.name, e.key, self.dram.view(seg, slot, seg.slot_size)), loop=self.loop)
+                for e, seg, slot, _fut in reads]
+            results = await asyncio.gather(*pending, return_exceptions=True)
+            for (e, seg, slot, fut), result in zip(reads, results):
+                del self.promoting[e]
+                if isinstance(result, BaseException):
+                    self.dram.free(seg, slot)
+                    self.counters.read_errors += 1
+                    log.error("nvme: cannot read a block of namespace %r back (%s); dropping that copy",
+                              e.ns.name, result)
+                    if e.nseg is not None:
+                        self.unindex(e)
+                    fut.set_result(f"its nvme copy is unreadable: {result}")
+                else:
+                    e.seg = seg
+                    e.slot = slot
+                    store.dram_blocks += 1
+                    store.dram_bytes += e.nbytes
+                    self.counters.promoted_blocks += 1
+                    self.counters.promoted_bytes += e.nbytes
+                    fut.set_result(None)
+                store.unhold(e)
+        for i, e, fut in waits:
+            err = await fut if fut is not None else None
+            if err is None and e.seg is not None:
+                res.descriptors[i] = store.descriptor(e)
+            else:
+                res.codes[i] = int(ErrorCode.NOT_FOUND)
+                res.message = f"block {i} was lost: {err or 'evicted'}"
+                store.counters.get_hits -= 1
+                store.release(session, [keys[i]])
+
+    # --------------------------------------------------------------- lifecycle
+    def pending(self) -> int:
+        return len(self.queue) + self.in_flight
+
+    async def flush(self, timeout: float) -> bool:
+        """Wait (bounded) until every queued block is on NVMe; True when nothing is left."""
+        deadline = time.monotonic() + timeout
+        while (self.writing or self.queue) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        return not (self.writing or self.queue)
+
+    def stats(self) -> dict[str, Any]:
+        s = self.nvme.stats()
+        s.update(tier_id=int(self.nvme.tier_id), blocks=self.blocks, used_bytes=self.bytes,
+                 pending_writes=self.pending(), orphaned_blocks=self.orphans, **self.counters.as_dict())
+        if self.recovery is not None:
+            r = self.recovery
+            s["recovered"] = {"blocks": r.blocks, "bytes": r.bytes, "seconds": round(r.seconds, 3),
+                              "dropped": r.dropped}
+        return s
+
+    def close(self) -> None:
+        self.closed = True
+        self.ordered.shutdown(wait=True)
+        self.nvme.close()
