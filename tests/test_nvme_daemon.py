@@ -1,0 +1,163 @@
+"""The NVMe tier inside a real daemon: warm restart after kill -9, reads of NVMe-only blocks, corruption, faults."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from kvrack.clients import Client
+from kvrack.clients.spawn import DaemonProcess
+from kvrack.daemon.protocol import TierId
+
+from .conftest import eventually
+
+BLOCK = 256 * 1024
+
+
+def settings(tmp_path, **extra) -> dict:
+    s = {"dram.capacity_bytes": "8MiB", "dram.segment_bytes": "1MiB", "nvme.dir": str(tmp_path / "nvme"),
+         "nvme.capacity_bytes": "64MiB", "nvme.region_bytes": "1MiB"}
+    s.update(extra)
+    return s
+
+
+def blocks(n: int, seed: int) -> tuple[list[bytes], list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [rng.bytes(32) for _ in range(n)], [rng.integers(0, 255, BLOCK, dtype=np.uint8) for _ in range(n)]
+
+
+def nvme_stats(c: Client) -> dict:
+    return next(t for t in c.stats()["tiers"] if t["tier"] == "nvme")
+
+
+def persisted(c: Client) -> bool:
+    return nvme_stats(c)["pending_writes"] == 0
+
+
+def put_persisted(c: Client, keys: list[bytes], data: list[np.ndarray], chunk: int = 16) -> None:
+    for i in range(0, len(keys), chunk):  # the DRAM tier holds 32 blocks; writes in flight hold theirs
+        c.put(keys[i : i + chunk], data[i : i + chunk])
+        assert eventually(lambda: persisted(c))
+
+
+def read_all(c: Client, keys: list[bytes]) -> tuple[list[bool], list[np.ndarray]]:
+    outs = [np.zeros(BLOCK, np.uint8) for _ in keys]
+    return c.get_into(keys, outs), outs
+
+
+def test_kill_9_then_restart_serves_every_committed_block_bit_identical(tmp_path):
+    keys, data = blocks(48, 1)  # more than the DRAM tier holds: some are on NVMe only before the crash
+    with DaemonProcess(settings(tmp_path)) as d:
+        with Client.connect(d.socket_path) as c:
+            put_persisted(c, keys, data)
+            tiers = c.lookup(keys).tiers
+            assert set(tiers) == {TierId.DRAM, TierId.NVME} and c.lookup(keys).prefix == 48
+        d.kill()
+    d2 = DaemonProcess(settings(tmp_path))
+    try:
+        assert "recovered 48 block(s), 12MiB" in d2.log()
+        with Client.connect(d2.socket_path) as c:
+            res = c.lookup(keys)
+            assert res.prefix == 48 and set(res.tiers) == {TierId.NVME}
+            hits, outs = read_all(c, keys)
+            assert all(hits)
+            assert all(np.array_equal(o, x) for o, x in zip(outs, data))
+            s = nvme_stats(c)
+            assert s["recovered"]["blocks"] == 48 and s["promoted_blocks"] == 48 and s["read_errors"] == 0
+            assert TierId.DRAM in c.lookup(keys).tiers  # read back into DRAM: the next reader is served from memory
+    finally:
+        d2.stop()
+
+
+def test_dram_eviction_keeps_blocks_on_nvme_and_a_get_promotes_them(tmp_path):
+    keys, data = blocks(64, 2)
+    with DaemonProcess(settings(tmp_path)) as d, Client.connect(d.socket_path) as c:
+        put_persisted(c, keys, data)
+        assert c.lookup(keys[:8]).tiers == bytes([TierId.NVME]) * 8  # the oldest left DRAM
+        with c.get(keys[:4]) as lease:  # zero-copy lease of promoted blocks
+            assert all(bytes(v) == data[i].tobytes() for i, v in enumerate(lease.views))
+        assert c.lookup(keys[:4]).tiers == bytes([TierId.DRAM]) * 4
+        stats = c.stats()
+        assert stats["namespaces"]["default"]["blocks"] == 64
+        dram = stats["tiers"][0]
+        assert dram["blocks"] <= 32 and dram["pinned_blocks"] == 0
+
+
+def test_sigterm_flushes_queued_writes_before_exit(tmp_path):
+    keys, data = blocks(16, 3)
+    with DaemonProcess(settings(tmp_path)) as d, Client.connect(d.socket_path) as c:
+        c.put(keys, data)  # no wait: SIGTERM must finish the NVMe copies
+    with DaemonProcess(settings(tmp_path)) as d, Client.connect(d.socket_path) as c:
+        hits, outs = read_all(c, keys)
+        assert all(hits) and all(np.array_equal(o, x) for o, x in zip(outs, data))
+
+
+def test_deleted_blocks_stay_deleted_after_restart(tmp_path):
+    keys, data = blocks(8, 4)
+    with DaemonProcess(settings(tmp_path)) as d, Client.connect(d.socket_path) as c:
+        put_persisted(c, keys, data)
+        assert c.delete(keys[:3]) == 3
+        assert eventually(lambda: persisted(c) and nvme_stats(c)["blocks"] == 5)
+    with DaemonProcess(settings(tmp_path)) as d, Client.connect(d.socket_path) as c:
+        assert c.lookup(keys).tiers == bytes([0] * 3 + [TierId.NVME] * 5)
+        c.put(keys[:1], data[1:2])  # a deleted key can be stored again, with other bytes
+        assert eventually(lambda: persisted(c))
+        hits, outs = read_all(c, keys[:1])
+        assert hits == [True] and np.array_equal(outs[0], data[1])
+
+
+def test_flipped_bytes_on_disk_are_a_miss_and_an_error_metric(tmp_path):
+    keys, data = blocks(4, 5)
+    with DaemonProcess(settings(tmp_path)) as d, Client.connect(d.socket_path) as c:
+        put_persisted(c, keys, data)
+    path = tmp_path / "nvme" / "kvrack-nvme.data"
+    raw = path.read_bytes()
+    where = raw.find(data[2].tobytes())
+    assert where >= 0
+    with open(path, "r+b") as fh:
+        fh.seek(where + 1000)
+        fh.write(b"\x00\xff\x00\xff")
+    with DaemonProcess(settings(tmp_path)) as d, Client.connect(d.socket_path) as c:
+        hits, outs = read_all(c, keys)
+        assert hits == [True, True, False, True]
+        assert np.array_equal(outs[3], data[3]) and not outs[2].any(), "corrupt bytes never reach the caller"
+        s = nvme_stats(c)
+        assert s["errors"]["checksum"] == 1 and s["read_errors"] == 1
+        assert c.lookup(keys).tiers[2] == 0, "a block that failed its checksum is gone, not served later"
+
+
+def test_a_missing_nvme_directory_leaves_dram_serving(tmp_path):
+    bad = settings(tmp_path, **{"nvme.paths": str(tmp_path / "no-such-dir" / "data=64MiB")})
+    keys, data = blocks(2, 6)
+    with DaemonProcess(bad) as d, Client.connect(d.socket_path) as c:
+        nvme = nvme_stats(c)
+        assert nvme["available"] is False and "does not exist" in nvme["degraded"]
+        c.put(keys, data)
+        hits, outs = read_all(c, keys)
+        assert all(hits) and np.array_equal(outs[1], data[1])
+        assert "nvme tier unavailable, serving from DRAM only" in d.log()
+
+
+def test_two_daemons_never_share_nvme_files(tmp_path):
+    with DaemonProcess(settings(tmp_path)) as first, DaemonProcess(settings(tmp_path)) as second:
+        with Client.connect(second.socket_path) as c:
+            assert "in use by pid" in nvme_stats(c)["degraded"]
+        with Client.connect(first.socket_path) as c:
+            assert nvme_stats(c)["degraded"] is None
+
+
+def test_truncated_file_behind_our_back_is_degraded_not_fatal(tmp_path):
+    keys, data = blocks(40, 7)
+    with DaemonProcess(settings(tmp_path)) as d, Client.connect(d.socket_path) as c:
+        put_persisted(c, keys, data)
+        os.truncate(tmp_path / "nvme" / "kvrack-nvme.data", 4096)  # the oldest blocks are on NVMe only
+        hits, _ = read_all(c, keys[:4])
+        assert hits == [False] * 4
+        s = nvme_stats(c)
+        assert s["degraded"] and "truncated" in s["degraded"] and s["read_errors"] == 4
+        more_keys, more = blocks(2, 8)
+        c.put(more_keys, more)  # DRAM keeps serving
+        hits, outs = read_all(c, more_keys)
+        assert all(hits) and np.array_equal(outs[0], more[0])
