@@ -21,7 +21,8 @@ DELETED = 3  # removed from the index, bytes kept until the last pin ends
 class Entry:
     """One block. ~100 bytes; the key's bytes object is shared with the index dict."""
 
-    __slots__ = ("key", "ns", "seg", "slot", "nbytes", "state", "pins", "prev", "next", "parent", "nseg", "nslot")
+    __slots__ = ("key", "ns", "seg", "slot", "nbytes", "state", "pins", "prev", "next", "parent", "nseg", "nslot",
+                 "nflags")
 
     def __init__(self, key: bytes, ns: Namespace, seg: Any, slot: int, nbytes: int, parent: bytes | None) -> None:
         self.key = key
@@ -36,6 +37,7 @@ class Entry:
         self.parent = parent
         self.nseg: Any = None  # NVMe copy, once durable
         self.nslot = 0
+        self.nflags = 0  # the NVMe tier's CLOCK bits (mover.NVME_QUEUED, mover.NVME_REFERENCED)
 
     @property
     def offset(self) -> int:

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from kvrack.daemon.store import KeysResult, Store
 
 log = logging.getLogger("kvrack.mover")
+NVME_QUEUED = 1  # the entry is in the CLOCK ring
+NVME_REFERENCED = 2  # read since the hand last passed it
 
 
 class MoverCounters:
@@ -66,7 +68,11 @@ class Mover:
         self.ordered = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvrack-mover")
         self.queue: collections.deque[Entry] = collections.deque()
         self.in_flight = 0  # blocks in the batch being written
-        self.lru: collections.OrderedDict[Entry, None] = collections.OrderedDict()  # durable NVMe copies, oldest first
+        # NVMe eviction order: CLOCK (second chance) over durable copies, oldest first. A ring of
+        # entries costs 8 bytes a block where an ordered dict costs ~100; entries whose copy is gone
+        # are skipped when the hand reaches them and compacted away when they pile up.
+        self.ring: collections.deque[Entry] = collections.deque()
+        self.stale = 0
         self.promoting: dict[Entry, asyncio.Future[str | None]] = {}
         self.writing = False
         self._unindex: list[tuple[Entry, Segment, int]] = []
@@ -99,7 +105,7 @@ class Mover:
             ns.entries[key] = e
             ns.blocks += 1
             ns.bytes += rec.length
-            self.lru[e] = None
+            self._track(e)
             self.blocks += 1
             self.bytes += rec.length
         if self.orphans:
@@ -172,7 +178,7 @@ class Mover:
             if err is None:
                 e.nseg = seg
                 e.nslot = slot
-                self.lru[e] = None
+                self._track(e)
                 self.blocks += 1
                 self.bytes += e.nbytes
                 self.counters.written_blocks += 1
@@ -199,7 +205,7 @@ class Mover:
             placement = self.nvme.allocate(owner, e.nbytes)
             if placement is not None:
                 return placement
-            victim = next((v for v in self.lru if v.pins == 0), None)
+            victim = self._victim()
             if victim is None:
                 return None
             unindex.append((victim.ns.name, victim.key))
@@ -210,10 +216,37 @@ class Mover:
             self.nvme.free(victim.nseg, victim.nslot)
             self._forget_copy(victim)
 
+    def _track(self, e: Entry) -> None:
+        if not e.nflags & NVME_QUEUED:
+            e.nflags = NVME_QUEUED
+            self.ring.append(e)
+
+    def _victim(self) -> Entry | None:
+        """The CLOCK hand: skip pinned and recently read copies (clearing their bit), take the first other."""
+        ring = self.ring
+        for _ in range(2 * len(ring) + 1):
+            if not ring:
+                return None
+            e = ring.popleft()
+            if e.nseg is None:  # its copy went away since it was queued
+                e.nflags = 0
+                self.stale -= 1
+                continue
+            if e.pins or e.nflags & NVME_REFERENCED:
+                e.nflags = NVME_QUEUED
+                ring.append(e)
+                continue
+            e.nflags = 0
+            return e
+        return None
+
     def _forget_copy(self, e: Entry) -> None:
         """The entry no longer has an NVMe copy; an entry with no copy left leaves the index."""
-        self.lru.pop(e, None)
         e.nseg = None
+        if e.nflags & NVME_QUEUED:
+            self.stale += 1
+            if self.stale > 4096 and self.stale * 2 > len(self.ring):
+                self._compact()
         self.blocks -= 1
         self.bytes -= e.nbytes
         if e.seg is None and e.state == COMMITTED:
@@ -234,9 +267,18 @@ class Mover:
         self._unindex.clear()
 
     # -------------------------------------------------------------- promotion
+    def _compact(self) -> None:
+        keep: collections.deque[Entry] = collections.deque()
+        for e in self.ring:
+            if e.nseg is None:
+                e.nflags = 0
+            else:
+                keep.append(e)
+        self.ring = keep
+        self.stale = 0
+
     def touch(self, e: Entry) -> None:
-        if e.nseg is not None:
-            self.lru.move_to_end(e)
+        e.nflags |= NVME_REFERENCED
 
     async def promote(self, session: Session, keys: list[bytes], res: KeysResult,
                       todo: list[tuple[int, Entry]]) -> None:

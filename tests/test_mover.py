@@ -183,3 +183,30 @@ def test_a_get_larger_than_free_dram_says_no_space_for_the_rest(rig):
     assert len(ok) == 8
     rig.store.release(rig.session, ok)
     assert rig.store.pinned_blocks == 0 and not rig.session.pins
+
+
+def test_nvme_eviction_gives_read_blocks_a_second_chance(rig):
+    for i in range(0, 16, 4):  # fills the 16 NVMe slots
+        rig.put(list(range(i, i + 4)))
+        rig.settle()
+    assert rig.get([0]) == [payload(0)]  # block 0: read since written
+    rig.put([16, 17, 18, 19])
+    rig.settle()
+    nvme_copies = [i for i in range(20) if rig.store.namespaces["a"].entries.get(key(i)) is not None
+                   and rig.store.namespaces["a"].entries[key(i)].nseg is not None]
+    assert 0 in nvme_copies and not {1, 2, 3, 4} & set(nvme_copies)
+    assert len(nvme_copies) == 16
+
+
+def test_the_clock_ring_drops_copies_that_went_away(rig):
+    rig.put([1, 2, 3, 4])
+    rig.settle()
+    gone = [rig.store.namespaces["a"].entries[key(i)] for i in (1, 2, 3)]
+    rig.store.delete(rig.session, [key(1), key(2), key(3)])
+    rig.settle()
+    mover = rig.mover
+    assert len(mover.ring) == 4 and mover.stale == 3  # removal is lazy
+    mover._compact()
+    assert [e.key for e in mover.ring] == [key(4)] and mover.stale == 0
+    assert all(e.nflags == 0 for e in gone)
+    assert mover._victim().key == key(4) and not mover.ring
