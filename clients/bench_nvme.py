@@ -5,6 +5,11 @@ sizes, the same number of I/O threads, the same batches, one ``fdatasync``
 per batch of writes, on a preallocated file in the same directory. What the
 ratio shows is the tier's own cost: allocation, checksums, the LMDB
 transaction per batch, Python.
+
+A second pass goes through a real daemon and client, end to end: ``put``
+until the write-through copies are durable, then, after a restart (so every
+block is on NVMe only), ``get_into`` in random order, which reads each block
+from NVMe into DRAM and copies it into the caller's buffer.
 """
 
 from __future__ import annotations
@@ -18,6 +23,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
+from kvrack.clients.client import Client
+from kvrack.clients.spawn import DaemonProcess
 from kvrack.tiers.blockio import DirectFile, aligned_buffer
 from kvrack.tiers.nvme import BackingPath, NvmeTier
 
@@ -129,6 +138,55 @@ def tier_io(directory: str, size: int, n: int, batch: int, repeats: int, latency
             "get_p50_us": round(lat[len(lat) // 2] / 1000, 1), "get_p99_us": round(lat[int(len(lat) * 0.99)] / 1000, 1)}
 
 
+def _nvme_stats(client: Client) -> dict[str, Any]:
+    return next(t for t in client.stats()["tiers"] if t["tier"] == "nvme")
+
+
+def daemon_io(directory: str, size: int, n: int, batch: int, repeats: int) -> dict[str, float]:
+    """GB/s of client put until durable on NVMe, and client get_into of blocks on NVMe only."""
+    region = max(64 * MiB, size)
+    batch_bytes = batch * size
+    settings = {"dram.capacity_bytes": max(4 * batch_bytes, 4 * region), "dram.segment_bytes": region,
+                "nvme.dir": os.path.join(directory, "daemon"), "nvme.region_bytes": region,
+                "nvme.capacity_bytes": -(-n * size // region) * region + 2 * region, "nvme.io_threads": IO_THREADS,
+                "nvme.write_batch_bytes": BATCH_BYTES}
+    rng = np.random.default_rng(3)
+    src = [rng.integers(0, 255, size, dtype=np.uint8) for _ in range(min(n, batch))]
+    keys = [os.urandom(32) for _ in range(n)]
+    total = n * size
+
+    def put(client: Client) -> float:
+        t0 = time.perf_counter()
+        for r in _batches(n, batch):
+            client.put([keys[i] for i in r], [src[j % len(src)] for j, _ in enumerate(r)])
+        while _nvme_stats(client)["pending_writes"]:
+            time.sleep(0.0005)
+        return total / (time.perf_counter() - t0) / 1e9
+
+    put_gbs = 0.0
+    with DaemonProcess(settings) as d, Client.connect(d.socket_path) as c:
+        for attempt in range(repeats):
+            if attempt:
+                c.delete(keys)
+                keys[:] = [os.urandom(32) for _ in range(n)]
+            put_gbs = max(put_gbs, put(c))
+        if _nvme_stats(c)["blocks"] != n:
+            raise RuntimeError(f"only {_nvme_stats(c)['blocks']} of {n} blocks reached the NVMe tier")
+    outs = [np.empty(size, np.uint8) for _ in range(min(n, batch))]
+    order = keys[:]
+    random.Random(11).shuffle(order)
+    get_gbs = 0.0
+    for _ in range(repeats):
+        with DaemonProcess(settings) as d, Client.connect(d.socket_path) as c:  # restarted: NVMe only
+            t0 = time.perf_counter()
+            for r in _batches(n, batch):
+                hits = c.get_into([order[i] for i in r], outs[: len(r)])
+                if not all(hits):
+                    raise RuntimeError(f"{hits.count(False)} block(s) missing after the restart")
+            get_gbs = max(get_gbs, total / (time.perf_counter() - t0) / 1e9)
+    return {"daemon_put_gbs": round(put_gbs, 3), "daemon_get_gbs": round(get_gbs, 3)}
+
+
 def run(directory: str | None, sizes: list[str], working_set: int, repeats: int, latency_samples: int = 200,
         progress: Callable[[str], None] = lambda _s: None) -> dict[str, Any]:
     """Every figure; ``directory`` None = a temporary directory on the current directory's file system."""
@@ -146,14 +204,20 @@ def run(directory: str | None, sizes: list[str], working_set: int, repeats: int,
             raw = raw_io(work, size, n, batch, repeats)
             progress(f"nvme tier {name}")
             tier = tier_io(work, size, n, batch, repeats, latency_samples)
+            progress(f"daemon end to end {name}")
+            daemon = daemon_io(work, size, n, batch, repeats)
             shutil.rmtree(work, ignore_errors=True)
-            out["sizes"][name] = {"block_bytes": size, "blocks": n, "batch": batch, **raw, **tier,
+            out["sizes"][name] = {"block_bytes": size, "blocks": n, "batch": batch, **raw, **tier, **daemon,
                                   "get_vs_raw": round(tier["get_gbs"] / raw["raw_rand_read_gbs"], 3),
-                                  "put_vs_raw": round(tier["put_gbs"] / raw["raw_seq_write_gbs"], 3)}
+                                  "put_vs_raw": round(tier["put_gbs"] / raw["raw_seq_write_gbs"], 3),
+                                  "daemon_get_vs_raw": round(daemon["daemon_get_gbs"] / raw["raw_rand_read_gbs"], 3),
+                                  "daemon_put_vs_raw": round(daemon["daemon_put_gbs"] / raw["raw_seq_write_gbs"], 3)}
     finally:
         shutil.rmtree(base, ignore_errors=True)
     ref = out["sizes"].get("2MiB") or next(iter(out["sizes"].values()))
     out["nvme_get_vs_raw"] = ref["get_vs_raw"]
     out["nvme_put_vs_raw"] = ref["put_vs_raw"]
+    out["daemon_get_vs_raw"] = ref["daemon_get_vs_raw"]
+    out["daemon_put_vs_raw"] = ref["daemon_put_vs_raw"]
     out["targets"] = {"nvme_get_vs_raw": 0.8, "nvme_put_vs_raw": 0.7}
     return out

@@ -130,7 +130,7 @@ def bench_nvme(json_path: JsonOpt = None,
     if unknown:
         raise typer.BadParameter(f"unknown size(s) {unknown}; choose from {', '.join(bn.SIZES)}")
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("bench", total=2 * len(names))
+        task = progress.add_task("bench", total=3 * len(names))
         result = bn.run(str(directory) if directory else None, names, parse_size(working_set), repeats,
                         progress=lambda label: progress.update(task, description=label, advance=1))
     table = Table(title=f"kvrack bench nvme ({result['directory']}, {result['io_threads']} I/O threads)")
@@ -144,6 +144,10 @@ def bench_nvme(json_path: JsonOpt = None,
                       f"raw random read {s['raw_rand_read_gbs']:.2f} GB/s", f"{s['get_vs_raw']:.2f}",
                       "≥ 0.80" if name == "2MiB" else "")
         table.add_row(f"single {name} get p50 / p99", f"{s['get_p50_us']} / {s['get_p99_us']} µs", "", "", "")
+        table.add_row(f"daemon put {name} until durable", f"{s['daemon_put_gbs']:.2f} GB/s",
+                      f"raw seq write {s['raw_seq_write_gbs']:.2f} GB/s", f"{s['daemon_put_vs_raw']:.2f}", "")
+        table.add_row(f"daemon get_into {name} from NVMe", f"{s['daemon_get_gbs']:.2f} GB/s",
+                      f"raw random read {s['raw_rand_read_gbs']:.2f} GB/s", f"{s['daemon_get_vs_raw']:.2f}", "")
     console.print(table)
     write_json(json_path, result)
 

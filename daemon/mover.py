@@ -83,6 +83,7 @@ class Mover:
         self.orphans = 0
         self.counters = MoverCounters()
         self.closed = False
+        self._progress: asyncio.Future[None] | None = None  # resolved when a write batch finishes
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -196,7 +197,22 @@ class Mover:
             log.warning("nvme tier healthy again after: %s", self.nvme.degraded)
             self.nvme.degraded = None
         self.writing = False
+        if self._progress is not None:
+            self._progress.set_result(None)
+            self._progress = None
         self._kick()
+
+    async def wait_for_progress(self, timeout: float) -> bool:
+        """Wait until the batch being written finishes (its blocks become evictable); False if none is."""
+        if not (self.writing or self.queue) or self.loop is None:
+            return False
+        if self._progress is None:
+            self._progress = self.loop.create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._progress), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     def _place(self, e: Entry, unindex: list[tuple[str, bytes]]) -> tuple[Segment, int] | None:
         """An NVMe slot, evicting the least recently used unpinned NVMe copies until one frees up."""

@@ -36,6 +36,8 @@ log = logging.getLogger("kvrack.server")
 _PEERCRED = struct.Struct("3i")
 _MAX_QUEUED_OUT = 64 * 1024 * 1024  # stop reading from a client that does not read its replies
 _RECV_BYTES = 1 << 20
+# how long a reserve may wait for write-behind copies to NVMe to free DRAM before it says NO_SPACE
+_WAIT_FOR_ROOM_S = 10.0
 
 
 class Connection:
@@ -378,10 +380,35 @@ class ControlServer:
     def _keys_reply(self, rid: int, res: KeysResult) -> tuple[P.Reply, tuple[int, ...]]:
         return P.KeysReply(id=rid, codes=res.codes, descriptors=res.descriptors, message=res.message), ()
 
-    def _reserve(self, conn: Connection, req: P.Reserve) -> tuple[P.Reply, tuple[int, ...]]:
+    def _reserve(self, conn: Connection, req: P.Reserve) -> Any:
         if self.draining:
             return P.ErrorReply(id=req.id, code=int(P.ErrorCode.SHUTTING_DOWN), message="daemon is shutting down"), ()
-        return self._keys_reply(req.id, self.store.reserve(conn.session, req.keys, req.sizes, req.parents))
+        res = self.store.reserve(conn.session, req.keys, req.sizes, req.parents)
+        mover = self.store.mover
+        if mover is not None and mover.pending() and P.ErrorCode.NO_SPACE in res.codes:
+            return self._reserve_when_room(conn, req, res)  # backpressure: wait for NVMe, don't fail
+        return self._keys_reply(req.id, res)
+
+    async def _reserve_when_room(self, conn: Connection, req: P.Reserve, res: KeysResult
+                                 ) -> tuple[P.Reply, tuple[int, ...]]:
+        """DRAM is full of blocks waiting for their NVMe copy: retry the keys that found no room as
+        write batches finish, so a writer faster than the disk is slowed to its speed instead of failing."""
+        mover = self.store.mover
+        assert mover is not None
+        deadline = self.loop.time() + _WAIT_FOR_ROOM_S
+        while not conn.closed and not self.draining:
+            todo = [i for i, c in enumerate(res.codes) if c == P.ErrorCode.NO_SPACE]
+            left = deadline - self.loop.time()
+            if not todo or left <= 0 or not await mover.wait_for_progress(left):
+                break
+            retry = self.store.reserve(conn.session, [req.keys[i] for i in todo], [req.sizes[i] for i in todo],
+                                       [req.parents[i] for i in todo] if req.parents is not None else None)
+            for i, code, desc in zip(todo, retry.codes, retry.descriptors):
+                res.codes[i] = code
+                res.descriptors[i] = desc
+            self.store.counters.no_space -= len(todo) - retry.codes.count(P.ErrorCode.NO_SPACE)
+            res.message = retry.message
+        return self._keys_reply(req.id, res)
 
     def _commit(self, conn: Connection, req: P.Commit) -> tuple[P.Reply, tuple[int, ...]]:
         return self._keys_reply(req.id, self.store.commit(conn.session, req.keys))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import pytest
 
 from kvrack.clients import Client
 from kvrack.clients.spawn import DaemonProcess
@@ -161,3 +160,14 @@ def test_truncated_file_behind_our_back_is_degraded_not_fatal(tmp_path):
         c.put(more_keys, more)  # DRAM keeps serving
         hits, outs = read_all(c, more_keys)
         assert all(hits) and np.array_equal(outs[0], more[0])
+
+
+def test_a_writer_faster_than_the_disk_is_slowed_not_refused(tmp_path):
+    keys, data = blocks(84, 9)
+    with DaemonProcess(settings(tmp_path)) as d, Client.connect(d.socket_path) as c:
+        for i in range(0, 84, 28):  # each put nearly fills DRAM; the previous one is still being written
+            c.put(keys[i : i + 28], data[i : i + 28])
+        assert eventually(lambda: persisted(c))
+        assert c.stats()["ops"]["no_space"] == 0 and nvme_stats(c)["blocks"] == 84
+        hits, outs = read_all(c, keys[:8])
+        assert all(hits) and np.array_equal(outs[7], data[7])
