@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvrack.mover")
 NVME_QUEUED = 1  # the entry is in the CLOCK ring
 NVME_REFERENCED = 2  # read since the hand last passed it
+# blocks per write batch, whatever their size: bounds the batch's transient memory and its latency
+MAX_BATCH_BLOCKS = 4096
 
 
 class MoverCounters:
@@ -137,7 +139,8 @@ class Mover:
         freed: list[tuple[Segment, int]] = []
         self._take_unindex(unindex, freed)
         nbytes = 0
-        while self.queue and (not batch or nbytes + self.queue[0].nbytes <= self.write_batch_bytes):
+        while self.queue and len(batch) < MAX_BATCH_BLOCKS and (
+                not batch or nbytes + self.queue[0].nbytes <= self.write_batch_bytes):
             e = self.queue.popleft()
             if e.state != COMMITTED or e.seg is None:  # deleted while queued
                 store.unhold(e)

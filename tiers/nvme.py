@@ -116,7 +116,8 @@ class NvmeTier:
         self.capacity = self.allocator.capacity
         self.max_block_bytes = region_bytes
         self.lock = threading.Lock()  # allocator state; the index and files have their own safety
-        self.pool = concurrent.futures.ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="kvrack-nvme")
+        self.io_threads = max(1, io_threads)
+        self.pool = concurrent.futures.ThreadPoolExecutor(self.io_threads, thread_name_prefix="kvrack-nvme")
         self.degraded: str | None = None
         self.errors = {"write": 0, "read": 0, "sync": 0, "checksum": 0}
         self.bytes_written = 0
@@ -192,15 +193,26 @@ class NvmeTier:
                 self.files[file_idx].pwrite(memoryview(bounce)[:span], offset)
             return Record(file_idx, offset, length, seg.slot_size, seg.handle[1], checksum, time.time(), layout)
 
-        futures = [self.pool.submit(one, item) for item in items]
+        def chunk(lo: int, hi: int) -> list[Record | OSError]:
+            out: list[Record | OSError] = []
+            for item in items[lo:hi]:
+                try:
+                    out.append(one(item))
+                except OSError as exc:
+                    out.append(exc)
+            return out
+
         results: list[OSError | None] = [None] * len(items)
         records: list[tuple[int, tuple[str, bytes, Record]]] = []
-        for i, fut in enumerate(futures):
-            try:
-                records.append((i, (items[i][0], items[i][1], fut.result())))
-            except OSError as exc:
-                results[i] = exc
-                self._fail("write", exc)
+        i = 0
+        for done in [f.result() for f in self._spread(chunk, len(items))]:
+            for outcome in done:
+                if isinstance(outcome, OSError):
+                    results[i] = outcome
+                    self._fail("write", outcome)
+                else:
+                    records.append((i, (items[i][0], items[i][1], outcome)))
+                i += 1
         synced: dict[int, OSError | None] = {}
         for file_idx in {rec.file for _, (_, _, rec) in records}:
             try:
@@ -252,14 +264,23 @@ class NvmeTier:
 
     def read_many(self, items: Sequence[tuple[str, bytes, memoryview | None]]) -> list[memoryview | Exception]:
         """Several reads in flight at once (the device's queue depth is where NVMe bandwidth comes from)."""
-        futures = [self.pool.submit(self.read_into, ns, key, out) for ns, key, out in items]
-        out: list[memoryview | Exception] = []
-        for fut in futures:
-            try:
-                out.append(fut.result())
-            except (OSError, KeyError) as exc:
-                out.append(exc)
-        return out
+        def chunk(lo: int, hi: int) -> list[memoryview | Exception]:
+            out: list[memoryview | Exception] = []
+            for ns, key, buf in items[lo:hi]:
+                try:
+                    out.append(self.read_into(ns, key, buf))
+                except (OSError, KeyError) as exc:
+                    out.append(exc)
+            return out
+
+        return [r for f in self._spread(chunk, len(items)) for r in f.result()]
+
+    def _spread(self, work: Callable[[int, int], Any], n: int) -> list[concurrent.futures.Future[Any]]:
+        """``work`` over [0, n) in one contiguous share per I/O thread: the device sees the same queue
+        depth as one request per thread, without a future, a lock and a queue entry per block."""
+        shares = min(n, self.io_threads)
+        bounds = [n * k // shares for k in range(shares + 1)] if shares else [0]
+        return [self.pool.submit(work, bounds[k], bounds[k + 1]) for k in range(shares)]
 
     def remove(self, items: Sequence[tuple[str, bytes]]) -> int:
         """Unindex blocks (durably) before their slots may be reused."""
