@@ -130,7 +130,7 @@ def bench_nvme(json_path: JsonOpt = None,
     if unknown:
         raise typer.BadParameter(f"unknown size(s) {unknown}; choose from {', '.join(bn.SIZES)}")
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("bench", total=3 * len(names))
+        task = progress.add_task("bench", total=4 * len(names))
         result = bn.run(str(directory) if directory else None, names, parse_size(working_set), repeats,
                         progress=lambda label: progress.update(task, description=label, advance=1))
     table = Table(title=f"kvrack bench nvme ({result['directory']}, {result['io_threads']} I/O threads)")
