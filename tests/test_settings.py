@@ -75,3 +75,30 @@ def test_kvrackd_print_config_and_bad_file(tmp_path):
     res = subprocess.run([sys.executable, "-m", "kvrack.daemon.main", "--config", str(tmp_path / "missing.toml")],
                          capture_output=True, text=True)
     assert res.returncode == 2 and "cannot read config file" in res.stderr
+
+
+def test_nvme_paths_from_toml_env_and_command_line(tmp_path):
+    cfg = tmp_path / "k.toml"
+    cfg.write_text('[nvme]\npaths = ["/dev/nvme1n1", "/mnt/a/kv.data=800GiB"]\n')
+    assert load_config(cfg, env={})["nvme.paths"] == ["/dev/nvme1n1", "/mnt/a/kv.data=800GiB"]
+    assert load_config(None, env={"KVRACK_NVME_PATHS": "/a=1GiB, /b=2GiB"})["nvme.paths"] == ["/a=1GiB", "/b=2GiB"]
+    assert load_config(None, env={}, overrides={"nvme.paths": ""})["nvme.paths"] == []
+    with pytest.raises(ConfigError, match="list of strings"):
+        load_config(None, env={}, overrides={"nvme.paths": 5})
+
+
+def test_nvme_path_specs_and_default_directory(tmp_path, monkeypatch):
+    from kvrack.tiers.nvme import default_nvme_capacity, default_nvme_dir, parse_path_spec
+
+    assert parse_path_spec("/mnt/x/kv.data=2GiB").capacity == 2 << 30
+    assert parse_path_spec(str(tmp_path)).capacity == 0  # existing: its size (a device: all of it)
+    with pytest.raises(ValueError, match="needs a size"):
+        parse_path_spec(str(tmp_path / "new.data"))
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/kvrack:/var/lib/other")
+    assert default_nvme_dir() == "/var/lib/kvrack"
+    monkeypatch.delenv("STATE_DIRECTORY")
+    monkeypatch.delenv("INVOCATION_ID", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    assert default_nvme_dir() == str(tmp_path / "kvrack")
+    cap = default_nvme_capacity(str(tmp_path / "kvrack" / "not-yet"))
+    assert 0 < cap <= 10 << 30 and cap % 4096 == 0

@@ -313,6 +313,9 @@ class NvmeTier:
 
 def default_nvme_dir() -> str:
     """$XDG_DATA_HOME/kvrack (~/.local/share/kvrack), or /var/lib/kvrack for a system service."""
+    state = os.environ.get("STATE_DIRECTORY")  # systemd's StateDirectory= (the shipped unit sets it)
+    if state:
+        return state.split(":")[0]
     if os.environ.get("INVOCATION_ID") and os.getuid() == 0:  # started by systemd as root
         return "/var/lib/kvrack"
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
