@@ -27,6 +27,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from kvrack.daemon.counters import SlotCounters
 from kvrack.daemon.index import COMMITTED, Entry
 from kvrack.daemon.protocol import ErrorCode
 from kvrack.daemon.session import Session
@@ -43,16 +44,9 @@ NVME_REFERENCED = 2  # read since the hand last passed it
 MAX_BATCH_BLOCKS = 4096
 
 
-class MoverCounters:
+class MoverCounters(SlotCounters):
     __slots__ = ("written_blocks", "written_bytes", "write_errors", "not_persisted", "promoted_blocks",
                  "promoted_bytes", "read_errors", "evictions", "evicted_bytes", "unindexed")
-
-    def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, 0)
-
-    def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}
 
 
 class Mover:

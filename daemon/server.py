@@ -204,7 +204,8 @@ class ControlServer:
         self._next_session = 1
         self.requests = 0
         self.deferred: set[asyncio.Task[None]] = set()
-        self._handlers: dict[type, Callable[[Connection, Any], tuple[P.Reply, tuple[int, ...]]]] = {
+        # a handler answers (reply, fds) now, or returns a coroutine that produces them after I/O
+        self._handlers: dict[type, Callable[[Connection, Any], Any]] = {
             P.Hello: self._hello, P.Lookup: self._lookup, P.Reserve: self._reserve, P.Commit: self._commit,
             P.Abort: self._abort, P.Acquire: self._acquire, P.Release: self._release, P.Delete: self._delete,
             P.MapSegments: self._map, P.Stats: self._stats,

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import blake3
 
+from kvrack.daemon.counters import SlotCounters
 from kvrack.daemon.index import COMMITTED, DELETED, RESERVED, Entry, LruList, Namespace
 from kvrack.daemon.protocol import KEY_BYTES, Descriptor, ErrorCode, TierId
 from kvrack.daemon.session import Session
@@ -44,18 +45,11 @@ class KeysResult:
         self.promote: list[tuple[int, Entry]] = []  # acquired keys whose only copy is on NVMe
 
 
-class Counters:
+class Counters(SlotCounters):
     """Operation counters; the single source that stats views read."""
 
     __slots__ = ("lookup_keys", "lookup_hits", "get_keys", "get_hits", "puts", "put_bytes", "evictions",
                  "evicted_bytes", "expired_reservations", "expired_pins", "aborted", "deleted", "no_space")
-
-    def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, 0)
-
-    def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}
 
 
 class Store:
