@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+import xxhash
 
 from kvrack.tiers.blockio import ALIGN, DirectFile, FaultPlan, FaultyFile, aligned_buffer
 from kvrack.tiers.nvme import BackingPath, ChecksumError, NvmeTier
@@ -186,4 +187,25 @@ def test_recovery_time_for_100k_indexed_blocks(tmp_path, capsys):
     assert report.blocks == n and len(live) == n
     with capsys.disabled():
         print(f"\nnvme recovery of {n} indexed blocks: {report.seconds:.2f} s")
+    again.close()
+
+
+def test_two_records_for_one_slot_keep_the_newer(tmp_path):
+    tier = make(tmp_path)
+    tier.recover()
+    old, new = b"o" * 32, b"n" * 32
+    put(tier, "ns", {old: rand(4096, 1)})
+    rec = tier.index.get("ns", old)
+    data = rand(4096, 2)  # rewrite the same slot under another key, as if unindexing ``old`` had failed
+    buf = aligned_buffer(4096)
+    buf[:] = data
+    tier.files[rec.file].pwrite(buf, rec.offset)
+    tier.index.put_many([("ns", new, Record(rec.file, rec.offset, 4096, rec.slot_size, rec.region,
+                                            xxhash.xxh3_64_intdigest(data), rec.created + 1))])
+    tier.close()
+    again = make(tmp_path)
+    report, live = again.recover()
+    assert [k for _, k, *_ in live] == [new] and report.dropped == 1
+    assert again.index.get("ns", old) is None
+    assert bytes(again.read_into("ns", new)) == data
     again.close()

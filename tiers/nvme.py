@@ -141,6 +141,21 @@ class NvmeTier:
                 dropped.append((ns, key))
         if dropped:
             log.warning("nvme: %d index record(s) point outside the configured files; dropping them", len(dropped))
+        # two records naming one slot (an index delete that failed before its slot was rewritten):
+        # the newer one names the bytes that are there; the older one can only fail its checksum
+        by_slot: dict[tuple[int, int], tuple[str, bytes, Record]] = {}
+        for item in live:
+            where = (item[2].file, item[2].offset)
+            other = by_slot.get(where)
+            if other is None or other[2].created < item[2].created:
+                by_slot[where] = item
+        if len(by_slot) < len(live):
+            log.warning("nvme: %d index record(s) name a slot a newer record also names; dropping the older",
+                        len(live) - len(by_slot))
+            dropped += [(ns, key) for ns, key, rec in live if by_slot[(rec.file, rec.offset)][1] != key
+                        or by_slot[(rec.file, rec.offset)][0] != ns]
+            live = list(by_slot.values())
+        if dropped:
             self.index.delete_many(dropped)
         with self.lock:
             segs = self.allocator.rebuild(
