@@ -56,7 +56,14 @@ def status(socket: SocketOpt = None, namespace: str = "default",
     table = Table(title="tiers")
     for col in ("tier", "capacity", "used", "blocks", "segments", "fragmentation", "hit ratio"):
         table.add_column(col, justify="right" if col != "tier" else "left")
+    notes = []
     for t in stats["tiers"]:
+        if t.get("degraded"):
+            notes.append(f"[yellow]{t['tier']} tier {'unavailable' if t.get('available') is False else 'degraded'}: "
+                         f"{t['degraded']}")
+        if t.get("available") is False:
+            table.add_row(t["tier"], "-", "-", "-", "-", "-", "unavailable")
+            continue
         used = t["used_bytes"]
         pct = f" ({100 * used / t['capacity_bytes']:.1f}%)" if t["capacity_bytes"] else ""
         hit = t.get("hit_ratio")
@@ -64,6 +71,13 @@ def status(socket: SocketOpt = None, namespace: str = "default",
                       f"{t['segments_assigned']}/{t['segments_total']}", f"{t['fragmentation']:.3f}",
                       "-" if hit is None else f"{hit:.3f}")
     console.print(table)
+    for note in notes:
+        console.print(note)
+    nvme = next((t for t in stats["tiers"] if t["tier"] == "nvme" and t.get("available", True)), None)
+    if nvme is not None:
+        console.print(f"nvme: pending writes {nvme['pending_writes']}  written {nvme['written_blocks']}  "
+                      f"read back {nvme['promoted_blocks']}  read errors {nvme['read_errors']}  "
+                      f"write errors {nvme['write_errors']}  evictions {nvme['evictions']}")
     ops = stats["ops"]
     console.print(f"puts {ops['puts']}  evictions {ops['evictions']}  no-space {ops['no_space']}  "
                   f"expired reservations {ops['expired_reservations']}  expired pins {ops['expired_pins']}")

@@ -171,3 +171,16 @@ def test_a_writer_faster_than_the_disk_is_slowed_not_refused(tmp_path):
         assert c.stats()["ops"]["no_space"] == 0 and nvme_stats(c)["blocks"] == 84
         hits, outs = read_all(c, keys[:8])
         assert all(hits) and np.array_equal(outs[7], data[7])
+
+
+def test_status_shows_both_tiers_and_an_unavailable_one(tmp_path):
+    import subprocess
+    import sys
+
+    for extra, expect in (({}, "nvme: pending writes 0"),
+                          ({"nvme.paths": str(tmp_path / "none" / "x=64MiB")}, "nvme tier unavailable")):
+        with DaemonProcess(settings(tmp_path, **extra)) as d:
+            out = subprocess.run([sys.executable, "-m", "kvrack.clients.cli", "status", "--socket", d.socket_path],
+                                 capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+            assert out.returncode == 0, out.stderr
+            assert "dram" in out.stdout and expect in out.stdout
