@@ -79,17 +79,14 @@ class Daemon:
         c = self.config
         assert self.store is not None
         t0 = time.perf_counter()
+        nvme = None
         try:
             nvme = open_nvme_tier(c["nvme.dir"], c["nvme.paths"], c["nvme.capacity_bytes"], c["nvme.index_dir"],
                                   c["nvme.region_bytes"], c["nvme.io_threads"])
-        except (OSError, ValueError, GeometryMismatch) as exc:
-            self.store.nvme_unavailable = str(exc)
-            log.error("nvme tier unavailable, serving from DRAM only: %s", exc)
-            return
-        try:
             report, blocks = nvme.recover()
         except (OSError, ValueError, GeometryMismatch) as exc:
-            nvme.close()
+            if nvme is not None:
+                nvme.close()
             self.store.nvme_unavailable = str(exc)
             log.error("nvme tier unavailable, serving from DRAM only: %s", exc)
             return

@@ -116,7 +116,7 @@ class Mover:
                 self.nvme.degraded is not None and time.monotonic() < self._retry_at):
             self.counters.not_persisted += 1
             return False
-        self.store.hold(e)
+        self.store.pin(e)
         self.queue.append(e)
         self._kick()
         return True
@@ -137,17 +137,17 @@ class Mover:
                 not batch or nbytes + self.queue[0].nbytes <= self.write_batch_bytes):
             e = self.queue.popleft()
             if e.state != COMMITTED or e.seg is None:  # deleted while queued
-                store.unhold(e)
+                store.unpin(e)
                 continue
             placement = self._place(e, unindex)
             if placement is None:
                 self.counters.not_persisted += 1
-                store.unhold(e)
+                store.unpin(e)
                 continue
             batch.append((e, placement[0], placement[1]))
             nbytes += e.nbytes
-        if not batch and not unindex:
-            self.writing = False
+        if not batch and not unindex:  # every queued block was deleted or found no slot
+            self._batch_done()
             return
         items = [(e.ns.name, e.key, seg, slot, self.dram.view(e.seg, e.slot, e.nbytes)) for e, seg, slot in batch]
         self.in_flight = len(batch)
@@ -184,7 +184,7 @@ class Mover:
             else:
                 failed += 1
                 self.nvme.free(seg, slot)
-            self.store.unhold(e)  # a block deleted meanwhile now loses its copies
+            self.store.unpin(e)  # a block deleted meanwhile now loses its copies
         if failed:
             self.counters.write_errors += failed
             self._retry_at = time.monotonic() + self.retry_s
@@ -193,6 +193,10 @@ class Mover:
         elif batch and self.nvme.degraded is not None:
             log.warning("nvme tier healthy again after: %s", self.nvme.degraded)
             self.nvme.degraded = None
+        self._batch_done()
+
+    def _batch_done(self) -> None:
+        """Wake whoever waits for room or for the queue to drain, then start the next batch."""
         self.writing = False
         if self._progress is not None:
             self._progress.set_result(None)
@@ -253,6 +257,16 @@ class Mover:
             return e
         return None
 
+    def _compact(self) -> None:
+        keep: collections.deque[Entry] = collections.deque()
+        for e in self.ring:
+            if e.nseg is None:
+                e.nflags = 0
+            else:
+                keep.append(e)
+        self.ring = keep
+        self.stale = 0
+
     def _forget_copy(self, e: Entry) -> None:
         """The entry no longer has an NVMe copy; an entry with no copy left leaves the index."""
         e.nseg = None
@@ -280,16 +294,6 @@ class Mover:
         self._unindex.clear()
 
     # -------------------------------------------------------------- promotion
-    def _compact(self) -> None:
-        keep: collections.deque[Entry] = collections.deque()
-        for e in self.ring:
-            if e.nseg is None:
-                e.nflags = 0
-            else:
-                keep.append(e)
-        self.ring = keep
-        self.stale = 0
-
     def touch(self, e: Entry) -> None:
         e.nflags |= NVME_REFERENCED
 
@@ -315,7 +319,7 @@ class Mover:
                     continue
                 fut = self.loop.create_future()
                 self.promoting[e] = fut
-                store.hold(e)  # our own pin: the copy stays put even if the client goes away mid-read
+                store.pin(e)  # our own pin: the copy stays put even if the client goes away mid-read
                 reads.append((e, placement[0], placement[1], fut))
             waits.append((i, e, fut))
         if reads:
@@ -334,14 +338,11 @@ class Mover:
                         self.unindex(e)
                     fut.set_result(f"its nvme copy is unreadable: {result}")
                 else:
-                    e.seg = seg
-                    e.slot = slot
-                    store.dram_blocks += 1
-                    store.dram_bytes += e.nbytes
+                    store.add_dram_copy(e, seg, slot)
                     self.counters.promoted_blocks += 1
                     self.counters.promoted_bytes += e.nbytes
                     fut.set_result(None)
-                store.unhold(e)
+                store.unpin(e)
         for i, e, fut in waits:
             err = await fut if fut is not None else None
             if err is None and e.seg is not None:
@@ -359,8 +360,8 @@ class Mover:
     async def flush(self, timeout: float) -> bool:
         """Wait (bounded) until every queued block is on NVMe; True when nothing is left."""
         deadline = time.monotonic() + timeout
-        while (self.writing or self.queue) and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
+        while await self.wait_for_progress(max(deadline - time.monotonic(), 0.0)):
+            pass
         return not (self.writing or self.queue)
 
     def stats(self) -> dict[str, Any]:

@@ -444,7 +444,7 @@ class ControlServer:
         for seg_id in req.segments:
             tier = self.store.tier_of(seg_id >> 40)
             seg = tier.segment(seg_id) if tier is not None else None
-            if seg is None or seg.owner != ns.name or not isinstance(seg.handle, int):  # type: ignore[union-attr]
+            if seg is None or seg.owner != ns.name:  # type: ignore[union-attr]
                 # the same answer for "no such segment" and "another tenant's": nothing to probe
                 return P.ErrorReply(id=req.id, code=int(P.ErrorCode.UNKNOWN_SEGMENT),
                                     message=f"segment {seg_id:#x} is not mappable by namespace {ns.name!r}"), ()  # type: ignore[union-attr]

@@ -63,7 +63,7 @@ class Store:
     def __init__(self, tier: Tier, namespaces: Sequence[NamespaceConfig], reserve_timeout_s: float = 30.0,
                  pin_timeout_s: float = 300.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.tier = tier
-        self.tiers: dict[int, Tier] = {int(tier.tier_id): tier}
+        self.tiers: dict[int, Tier] = {int(tier.tier_id): tier}  # tiers whose segments clients map
         self.namespaces = {ns.name: Namespace(ns.name, namespace_salt(ns), ns.uids, ns.gids) for ns in namespaces}
         self.reserve_timeout_s = reserve_timeout_s
         self.pin_timeout_s = pin_timeout_s
@@ -83,7 +83,6 @@ class Store:
     def attach(self, mover: Mover) -> None:
         """Add the NVMe tier (through its mover): committed blocks get a durable copy there."""
         self.mover = mover
-        self.tiers[int(mover.nvme.tier_id)] = mover.nvme  # type: ignore[assignment]
 
     def intern_size(self, size: int) -> int:
         return self._sizes.setdefault(size, size)
@@ -198,6 +197,13 @@ class Store:
         if e.nseg is None:
             self.forget(e)
 
+    def add_dram_copy(self, e: Entry, seg: Segment, slot: int) -> None:
+        """The block's bytes are now complete in this DRAM slot (a commit, or a read back from NVMe)."""
+        e.seg = seg
+        e.slot = slot
+        self.dram_blocks += 1
+        self.dram_bytes += e.nbytes
+
     def _free_dram_copy(self, e: Entry) -> None:
         self.tier.free(e.seg, e.slot)
         e.seg = None
@@ -213,16 +219,13 @@ class Store:
         ns.bytes -= e.nbytes
         e.state = DELETED
 
-    def hold(self, e: Entry) -> None:
-        """An internal pin (a copy between tiers in flight): not evictable, not freed, until ``unhold``."""
+    def pin(self, e: Entry) -> None:
+        """Not evictable, not freed, until ``unpin``: a client's lease, or a copy between tiers in flight."""
         if e.pins == 0:
             if e.prev is not None:
                 self.lru.unlink(e)
             self.pinned_blocks += 1
         e.pins += 1
-
-    def unhold(self, e: Entry) -> None:
-        self._unpin(e)
 
     def commit(self, session: Session, keys: Sequence[bytes]) -> KeysResult:
         """Publish reserved blocks: from now on readers see them."""
@@ -240,8 +243,7 @@ class Store:
             ns.bytes += e.nbytes
             counters.puts += 1
             counters.put_bytes += e.nbytes
-            self.dram_blocks += 1
-            self.dram_bytes += e.nbytes
+            self.add_dram_copy(e, e.seg, e.slot)
             if self.mover is None or not self.mover.enqueue(e):
                 self.lru.push_mru(e)
         return res
@@ -288,11 +290,7 @@ class Store:
                 else:
                     res.codes[i] = ErrorCode.IN_PROGRESS if e is not None else ErrorCode.NOT_FOUND
                 continue
-            if e.pins == 0:
-                if e.prev is not None:
-                    self.lru.unlink(e)
-                self.pinned_blocks += 1
-            e.pins += 1
+            self.pin(e)
             pin = pins.get(key)
             if pin is None:
                 pins[key] = [1, deadline, e]
@@ -324,10 +322,10 @@ class Store:
             pin[0] -= 1
             if pin[0] == 0:
                 del pins[key]
-            self._unpin(pin[2])
+            self.unpin(pin[2])
         return res
 
-    def _unpin(self, e: Entry, count: int = 1) -> None:
+    def unpin(self, e: Entry, count: int = 1) -> None:
         e.pins -= count
         if e.pins == 0:
             self.pinned_blocks -= 1
@@ -380,7 +378,7 @@ class Store:
         session.reserved.clear()
         unpinned = 0
         for count, _deadline, e in session.pins.values():
-            self._unpin(e, count)
+            self.unpin(e, count)
             unpinned += count
         session.pins.clear()
         return aborted, unpinned
@@ -401,7 +399,7 @@ class Store:
             pins = session.pins
             for key in [k for k, pin in pins.items() if pin[1] <= now]:
                 count, _deadline, e = pins.pop(key)
-                self._unpin(e, count)
+                self.unpin(e, count)
                 expired_pins += count
             if not reserved and not pins:
                 self._leaseholders.discard(session)

@@ -15,6 +15,7 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 ALIGN = 4096  # logical block size we align to; covers 512 B and 4 KiB devices
@@ -90,21 +91,20 @@ class DirectFile:
             raise ValueError(f"I/O past the end of {self.path}: {offset}+{nbytes} > {self.capacity}")
 
     def pwrite(self, buf: memoryview | mmap.mmap, offset: int) -> int:
-        n = len(buf)
-        self._check(n, offset)
-        done = 0
-        view = memoryview(buf)
-        while done < n:
-            done += os.pwritev(self.fd, [view[done:]], offset + done)
-        return done
+        return self._transfer(os.pwritev, buf, offset)
 
     def pread_into(self, buf: memoryview | mmap.mmap, offset: int) -> int:
+        return self._transfer(os.preadv, buf, offset)
+
+    def _transfer(self, call: Callable[[int, list[memoryview], int], int], buf: memoryview | mmap.mmap,
+                  offset: int) -> int:
+        """The whole buffer, resuming short transfers; one that moves nothing means the file ends early."""
         n = len(buf)
         self._check(n, offset)
         done = 0
         view = memoryview(buf)
         while done < n:
-            got = os.preadv(self.fd, [view[done:]], offset + done)
+            got = call(self.fd, [view[done:]], offset + done)
             if got == 0:
                 raise OSError(errno.EIO, f"{self.path} ends at {offset + done}: truncated behind our back?")
             done += got

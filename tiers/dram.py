@@ -83,7 +83,10 @@ class MemoryTier:
         return memoryview(m)[off: off + nbytes]
 
     def _unmap(self, segment: Segment) -> None:
-        m = self._maps.pop(segment.id, None)
+        self._close_map(self._maps.pop(segment.id, None))
+
+    @staticmethod
+    def _close_map(m: Any) -> None:
         if isinstance(m, mmap.mmap):
             try:
                 m.close()
@@ -106,10 +109,8 @@ class MemoryTier:
         return {"tier": self.name, "backing": self.backing.kind, **self.allocator.stats()}
 
     def close(self) -> None:
-        for seg_id in list(self._maps):
-            seg = self.allocator.segment(seg_id)
-            if seg is not None:
-                self._unmap(seg)
+        for m in self._maps.values():
+            self._close_map(m)
         self._maps.clear()
         self.allocator.close()
 

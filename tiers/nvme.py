@@ -152,8 +152,7 @@ class NvmeTier:
         if len(by_slot) < len(live):
             log.warning("nvme: %d index record(s) name a slot a newer record also names; dropping the older",
                         len(live) - len(by_slot))
-            dropped += [(ns, key) for ns, key, rec in live if by_slot[(rec.file, rec.offset)][1] != key
-                        or by_slot[(rec.file, rec.offset)][0] != ns]
+            dropped += [(item[0], item[1]) for item in live if by_slot[(item[2].file, item[2].offset)] is not item]
             live = list(by_slot.values())
         if dropped:
             self.index.delete_many(dropped)
@@ -208,26 +207,14 @@ class NvmeTier:
                 self.files[file_idx].pwrite(memoryview(bounce)[:span], offset)
             return Record(file_idx, offset, length, seg.slot_size, seg.handle[1], checksum, time.time(), layout)
 
-        def chunk(lo: int, hi: int) -> list[Record | OSError]:
-            out: list[Record | OSError] = []
-            for item in items[lo:hi]:
-                try:
-                    out.append(one(item))
-                except OSError as exc:
-                    out.append(exc)
-            return out
-
         results: list[OSError | None] = [None] * len(items)
         records: list[tuple[int, tuple[str, bytes, Record]]] = []
-        i = 0
-        for done in [f.result() for f in self._spread(chunk, len(items))]:
-            for outcome in done:
-                if isinstance(outcome, OSError):
-                    results[i] = outcome
-                    self._fail("write", outcome)
-                else:
-                    records.append((i, (items[i][0], items[i][1], outcome)))
-                i += 1
+        for i, outcome in enumerate(self._map_items(one, items, (OSError,))):
+            if isinstance(outcome, OSError):
+                results[i] = outcome
+                self._fail("write", outcome)
+            else:
+                records.append((i, (items[i][0], items[i][1], outcome)))
         synced: dict[int, OSError | None] = {}
         for file_idx in {rec.file for _, (_, _, rec) in records}:
             try:
@@ -279,23 +266,27 @@ class NvmeTier:
 
     def read_many(self, items: Sequence[tuple[str, bytes, memoryview | None]]) -> list[memoryview | Exception]:
         """Several reads in flight at once (the device's queue depth is where NVMe bandwidth comes from)."""
-        def chunk(lo: int, hi: int) -> list[memoryview | Exception]:
-            out: list[memoryview | Exception] = []
-            for ns, key, buf in items[lo:hi]:
+        return self._map_items(lambda item: self.read_into(*item), items, (OSError, KeyError))
+
+    def _map_items(self, fn: Callable[[Any], Any], items: Sequence[Any], errors: tuple[type[Exception], ...]
+                   ) -> list[Any]:
+        """``fn`` of every item, in order, each result or its exception, with one contiguous share of the
+        items per I/O thread: the device sees the same queue depth as one request per thread, without a
+        future, a lock and a queue entry per block."""
+        def share(lo: int, hi: int) -> list[Any]:
+            out: list[Any] = []
+            for item in items[lo:hi]:
                 try:
-                    out.append(self.read_into(ns, key, buf))
-                except (OSError, KeyError) as exc:
+                    out.append(fn(item))
+                except errors as exc:
                     out.append(exc)
             return out
 
-        return [r for f in self._spread(chunk, len(items)) for r in f.result()]
-
-    def _spread(self, work: Callable[[int, int], Any], n: int) -> list[concurrent.futures.Future[Any]]:
-        """``work`` over [0, n) in one contiguous share per I/O thread: the device sees the same queue
-        depth as one request per thread, without a future, a lock and a queue entry per block."""
+        n = len(items)
         shares = min(n, self.io_threads)
         bounds = [n * k // shares for k in range(shares + 1)] if shares else [0]
-        return [self.pool.submit(work, bounds[k], bounds[k + 1]) for k in range(shares)]
+        futures = [self.pool.submit(share, bounds[k], bounds[k + 1]) for k in range(shares)]
+        return [r for f in futures for r in f.result()]
 
     def remove(self, items: Sequence[tuple[str, bytes]]) -> int:
         """Unindex blocks (durably) before their slots may be reused."""
