@@ -20,7 +20,8 @@ from kvrack.daemon.mover import Mover
 from kvrack.daemon.server import ControlServer
 from kvrack.daemon.settings import Config, ConfigError, example_toml, format_size, load_config
 from kvrack.daemon.store import Store
-from kvrack.tiers.dram import open_dram_tier
+from kvrack.tiers.dram import DramAdoption, open_dram_tier
+from kvrack.tiers.dram_state import ShmDirBacking, save_state
 from kvrack.tiers.nvme import open_nvme_tier
 from kvrack.tiers.nvme_index import GeometryMismatch
 
@@ -64,13 +65,16 @@ class Daemon:
     def open(self) -> None:
         c = self.config
         t0 = time.perf_counter()
-        tier = open_dram_tier(c["dram.capacity_bytes"], c["dram.segment_bytes"], c["dram.hugepages"], c["dram.prefault"])
+        tier, adoption = open_dram_tier(c["dram.capacity_bytes"], c["dram.segment_bytes"], c["dram.hugepages"],
+                                        c["dram.prefault"], c["dram.shm_dir"])
         log.info("dram tier ready: %s in %.2fs", format_size(tier.capacity), time.perf_counter() - t0)
         self.store = Store(tier, c.namespaces, c["leases.reserve_timeout_s"], c["leases.pin_timeout_s"])
         if c["nvme.enabled"]:
             self._open_nvme()
         else:
-            log.info("nvme tier disabled (nvme.enabled = false): blocks live in DRAM only and do not survive a restart")
+            log.info("nvme tier disabled (nvme.enabled = false): blocks live in DRAM only%s",
+                     "" if c["dram.shm_dir"] else " and do not survive a restart")
+        self._adopt_dram(adoption)
         self.server = ControlServer(self.store, c["server.socket_path"], c["server.max_frame_bytes"],
                                     c["server.max_batch_keys"], c["server.socket_mode"], self._stats_extra)
 
@@ -99,6 +103,38 @@ class Daemon:
         log.info("nvme tier ready: %s on %s, index %s; recovered %d block(s), %s, in %.2fs (%d dropped); opened in %.2fs",
                  format_size(nvme.capacity), ", ".join(p.path for p in nvme.paths), nvme.index.env.path(),
                  report.blocks, format_size(report.bytes) if report.bytes else "0 bytes", report.seconds, report.dropped,
+                 time.perf_counter() - t0)
+
+    def _adopt_dram(self, adoption: DramAdoption) -> None:
+        """Index the DRAM blocks a clean shutdown left in dram.shm_dir (after NVMe recovery)."""
+        assert self.store is not None
+        if not self.config["dram.shm_dir"]:
+            return
+        if adoption.cold_reason:
+            log.info("dram: starting cold: %s; removed %d stale segment file(s)", adoption.cold_reason,
+                     adoption.removed_files)
+            return
+        n = self.store.adopt_dram(adoption.blocks)
+        log.info("dram: re-adopted %d block(s), %s, from %s in %.2fs (%d dropped)", n,
+                 format_size(adoption.bytes) if adoption.bytes else "0 bytes", self.config["dram.shm_dir"],
+                 adoption.seconds, len(adoption.blocks) - n)
+
+    def _save_dram(self) -> None:
+        """Clean shutdown with dram.shm_dir: write the slot table so the next start re-adopts the segments."""
+        assert self.store is not None
+        backing = self.store.tier.backing
+        if not isinstance(backing, ShmDirBacking):
+            return
+        t0 = time.perf_counter()
+        try:
+            n = save_state(backing, self.store.tier.allocator.segment_bytes, self.store.tier.capacity,
+                           ((e.ns.name, e.key, e.parent, e.seg.handle, e.seg.slot_size, e.slot, e.nbytes)
+                            for e in self.store.dram_copies()))
+        except OSError as exc:
+            log.error("dram: cannot write the clean-shutdown state in %s: %s; the next start is cold", backing.dir, exc)
+            return
+        backing.keep_files = True
+        log.info("dram: kept %d block(s) in %s for the next start (state written in %.2fs)", n, backing.dir,
                  time.perf_counter() - t0)
 
     def _stats_extra(self) -> dict[str, object]:
@@ -164,7 +200,9 @@ class Daemon:
                 if pending:
                     log.info("nvme: wrote the %d block(s) still queued", pending)
             else:
-                log.warning("nvme: %d block(s) not yet on nvme at shutdown; they are lost", mover.pending())
+                log.warning("nvme: %d block(s) not yet on nvme at shutdown%s", mover.pending(),
+                            "" if self.config["dram.shm_dir"] else "; they are lost")
+        self._save_dram()
 
     def close(self) -> None:
         if self.store is not None:

@@ -83,6 +83,7 @@ class Mover:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        self._kick()  # blocks queued before the loop ran (re-adopted DRAM blocks without an NVMe copy)
 
     # ------------------------------------------------------------- recovery
     def adopt(self, recovery: Recovery, blocks: list[tuple[str, bytes, Segment, int, Record]]) -> None:

@@ -155,6 +155,10 @@ SETTINGS: tuple[Setting, ...] = (
             min=64 * KiB, max=64 * GiB),
     Setting("dram.hugepages", "bool", False, "Back segments with huge pages (memfd MFD_HUGETLB; needs reserved hugepages)."),
     Setting("dram.prefault", "bool", True, "Allocate every page of a segment when it is created, so puts do not fault."),
+    Setting("dram.shm_dir", "str", "",
+            "Directory on tmpfs (/dev/shm/kvrack) or a hugetlbfs mount for named segment files that outlive the "
+            "daemon: after a clean stop the next start re-adopts every DRAM block. Empty: anonymous memfds, DRAM "
+            "starts cold. Segment files stay (and hold memory) while the daemon is stopped."),
     Setting("nvme.enabled", "bool", True,
             "Keep every committed block on the NVMe tier too (written behind the commit), so blocks outlive DRAM "
             "eviction and daemon restarts."),

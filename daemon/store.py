@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import blake3
@@ -83,6 +83,46 @@ class Store:
     def attach(self, mover: Mover) -> None:
         """Add the NVMe tier (through its mover): committed blocks get a durable copy there."""
         self.mover = mover
+
+    def adopt_dram(self, blocks: Sequence[tuple[str, bytes, bytes | None, Segment, int, int]]) -> int:
+        """Index blocks the DRAM tier kept over a clean restart, oldest first; returns how many.
+
+        Runs after NVMe recovery: a block with an NVMe copy gains its DRAM copy back; one
+        without is queued for its NVMe copy like a fresh commit.
+        """
+        adopted = 0
+        for ns_name, key, parent, seg, slot, nbytes in blocks:
+            ns = self.namespaces.get(ns_name)
+            e = ns.entries.get(key) if ns is not None else None
+            if ns is None or (e is not None and (e.seg is not None or e.nbytes != nbytes)):
+                self.tier.free(seg, slot)  # namespace no longer configured, or a duplicate: drop the copy
+                continue
+            if parent is not None:
+                pe = ns.entries.get(parent)
+                parent = pe.key if pe is not None else parent
+            if e is None:
+                e = Entry(key, ns, None, 0, self.intern_size(nbytes), parent)
+                e.state = COMMITTED
+                ns.entries[key] = e
+                ns.blocks += 1
+                ns.bytes += nbytes
+                self.add_dram_copy(e, seg, slot)
+                if self.mover is None or not self.mover.enqueue(e):
+                    self.lru.push_mru(e)
+            else:
+                e.parent = parent
+                self.add_dram_copy(e, seg, slot)
+                self.lru.push_mru(e)
+            adopted += 1
+        return adopted
+
+    def dram_copies(self) -> Iterator[Entry]:
+        """Committed blocks with a DRAM copy, least recently used first (for the clean-shutdown state)."""
+        yield from self.lru
+        for ns in self.namespaces.values():
+            for e in ns.entries.values():
+                if e.state == COMMITTED and e.seg is not None and e.prev is None:
+                    yield e
 
     def intern_size(self, size: int) -> int:
         return self._sizes.setdefault(size, size)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from kvrack.daemon.protocol import TierId
 from kvrack.tiers.allocator import SlotAllocator
 from kvrack.tiers.base import Segment
+from kvrack.tiers.dram_state import ShmDirBacking, saved_blocks, take_state
 
 log = logging.getLogger("kvrack.tiers.dram")
 MFD_HUGETLB = getattr(os, "MFD_HUGETLB", 0x0004)
@@ -113,11 +116,64 @@ class MemoryTier:
             self._close_map(m)
         self._maps.clear()
         self.allocator.close()
+        close_lock = getattr(self.backing, "close_lock", None)
+        if close_lock is not None:
+            close_lock()
 
 
-def open_dram_tier(capacity: int, segment_bytes: int, hugepages: bool = False, prefault: bool = True) -> MemoryTier:
-    """The DRAM tier as the daemon runs it: memfd segments, all created at start."""
-    tier = MemoryTier(TierId.DRAM, capacity, segment_bytes, MemfdBacking(hugepages, prefault))
+@dataclass
+class DramAdoption:
+    """What a start found of the DRAM tier's last life: blocks to index again, or why it starts cold."""
+
+    blocks: list[tuple[str, bytes, bytes | None, Segment, int, int]] = field(default_factory=list)
+    cold_reason: str = ""
+    removed_files: int = 0
+    seconds: float = 0.0
+
+    @property
+    def bytes(self) -> int:
+        return sum(b[5] for b in self.blocks)
+
+
+def open_dram_tier(capacity: int, segment_bytes: int, hugepages: bool = False, prefault: bool = True,
+                   shm_dir: str = "") -> tuple[MemoryTier, DramAdoption]:
+    """The DRAM tier as the daemon runs it, every segment created at start.
+
+    Anonymous memfds by default (always cold); with ``shm_dir``, named segment files
+    whose blocks are re-adopted after a clean shutdown.
+    """
+    if shm_dir:
+        tier, adoption = _open_shm_dir_tier(capacity, segment_bytes, prefault, shm_dir)
+    else:
+        tier = MemoryTier(TierId.DRAM, capacity, segment_bytes, MemfdBacking(hugepages, prefault))
+        adoption = DramAdoption(cold_reason="anonymous memfd segments (dram.shm_dir is empty)")
     log.info("dram tier: %d segments of %d MiB (%s%s%s)", tier.allocator.max_segments, segment_bytes >> 20,
-             "memfd", ", hugepages" if hugepages else "", ", prefaulted" if prefault else "")
-    return tier
+             f"files in {shm_dir}" if shm_dir else "memfd", ", hugepages" if hugepages and not shm_dir else "",
+             ", prefaulted" if prefault else "")
+    return tier, adoption
+
+
+def _open_shm_dir_tier(capacity: int, segment_bytes: int, prefault: bool, shm_dir: str) -> tuple[MemoryTier, DramAdoption]:
+    t0 = time.perf_counter()
+    backing = ShmDirBacking(shm_dir, prefault)
+    adoption = DramAdoption()
+    tier = MemoryTier(TierId.DRAM, capacity, segment_bytes, backing, prefill=False)
+    state, adoption.cold_reason = take_state(backing, segment_bytes, tier.capacity)
+    if state is not None:
+        fds: dict[str, int] = {}
+        try:
+            for rec in state.segments:
+                fds[rec.file] = backing.open_existing(rec.file, segment_bytes)
+            saved = list(saved_blocks(state))
+            by_handle = tier.allocator.rebuild((b.owner, b.slot_size, fds[b.file], b.slot) for b in saved)
+            adoption.blocks = [(b.namespace, b.key, b.parent, by_handle[fds[b.file]], b.slot, b.nbytes) for b in saved]
+        except (OSError, ValueError) as exc:
+            for fd in fds.values():
+                backing.forget(fd)
+            tier = MemoryTier(TierId.DRAM, capacity, segment_bytes, backing, prefill=False)
+            adoption.blocks = []
+            adoption.cold_reason = f"segments not re-adoptable: {exc}"
+    adoption.removed_files = backing.remove_stale()
+    tier.allocator.prefill()
+    adoption.seconds = time.perf_counter() - t0
+    return tier, adoption
