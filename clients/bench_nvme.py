@@ -139,6 +139,61 @@ def tier_io(directory: str, size: int, n: int, batch: int, repeats: int, latency
             "get_p50_us": round(lat[len(lat) // 2] / 1000, 1), "get_p99_us": round(lat[int(len(lat) * 0.99)] / 1000, 1)}
 
 
+def gds_io(directory: str, size: int, n: int, repeats: int) -> dict[str, Any]:
+    """GPU only: GB/s of raw kvikio reads into GPU memory vs the tier's checked GDS reads of the same blocks."""
+    from kvrack.tiers import gds
+
+    why = gds.unavailable_reason()
+    if why is not None:
+        return {"gds_get_gbs": None, "raw_gds_read_gbs": None, "gds_unavailable": why}
+    import cupy
+    import kvikio
+
+    region = max(64 * MiB, size)
+    capacity = -(-n * size // region) * region + region
+    path = os.path.join(directory, "gds.kvr")
+    tier = NvmeTier([BackingPath(path, capacity)], os.path.join(directory, "gds-index"), region_bytes=region,
+                    io_threads=IO_THREADS, map_size=1 << 30)
+    tier.recover()
+    reader = gds.GdsReader(tier)
+    src = aligned_buffer(size)
+    src.write(os.urandom(size))
+    keys = [os.urandom(32) for _ in range(n)]
+    for k in keys:
+        seg, slot = tier.allocate("bench", size)
+        if tier.write([("bench", k, seg, slot, memoryview(src))]) != [None]:
+            raise RuntimeError("tier write failed")
+    order = keys[:]
+    random.Random(11).shuffle(order)
+    offsets = [tier.index.get("bench", k).offset for k in order]  # type: ignore[union-attr]
+    out = cupy.empty(size, dtype=cupy.uint8)
+    raw_file = kvikio.CuFile(path, "r")
+    total = n * size
+
+    def raw() -> float:
+        t0 = time.perf_counter()
+        for off in offsets:
+            raw_file.pread(out, size, off).get()
+        return total / (time.perf_counter() - t0) / 1e9
+
+    def tier_get() -> float:
+        t0 = time.perf_counter()
+        for k in order:
+            reader.read_into_device("bench", k, out)
+        cupy.cuda.Device().synchronize()
+        return total / (time.perf_counter() - t0) / 1e9
+
+    try:
+        raw_gbs = max(raw() for _ in range(repeats))
+        get_gbs = max(tier_get() for _ in range(repeats))
+    finally:
+        raw_file.close()
+        reader.close()
+        tier.close()
+    return {"gds_get_gbs": round(get_gbs, 3), "raw_gds_read_gbs": round(raw_gbs, 3),
+            "gds_compat_mode": reader.compat_mode}
+
+
 def _nvme_stats(client: Client) -> dict[str, Any]:
     return next(t for t in client.stats()["tiers"] if t["tier"] == "nvme")
 
@@ -207,13 +262,17 @@ def run(directory: str | None, sizes: list[str], working_set: int, repeats: int,
             tier = tier_io(work, size, n, batch, repeats, latency_samples)
             progress(f"daemon end to end {name}")
             daemon = daemon_io(work, size, n, batch, repeats)
+            progress(f"GPUDirect Storage {name}")
+            gpu = gds_io(work, size, n, repeats)
             # the baseline again, after: a virtual or cached disk drifts during a run, and the better
             # of the two raw figures keeps the ratios on the conservative side
             progress(f"raw O_DIRECT {name}, again")
             again = raw_io(work, size, n, batch, repeats)
             raw = {k: max(v, again[k]) for k, v in raw.items()}
             shutil.rmtree(work, ignore_errors=True)
-            out["sizes"][name] = {"block_bytes": size, "blocks": n, "batch": batch, **raw, **tier, **daemon,
+            gds_ratio = round(gpu["gds_get_gbs"] / gpu["raw_gds_read_gbs"], 3) if gpu["gds_get_gbs"] else None
+            out["sizes"][name] = {"block_bytes": size, "blocks": n, "batch": batch, **raw, **tier, **daemon, **gpu,
+                                  "gds_get_vs_raw": gds_ratio,
                                   "get_vs_raw": round(tier["get_gbs"] / raw["raw_rand_read_gbs"], 3),
                                   "put_vs_raw": round(tier["put_gbs"] / raw["raw_seq_write_gbs"], 3),
                                   "daemon_get_vs_raw": round(daemon["daemon_get_gbs"] / raw["raw_rand_read_gbs"], 3),
@@ -225,5 +284,6 @@ def run(directory: str | None, sizes: list[str], working_set: int, repeats: int,
     out["nvme_put_vs_raw"] = ref["put_vs_raw"]
     out["daemon_get_vs_raw"] = ref["daemon_get_vs_raw"]
     out["daemon_put_vs_raw"] = ref["daemon_put_vs_raw"]
+    out["gds_get_vs_raw"] = ref["gds_get_vs_raw"]  # null without a GPU; ref["gds_unavailable"] says why
     out["targets"] = {"nvme_get_vs_raw": 0.8, "nvme_put_vs_raw": 0.7}
     return out

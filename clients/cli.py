@@ -144,7 +144,7 @@ def bench_nvme(json_path: JsonOpt = None,
     if unknown:
         raise typer.BadParameter(f"unknown size(s) {unknown}; choose from {', '.join(bn.SIZES)}")
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("bench", total=4 * len(names))
+        task = progress.add_task("bench", total=5 * len(names))
         result = bn.run(str(directory) if directory else None, names, parse_size(working_set), repeats,
                         progress=lambda label: progress.update(task, description=label, advance=1))
     table = Table(title=f"kvrack bench nvme ({result['directory']}, {result['io_threads']} I/O threads)")
@@ -162,6 +162,11 @@ def bench_nvme(json_path: JsonOpt = None,
                       f"raw seq write {s['raw_seq_write_gbs']:.2f} GB/s", f"{s['daemon_put_vs_raw']:.2f}", "")
         table.add_row(f"daemon get_into {name} from NVMe", f"{s['daemon_get_gbs']:.2f} GB/s",
                       f"raw random read {s['raw_rand_read_gbs']:.2f} GB/s", f"{s['daemon_get_vs_raw']:.2f}", "")
+        if s["gds_get_gbs"] is not None:
+            table.add_row(f"GDS get {name} into GPU memory", f"{s['gds_get_gbs']:.2f} GB/s",
+                          f"raw kvikio read {s['raw_gds_read_gbs']:.2f} GB/s", f"{s['gds_get_vs_raw']:.2f}", "")
+        else:
+            table.add_row(f"GDS get {name} into GPU memory", "-", "", "", s["gds_unavailable"])
     console.print(table)
     write_json(json_path, result)
 

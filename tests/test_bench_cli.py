@@ -29,4 +29,7 @@ def test_bench_nvme_writes_the_contracted_json(tmp_path):
     for key in ("nvme_get_vs_raw", "nvme_put_vs_raw"):
         assert isinstance(data[key], float) and data[key] > 0, key
     assert set(data["sizes"]) == {"2MiB", "256KiB"}
+    assert "gds_get_vs_raw" in data  # null with the reason in sizes[..]["gds_unavailable"] when there is no GPU
+    if data["gds_get_vs_raw"] is None:
+        assert data["sizes"]["2MiB"]["gds_unavailable"]
     assert [p.name for p in tmp_path.iterdir()] == ["nvme.json"], "the bench cleans up its files"

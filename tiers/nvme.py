@@ -30,6 +30,7 @@ from kvrack.daemon.protocol import TierId
 from kvrack.tiers.allocator import PAGE_ALIGN, SlotAllocator
 from kvrack.tiers.base import Segment
 from kvrack.tiers.blockio import ALIGN, BlockFile, DirectFile, align_up, aligned_buffer
+from kvrack.tiers.gds import word_checksum
 from kvrack.tiers.nvme_index import INDEX_VERSION, Geometry, NvmeIndex, Record
 
 log = logging.getLogger("kvrack.tiers.nvme")
@@ -122,6 +123,7 @@ class NvmeTier:
         self.errors = {"write": 0, "read": 0, "sync": 0, "checksum": 0}
         self.bytes_written = 0
         self.bytes_read = 0
+        self.device_checksums = False  # set by a GdsReader: writes also record gds.word_checksum
 
     # ------------------------------------------------------------- recovery
     def recover(self) -> tuple[Recovery, list[tuple[str, bytes, Segment, int, Record]]]:
@@ -205,7 +207,8 @@ class NvmeTier:
                 bounce = aligned_buffer(span)  # freed with its last view, even when the write raised
                 bounce[:length] = data
                 self.files[file_idx].pwrite(memoryview(bounce)[:span], offset)
-            return Record(file_idx, offset, length, seg.slot_size, seg.handle[1], checksum, time.time(), layout)
+            dev = word_checksum(data) if self.device_checksums else 0
+            return Record(file_idx, offset, length, seg.slot_size, seg.handle[1], checksum, time.time(), layout, dev)
 
         results: list[OSError | None] = [None] * len(items)
         records: list[tuple[int, tuple[str, bytes, Record]]] = []

@@ -30,6 +30,7 @@ class Record(msgspec.Struct, array_like=True, frozen=True):
     checksum: int  # xxh3-64 of the block data
     created: float  # unix time of the write
     layout: bytes = b""  # the client's layout id when known
+    device_checksum: int = 0  # gds.word_checksum of the data when a GPU reader was attached; 0 = none
 
 
 class Geometry(msgspec.Struct, frozen=True):
