@@ -1,0 +1,53 @@
+"""The eviction-policy interface: policies see keys and events, never bytes, tiers or sessions.
+
+A tier tells its policy when a block arrives (``insert``), is read (``hit``) and
+leaves (``remove``), and asks it for a ``victim`` among the blocks the tier
+says are evictable (unpinned, and no descendant cached in this or a faster
+tier: leaf first). The policy never removes anything itself; the tier calls
+``remove`` when it has dropped the victim. Randomness and time are injected,
+so a run is reproducible.
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Hashable
+from typing import ClassVar
+
+Key = Hashable
+Evictable = Callable[[Key], bool]
+
+
+class EvictionPolicy(ABC):
+    """Order of eviction for one tier. ``capacity`` is in blocks: it sizes internal queues, not the tier."""
+
+    name: ClassVar[str]
+
+    def __init__(self, capacity: int, rng: random.Random | None = None) -> None:
+        if capacity < 1:
+            raise ValueError("policy capacity must be at least one block")
+        self.capacity = capacity
+        self.rng = rng or random.Random(0)
+
+    @abstractmethod
+    def insert(self, key: Key, parent: Key | None = None) -> None:
+        """A block became resident in the tier; ``parent`` is the block before it in its chain, when known."""
+
+    @abstractmethod
+    def hit(self, key: Key) -> None:
+        """A resident block was read (or written again)."""
+
+    @abstractmethod
+    def remove(self, key: Key) -> None:
+        """A block left the tier (evicted, deleted, moved); unknown keys are ignored."""
+
+    @abstractmethod
+    def victim(self, evictable: Evictable) -> Key | None:
+        """The block to evict next among those ``evictable`` accepts, or None when there is none."""
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def __contains__(self, key: object) -> bool: ...

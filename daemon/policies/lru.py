@@ -1,0 +1,38 @@
+"""LRU: evict the least recently used evictable block."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from kvrack.daemon.policies.base import Evictable, EvictionPolicy, Key
+
+
+class LruPolicy(EvictionPolicy):
+    name = "lru"
+
+    def __init__(self, capacity: int, rng=None) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(capacity, rng)
+        self.order: OrderedDict[Key, None] = OrderedDict()  # oldest first
+
+    def insert(self, key: Key, parent: Key | None = None) -> None:
+        self.order[key] = None
+        self.order.move_to_end(key)
+
+    def hit(self, key: Key) -> None:
+        if key in self.order:
+            self.order.move_to_end(key)
+
+    def remove(self, key: Key) -> None:
+        self.order.pop(key, None)
+
+    def victim(self, evictable: Evictable) -> Key | None:
+        for key in self.order:
+            if evictable(key):
+                return key
+        return None
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.order
