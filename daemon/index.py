@@ -85,6 +85,51 @@ class LruList:
             e = e.next
 
 
+class PolicyOrder:
+    """``LruList``'s interface over a named eviction policy (``kvrack.daemon.policies``).
+
+    Same invariant: an entry is a member exactly when it is committed, unpinned
+    and has a DRAM copy; membership is marked in ``prev`` (the store's test).
+    A pin takes the entry out and the unpin puts it back, which the policy
+    sees as a removal and a fresh insert: policies with a ghost memory
+    (``chain``) count that as reuse.
+    """
+
+    __slots__ = ("policy", "_mark")
+
+    def __init__(self, name: str, capacity_blocks: int) -> None:
+        from kvrack.daemon.policies import make_policy
+
+        self.policy = make_policy(name, max(1, capacity_blocks))
+        self._mark = Entry.__new__(Entry)
+
+    @property
+    def size(self) -> int:
+        return len(self.policy)
+
+    def push_mru(self, e: Entry) -> None:
+        e.prev = self._mark
+        self.policy.insert(e)
+
+    def unlink(self, e: Entry) -> None:
+        e.prev = None
+        self.policy.remove(e)
+
+    def touch(self, e: Entry) -> None:
+        self.policy.hit(e)
+
+    def lru(self) -> Entry | None:
+        return self.policy.victim(_always)  # type: ignore[return-value]
+
+    def __iter__(self):  # members; in the policy's own order only for LRU-like policies
+        yield from list(getattr(self.policy, "where", None) or getattr(self.policy, "order", None)
+                        or getattr(self.policy, "freq", None) or getattr(self.policy, "visited", None) or ())
+
+
+def _always(_: object) -> bool:
+    return True
+
+
 class Namespace:
     """A tenant's isolated key space and its counters."""
 

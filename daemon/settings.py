@@ -159,6 +159,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Directory on tmpfs (/dev/shm/kvrack) or a hugetlbfs mount for named segment files that outlive the "
             "daemon: after a clean stop the next start re-adopts every DRAM block. Empty: anonymous memfds, DRAM "
             "starts cold. Segment files stay (and hold memory) while the daemon is stopped."),
+    Setting("dram.policy", "choice", "lru",
+            "Eviction order of the DRAM tier (see docs/policies.md and `kvrack sim` to pick one for a workload).",
+            choices=("lru", "chain", "s3fifo", "sieve", "lfu")),
     Setting("nvme.enabled", "bool", True,
             "Keep every committed block on the NVMe tier too (written behind the commit), so blocks outlive DRAM "
             "eviction and daemon restarts."),

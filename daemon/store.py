@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import blake3
 
 from kvrack.daemon.counters import SlotCounters
-from kvrack.daemon.index import COMMITTED, DELETED, RESERVED, Entry, LruList, Namespace
+from kvrack.daemon.index import COMMITTED, DELETED, RESERVED, Entry, LruList, Namespace, PolicyOrder
 from kvrack.daemon.protocol import KEY_BYTES, Descriptor, ErrorCode, TierId
 from kvrack.daemon.session import Session
 from kvrack.daemon.settings import NamespaceConfig
@@ -61,14 +61,18 @@ class Store:
     """
 
     def __init__(self, tier: Tier, namespaces: Sequence[NamespaceConfig], reserve_timeout_s: float = 30.0,
-                 pin_timeout_s: float = 300.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 pin_timeout_s: float = 300.0, clock: Callable[[], float] = time.monotonic,
+                 policy: str = "lru", typical_block_bytes: int = 2 << 20) -> None:
         self.tier = tier
         self.tiers: dict[int, Tier] = {int(tier.tier_id): tier}  # tiers whose segments clients map
         self.namespaces = {ns.name: Namespace(ns.name, namespace_salt(ns), ns.uids, ns.gids) for ns in namespaces}
         self.reserve_timeout_s = reserve_timeout_s
         self.pin_timeout_s = pin_timeout_s
         self.clock = clock
-        self.lru = LruList()
+        # LRU stays the intrusive list (O(1), no per-entry dict); other policies size their
+        # queues in blocks, estimated from the capacity and a typical block size
+        self.lru: LruList | PolicyOrder = LruList() if policy == "lru" else \
+            PolicyOrder(policy, tier.capacity // max(1, typical_block_bytes))
         self.pinned_blocks = 0  # blocks with at least one pin, deleted-but-pinned included
         self.counters = Counters()
         self._sizes: dict[int, int] = {}  # interned block sizes: one int object per size, not per entry

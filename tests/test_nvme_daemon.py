@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 
 from kvrack.clients import Client
 from kvrack.clients.spawn import DaemonProcess
@@ -70,9 +71,10 @@ def test_kill_9_then_restart_serves_every_committed_block_bit_identical(tmp_path
         d2.stop()
 
 
-def test_dram_eviction_keeps_blocks_on_nvme_and_a_get_promotes_them(tmp_path):
+@pytest.mark.parametrize("policy", ["lru", "chain"])
+def test_dram_eviction_keeps_blocks_on_nvme_and_a_get_promotes_them(tmp_path, policy):
     keys, data = blocks(64, 2)
-    with DaemonProcess(settings(tmp_path)) as d, Client.connect(d.socket_path) as c:
+    with DaemonProcess(settings(tmp_path, **{"dram.policy": policy})) as d, Client.connect(d.socket_path) as c:
         put_persisted(c, keys, data)
         assert c.lookup(keys[:8]).tiers == bytes([TierId.NVME]) * 8  # the oldest left DRAM
         with c.get(keys[:4]) as lease:  # zero-copy lease of promoted blocks

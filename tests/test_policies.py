@@ -145,3 +145,38 @@ def test_tinylfu_moves_window_blocks_into_an_empty_main_space() -> None:
     v = policy.victim(lambda k: True)
     assert v is not None
     assert len(policy.queues[1]) + len(policy.queues[2]) > 0  # type: ignore[attr-defined]
+
+
+# ------------------------------------------------------------- in the daemon's store
+@pytest.mark.parametrize("name", ALL)
+def test_store_evicts_through_the_configured_policy(name: str) -> None:
+    from kvrack.daemon.protocol import ErrorCode, TierId
+    from kvrack.daemon.session import Session
+    from kvrack.daemon.settings import NamespaceConfig
+    from kvrack.daemon.store import Store
+    from kvrack.tiers.dram import HeapBacking, MemoryTier
+
+    seg, block = 64 * 1024, 16 * 1024
+    tier = MemoryTier(TierId.DRAM, 2 * seg, seg, HeapBacking())  # 8 blocks
+    store = Store(tier, [NamespaceConfig("a")], policy=name, typical_block_bytes=block)
+    s = Session(1, None)
+    s.namespace = store.namespaces["a"]
+
+    def k(i: int) -> bytes:
+        return i.to_bytes(32, "big")
+
+    def put(keys: list[bytes]) -> list[int]:
+        res = store.reserve(s, keys, [block] * len(keys), None)
+        store.commit(s, [kk for kk, c in zip(keys, res.codes) if c == 0])
+        return res.codes
+
+    assert put([k(i) for i in range(8)]) == [0] * 8
+    assert store.acquire(s, [k(0), k(1)]).codes == [0, 0]  # pinned: never a victim
+    for i in range(100, 130):
+        assert put([k(i)]) == [0]
+        assert store.dram_blocks <= 8
+    assert store.lookup(s.namespace, [k(0), k(1)])[0] == 2
+    assert store.counters.evictions == 30
+    store.release(s, [k(0), k(1)])
+    assert store.lru.size == store.dram_blocks == 8
+    assert store.reserve(s, [k(999)], [block], None).codes == [ErrorCode.OK]
