@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from typing import ClassVar
 
 Key = Hashable
@@ -51,3 +51,12 @@ class EvictionPolicy(ABC):
 
     @abstractmethod
     def __contains__(self, key: object) -> bool: ...
+
+
+def first_evictable(*queues: Iterable[Key], evictable: Evictable) -> Key | None:
+    """The first key, queue by queue in order, that the tier may evict."""
+    for queue in queues:
+        for key in queue:
+            if evictable(key):
+                return key
+    return None

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from kvrack.daemon.policies.base import Evictable, EvictionPolicy, Key
+from kvrack.daemon.policies.base import Evictable, EvictionPolicy, Key, first_evictable
 
 PROBATION, PROTECTED = 0, 1
 
@@ -88,11 +88,7 @@ class ChainPolicy(EvictionPolicy):
     def victim(self, evictable: Evictable) -> Key | None:
         probation, protected = self.queues
         order = (probation, protected) if len(probation) > self.probation_floor else (protected, probation)
-        for queue in order:
-            for key in queue:
-                if evictable(key):
-                    return key
-        return None
+        return first_evictable(*order, evictable=evictable)
 
     def __len__(self) -> int:
         return len(self.where)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from kvrack.daemon.policies.base import Evictable, EvictionPolicy, Key
+from kvrack.daemon.policies.base import Evictable, EvictionPolicy, Key, first_evictable
 
 
 class LruPolicy(EvictionPolicy):
@@ -26,10 +26,7 @@ class LruPolicy(EvictionPolicy):
         self.order.pop(key, None)
 
     def victim(self, evictable: Evictable) -> Key | None:
-        for key in self.order:
-            if evictable(key):
-                return key
-        return None
+        return first_evictable(self.order, evictable=evictable)
 
     def __len__(self) -> int:
         return len(self.order)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from kvrack.daemon.policies.base import Evictable, EvictionPolicy, Key
+from kvrack.daemon.policies.base import Evictable, EvictionPolicy, Key, first_evictable
 from kvrack.daemon.policies.sketch import FrequencySketch
 
 WINDOW, PROBATION, PROTECTED = 0, 1, 2
@@ -61,20 +61,13 @@ class TinyLfuPolicy(EvictionPolicy):
         if q is not None:
             del self.queues[q][key]
 
-    @staticmethod
-    def _oldest(queue: OrderedDict[Key, None], evictable: Evictable) -> Key | None:
-        for key in queue:
-            if evictable(key):
-                return key
-        return None
-
     def victim(self, evictable: Evictable) -> Key | None:
         window, probation, protected = self.queues
         while True:
-            main_victim = self._oldest(probation, evictable) or self._oldest(protected, evictable)
+            main_victim = first_evictable(probation, protected, evictable=evictable)
             if len(window) <= self.window_target and main_victim is not None:
                 return main_victim
-            candidate = self._oldest(window, evictable)
+            candidate = first_evictable(window, evictable=evictable)
             if candidate is None or main_victim is None:
                 if candidate is not None and len(probation) + len(protected) < self.capacity - self.window_target:
                     del window[candidate]  # the main space has room: no duel
