@@ -216,7 +216,7 @@ def sim(json_path: JsonOpt = None,
             progress.update(task, description=label)
 
         if trace is None:
-            result = report.run_default(capacity_fraction, names, nvme_fraction, admission, nbytes, step)
+            result = report.run_default(capacity_fraction, names, nvme_fraction, admission, nbytes, fractions, step)
             runs = result["traces"]
         else:
             try:
@@ -224,14 +224,10 @@ def sim(json_path: JsonOpt = None,
             except (OSError, traces.TraceError) as exc:
                 console.print(f"[red]{exc}")
                 raise typer.Exit(2) from None
-            result = report.run_trace(requests, capacity_fraction, names, nvme_fraction, admission, nbytes, step)
+            result = report.run_trace(requests, capacity_fraction, names, nvme_fraction, admission, nbytes, fractions,
+                                      step)
             result["trace"] = str(trace)
             runs = {trace.name: result}
-            if fractions:
-                result["sweep"] = report.sweep(requests, fractions, names, step)
-        if trace is None and fractions:
-            for name in report.DEFAULT_TRACES:
-                result["traces"][name]["sweep"] = report.sweep(traces.GENERATORS[name](), fractions, names, step)
     table = Table(title=f"kvrack sim: prefix-hit ratio, DRAM = {capacity_fraction:g} x unique blocks")
     table.add_column("policy")
     for name in runs:

@@ -121,9 +121,8 @@ class PolicyOrder:
     def lru(self) -> Entry | None:
         return self.policy.victim(_always)  # type: ignore[return-value]
 
-    def __iter__(self):  # members; in the policy's own order only for LRU-like policies
-        yield from list(getattr(self.policy, "where", None) or getattr(self.policy, "order", None)
-                        or getattr(self.policy, "freq", None) or getattr(self.policy, "visited", None) or ())
+    def __iter__(self):  # members, nearest eviction first; a snapshot, so callers may unlink while walking
+        yield from list(self.policy)
 
 
 def _always(_: object) -> bool:

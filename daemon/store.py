@@ -121,7 +121,7 @@ class Store:
         return adopted
 
     def dram_copies(self) -> Iterator[Entry]:
-        """Committed blocks with a DRAM copy, least recently used first (for the clean-shutdown state)."""
+        """Committed blocks with a DRAM copy, nearest eviction first (for the clean-shutdown state)."""
         yield from self.lru
         for ns in self.namespaces.values():
             for e in ns.entries.values():

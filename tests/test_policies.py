@@ -52,6 +52,7 @@ def test_capacity_pins_and_leaf_first(name: str, seed: int, cap: int, nvme: int,
         assert 0 <= prefix <= len(req)
         assert len(sim.dram.resident) <= cap, "DRAM over capacity"
         assert len(sim.dram.policy) == len(sim.dram.resident), "policy and tier disagree on residency"
+        assert set(sim.dram.policy) == sim.dram.resident
         if sim.nvme is not None:
             assert len(sim.nvme.resident) <= nvme, "NVMe over capacity"
             assert len(sim.nvme.policy) == len(sim.nvme.resident)

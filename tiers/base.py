@@ -1,7 +1,8 @@
-"""The ``Tier`` protocol every storage medium implements, and its segment record."""
+"""The ``Tier`` protocol every storage medium implements, its segment record, and sizing a segment file."""
 
 from __future__ import annotations
 
+import os
 from typing import Any, Protocol, runtime_checkable
 
 from kvrack.daemon.protocol import TierId
@@ -85,3 +86,15 @@ class Tier(Protocol):
 
     def close(self) -> None:
         """Release every segment."""
+
+
+def size_segment_fd(fd: int, size: int, prefault: bool, medium: str) -> None:
+    """Give a new segment fd its size, with every page allocated now when ``prefault`` (shmem), so the first
+    store into a slot takes no page fault; on failure the fd is closed and the error names ``medium``."""
+    try:
+        os.ftruncate(fd, size)
+        if prefault:
+            os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        os.close(fd)
+        raise OSError(exc.errno, f"cannot back a {size}-byte segment with {medium}: {exc.strerror}") from None

@@ -11,7 +11,7 @@ from typing import Any
 
 from kvrack.daemon.protocol import TierId
 from kvrack.tiers.allocator import SlotAllocator
-from kvrack.tiers.base import Segment
+from kvrack.tiers.base import Segment, size_segment_fd
 from kvrack.tiers.dram_state import ShmDirBacking, saved_blocks, take_state
 
 log = logging.getLogger("kvrack.tiers.dram")
@@ -35,14 +35,7 @@ class MemfdBacking:
         except OSError as exc:
             hint = " (is vm.nr_hugepages large enough?)" if self.hugepages else ""
             raise OSError(exc.errno, f"memfd_create failed for a {size}-byte segment: {exc.strerror}{hint}") from None
-        try:
-            os.ftruncate(fd, size)
-            if self.prefault:
-                # allocates every page now (shmem), so the first store into a slot takes no page fault
-                os.posix_fallocate(fd, 0, size)
-        except OSError as exc:
-            os.close(fd)
-            raise OSError(exc.errno, f"cannot back a {size}-byte segment with memory: {exc.strerror}") from None
+        size_segment_fd(fd, size, self.prefault, "memory")
         return fd
 
     def destroy(self, handle: Any) -> None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import msgspec
 
 from kvrack.daemon.protocol import KEY_BYTES
+from kvrack.tiers.base import size_segment_fd
 
 log = logging.getLogger("kvrack.tiers.dram")
 
@@ -113,13 +114,10 @@ class ShmDirBacking:
         path = os.path.join(self.dir, f"{SEGMENT_PREFIX}{self._generation}-{seg_id:x}{SEGMENT_SUFFIX}")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            os.ftruncate(fd, size)
-            if self.prefault:
-                os.posix_fallocate(fd, 0, size)
-        except OSError as exc:
-            os.close(fd)
+            size_segment_fd(fd, size, self.prefault, path)
+        except OSError:
             os.unlink(path)
-            raise OSError(exc.errno, f"cannot back a {size}-byte segment with {path}: {exc.strerror}") from None
+            raise
         self._paths[fd] = path
         return fd
 

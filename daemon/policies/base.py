@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import ClassVar
 
 Key = Hashable
@@ -45,6 +45,10 @@ class EvictionPolicy(ABC):
     @abstractmethod
     def victim(self, evictable: Evictable) -> Key | None:
         """The block to evict next among those ``evictable`` accepts, or None when there is none."""
+
+    @abstractmethod
+    def __iter__(self) -> Iterator[Key]:
+        """Resident keys, those nearest eviction first (the policy's own order, no victim side effects)."""
 
     @abstractmethod
     def __len__(self) -> int: ...

@@ -24,7 +24,9 @@ optimum in docs/policies.md.
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
+from collections.abc import Iterator
 
 from kvrack.daemon.policies.base import Evictable, EvictionPolicy, Key, first_evictable
 
@@ -89,6 +91,9 @@ class ChainPolicy(EvictionPolicy):
         probation, protected = self.queues
         order = (probation, protected) if len(probation) > self.probation_floor else (protected, probation)
         return first_evictable(*order, evictable=evictable)
+
+    def __iter__(self) -> Iterator[Key]:
+        return itertools.chain(*self.queues)
 
     def __len__(self) -> int:
         return len(self.where)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 
 from kvrack.daemon.policies.base import Evictable, EvictionPolicy, Key, first_evictable
 
@@ -27,6 +28,9 @@ class LruPolicy(EvictionPolicy):
 
     def victim(self, evictable: Evictable) -> Key | None:
         return first_evictable(self.order, evictable=evictable)
+
+    def __iter__(self) -> Iterator[Key]:
+        return iter(self.order)
 
     def __len__(self) -> int:
         return len(self.order)

@@ -9,7 +9,9 @@ straight to the main queue. The main queue is a FIFO with 2-bit frequencies
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
+from collections.abc import Iterator
 
 from kvrack.daemon.policies.base import Evictable, EvictionPolicy, Key
 from kvrack.daemon.policies.linked import OrderedKeys
@@ -86,6 +88,9 @@ class S3FifoPolicy(EvictionPolicy):
                 self.freq[key] = f - 1
                 self.main.push_newest(key)
         return None
+
+    def __iter__(self) -> Iterator[Key]:
+        return itertools.chain(self.small, self.main)
 
     def __len__(self) -> int:
         return len(self.freq)

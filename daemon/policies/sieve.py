@@ -7,6 +7,8 @@ evict are passed over like visited ones, keeping their bit.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from kvrack.daemon.policies.base import Evictable, EvictionPolicy, Key
 from kvrack.daemon.policies.linked import OrderedKeys
 
@@ -55,6 +57,9 @@ class SievePolicy(EvictionPolicy):
                 return key
             key = self.queue.newer(key)
         return None
+
+    def __iter__(self) -> Iterator[Key]:
+        return iter(self.queue)
 
     def __len__(self) -> int:
         return len(self.visited)

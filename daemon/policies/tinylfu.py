@@ -9,7 +9,9 @@ newly popular block gets in after a few accesses. Registered as ``lfu``.
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
+from collections.abc import Iterator
 
 from kvrack.daemon.policies.base import Evictable, EvictionPolicy, Key, first_evictable
 from kvrack.daemon.policies.sketch import FrequencySketch
@@ -68,21 +70,22 @@ class TinyLfuPolicy(EvictionPolicy):
             if len(window) <= self.window_target and main_victim is not None:
                 return main_victim
             candidate = first_evictable(window, evictable=evictable)
-            if candidate is None or main_victim is None:
-                if candidate is not None and len(probation) + len(protected) < self.capacity - self.window_target:
-                    del window[candidate]  # the main space has room: no duel
-                    self._put(candidate, PROBATION)
-                    continue
-                return candidate if candidate is not None else main_victim
+            if candidate is None:
+                return main_victim
             if len(probation) + len(protected) < self.capacity - self.window_target:
-                del window[candidate]
+                del window[candidate]  # the main space has room: no duel
                 self._put(candidate, PROBATION)
                 continue
+            if main_victim is None:
+                return candidate
             if self.sketch.estimate(candidate) > self.sketch.estimate(main_victim):
                 del window[candidate]  # admitted to the main space; the main victim goes
                 self._put(candidate, PROBATION)
                 return main_victim
             return candidate
+
+    def __iter__(self) -> Iterator[Key]:
+        return itertools.chain(*self.queues)
 
     def __len__(self) -> int:
         return len(self.where)

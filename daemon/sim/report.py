@@ -93,33 +93,37 @@ def sweep(requests: Sequence[Request], fractions: Sequence[float], policies: Seq
 
 
 def run_trace(requests: Sequence[Request], fraction: float, policies: Sequence[str], nvme_fraction: float,
-              admission: str, block_bytes: int, progress: Progress = _quiet) -> dict[str, Any]:
-    """One trace: hit ratio by policy, then the best policy's NVMe write cut."""
+              admission: str, block_bytes: int, fractions: Sequence[float] = (),
+              progress: Progress = _quiet) -> dict[str, Any]:
+    """One trace: hit ratio by policy, the best policy's NVMe write cut, and a sweep over ``fractions``."""
     res = hit_ratios(requests, fraction, policies, progress)
     if nvme_fraction > 0:
         res["nvme"] = nvme_writes(requests, fraction, nvme_fraction, res["best_policy"], admission, block_bytes,
                                   progress)
         res["nvme_write_reduction"] = res["nvme"]["nvme_write_reduction"]
+    if fractions:
+        res["sweep"] = sweep(requests, fractions, policies, progress)
     return res
 
 
 def run_default(fraction: float, policies: Sequence[str], nvme_fraction: float, admission: str, block_bytes: int,
-                progress: Progress = _quiet) -> dict[str, Any]:
+                fractions: Sequence[float] = (), progress: Progress = _quiet) -> dict[str, Any]:
     """The shipped chat and RAG traces: per-trace reports, and the margins of the policy best on both."""
+    requests = {}
     traces = {}
     for name in DEFAULT_TRACES:
         progress(f"generating {name}")
-        requests = GENERATORS[name]()
-        traces[name] = hit_ratios(requests, fraction, policies, progress)
-        traces[name]["_requests"] = requests
+        requests[name] = GENERATORS[name]()
+        traces[name] = hit_ratios(requests[name], fraction, policies, progress)
     best = max(policies, key=lambda p: sum(t["hit_ratio_by_policy"][p] for t in traces.values()))
     points = min(100 * (t["hit_ratio_by_policy"][best] - t["hit_ratio_by_policy"]["lru"]) for t in traces.values())
     cuts = []
-    for t in traces.values():
-        requests = t.pop("_requests")
+    for name, t in traces.items():
         if nvme_fraction > 0:
-            t["nvme"] = nvme_writes(requests, fraction, nvme_fraction, best, admission, block_bytes, progress)
+            t["nvme"] = nvme_writes(requests[name], fraction, nvme_fraction, best, admission, block_bytes, progress)
             cuts.append(t["nvme"]["nvme_write_reduction"])
+        if fractions:
+            t["sweep"] = sweep(requests[name], fractions, policies, progress)
     out: dict[str, Any] = {
         "capacity_fraction": fraction, "best_policy": best, "best_vs_lru_hit_points": round(points, 3),
         "hit_ratio_by_policy": {p: round(sum(t["hit_ratio_by_policy"][p] for t in traces.values()) / len(traces), 6)
