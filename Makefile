@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kvrack-installed
-SOURCES := pyproject.toml setup.py $(wildcard native/*.c)
+SOURCES := pyproject.toml setup.py $(wildcard native/*.c native/*.h)
 
-.PHONY: run test test-all bench bench-check lint example clean
+.PHONY: run test test-all bench bench-check stress lint example clean
 
 $(STAMP): $(SOURCES)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ bench: $(STAMP)
 ## bench-check: the benchmark targets as assertions (tests/perf)
 bench-check: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m perf tests/perf
+
+## stress: multi-process CXL stress test (KVRACK_STRESS_SECONDS, default 60; KVRACK_STRESS_PROCS, default 6)
+stress: $(STAMP)
+	$(PY) -m pytest -q -s -p no:cacheprovider -m stress tests/test_cxl.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -6,7 +6,8 @@ setup(
     ext_modules=[
         Extension(
             "kvrack._native",
-            sources=["native/kvrack_native.c"],
+            sources=["native/kvrack_native.c", "native/cxl_index.c"],
+            depends=["native/kvrack_native.h"],
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
         )
     ]

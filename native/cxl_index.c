@@ -1,0 +1,246 @@
+/*
+ * The CXL tier's shared index, read and written with the cache-line protocol
+ * that non-coherent shared memory needs (layout: tiers/cxl_layout.py).
+ *
+ * An entry is one 64-byte line: version (seqlock, odd while it changes), meta
+ * (state in the low byte, owning host above), the 32-byte key, loc (chunk in the
+ * low 32 bits, length in the high 32) and a checksum. Writers make the version
+ * odd and flush, write the fields and flush, make it even and flush. Readers
+ * drop the line from their cache, read it whole, and take it only when the
+ * version is even; cxl_read re-reads the version after copying the block and
+ * retries when it moved, so a block evicted or rewritten mid-copy is never
+ * returned torn.
+ */
+#include "kvrack_native.h"
+
+#include <string.h>
+
+#define ENTRY_BYTES 64
+#define KEY_BYTES 32
+#define STATE_EMPTY 0
+#define STATE_WRITING 1
+#define STATE_READY 2
+#define STATE_TOMBSTONE 3
+#define SPIN_LIMIT 4096
+
+typedef struct {
+    uint64_t version;
+    uint64_t meta;
+    unsigned char key[KEY_BYTES];
+    uint64_t loc;
+    uint64_t check;
+} entry_t;
+
+_Static_assert(sizeof(entry_t) == ENTRY_BYTES, "an index entry is one cache line");
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __asm__ __volatile__("pause");
+#endif
+}
+
+static inline uint64_t home_slot(const unsigned char *key, Py_ssize_t nslots) {
+    uint64_t h;
+    memcpy(&h, key, sizeof h); /* keys are uniform hashes already */
+    return h % (uint64_t)nslots;
+}
+
+/* A stable copy of entry e: 0 when read, -1 when it stayed odd or kept changing. */
+static int snapshot(const entry_t *e, entry_t *out, int invalidate) {
+    for (int spin = 0; spin < SPIN_LIMIT; spin++) {
+        if (invalidate) {
+            kv_invalidate_range(e, ENTRY_BYTES);
+            kv_mfence();
+        }
+        uint64_t v1 = __atomic_load_n(&e->version, __ATOMIC_ACQUIRE);
+        if (v1 & 1) {
+            cpu_relax();
+            continue;
+        }
+        memcpy(out, e, ENTRY_BYTES);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (__atomic_load_n(&e->version, __ATOMIC_ACQUIRE) == v1 && out->version == v1) return 0;
+        cpu_relax();
+    }
+    return -1;
+}
+
+/* 1 and the slot and its snapshot when key is READY, 0 when absent (or still being written), -1 when busy. */
+static int probe(const char *index, Py_ssize_t nslots, const unsigned char *key, int invalidate, Py_ssize_t *slot,
+                 entry_t *snap) {
+    uint64_t h = home_slot(key, nslots);
+    for (Py_ssize_t i = 0; i < nslots; i++) {
+        Py_ssize_t s = (Py_ssize_t)((h + (uint64_t)i) % (uint64_t)nslots);
+        const entry_t *e = (const entry_t *)(index + s * ENTRY_BYTES);
+        if (snapshot(e, snap, invalidate) < 0) return -1;
+        unsigned state = (unsigned)(snap->meta & 0xff);
+        if (state == STATE_EMPTY) return 0;
+        if (state != STATE_TOMBSTONE && memcmp(snap->key, key, KEY_BYTES) == 0) {
+            if (state != STATE_READY) return 0;
+            *slot = s;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static int check_index(const char *fn, Py_buffer *region, Py_ssize_t index_off, Py_ssize_t nslots) {
+    if (nslots <= 0 || index_off % ENTRY_BYTES) {
+        PyErr_Format(PyExc_ValueError, "%s: the index needs nslots > 0 and a 64-byte aligned offset", fn);
+        return -1;
+    }
+    if (nslots > (PY_SSIZE_T_MAX - index_off) / ENTRY_BYTES)
+        return kv_check_range(fn, "index", region->len, index_off, PY_SSIZE_T_MAX - index_off);
+    if (((uintptr_t)region->buf + (uintptr_t)index_off) % 8) {
+        PyErr_Format(PyExc_ValueError, "%s: the index is not 8-byte aligned in memory", fn);
+        return -1;
+    }
+    return kv_check_range(fn, "index", region->len, index_off, nslots * ENTRY_BYTES);
+}
+
+PyObject *kv_cxl_lookup(PyObject *self, PyObject *args) {
+    Py_buffer region, keys, out;
+    Py_ssize_t index_off, nslots;
+    int invalidate;
+    if (!PyArg_ParseTuple(args, "y*nny*w*p:cxl_lookup", &region, &index_off, &nslots, &keys, &out, &invalidate))
+        return NULL;
+    PyObject *ret = NULL;
+    Py_ssize_t n = keys.len / KEY_BYTES;
+    if (check_index("cxl_lookup", &region, index_off, nslots) < 0) goto done;
+    if (keys.len % KEY_BYTES) {
+        PyErr_Format(PyExc_ValueError, "cxl_lookup: keys must be a multiple of %d bytes, got %zd", KEY_BYTES, keys.len);
+        goto done;
+    }
+    if (out.len < n * 8) {
+        PyErr_Format(PyExc_ValueError, "cxl_lookup: out holds %zd bytes, %zd keys need %zd", out.len, n, n * 8);
+        goto done;
+    }
+    Py_ssize_t leading = 0;
+    int in_prefix = 1;
+    const char *index = (const char *)region.buf + index_off;
+    int64_t *res = out.buf;
+    PyThreadState *ts = n >= 256 ? PyEval_SaveThread() : NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_ssize_t slot = -1;
+        entry_t snap;
+        int r = probe(index, nslots, (const unsigned char *)keys.buf + i * KEY_BYTES, invalidate, &slot, &snap);
+        int64_t v = r == 1 ? (int64_t)slot : -1;
+        memcpy(res + i, &v, sizeof v);
+        if (r == 1 && in_prefix) leading++;
+        else in_prefix = 0;
+    }
+    if (ts) PyEval_RestoreThread(ts);
+    ret = PyLong_FromSsize_t(leading);
+done:
+    PyBuffer_Release(&region);
+    PyBuffer_Release(&keys);
+    PyBuffer_Release(&out);
+    return ret;
+}
+
+PyObject *kv_cxl_read(PyObject *self, PyObject *args) {
+    Py_buffer region, key, dst;
+    Py_ssize_t index_off, nslots, data_off, chunk_bytes, dst_off;
+    int invalidate, retries;
+    if (!PyArg_ParseTuple(args, "y*nnnny*w*npi:cxl_read", &region, &index_off, &nslots, &data_off, &chunk_bytes, &key,
+                          &dst, &dst_off, &invalidate, &retries))
+        return NULL;
+    PyObject *ret = NULL;
+    if (check_index("cxl_read", &region, index_off, nslots) < 0) goto done;
+    if (key.len != KEY_BYTES) {
+        PyErr_Format(PyExc_ValueError, "cxl_read: a key is %d bytes, got %zd", KEY_BYTES, key.len);
+        goto done;
+    }
+    if (chunk_bytes <= 0 || data_off < 0 || data_off > region.len) {
+        PyErr_SetString(PyExc_ValueError, "cxl_read: bad data geometry");
+        goto done;
+    }
+    const char *index = (const char *)region.buf + index_off;
+    Py_ssize_t result = -2;
+    for (int attempt = 0; attempt <= retries; attempt++) {
+        Py_ssize_t slot = -1;
+        entry_t snap;
+        int r = probe(index, nslots, key.buf, invalidate, &slot, &snap);
+        if (r == 0) {
+            result = -1;
+            break;
+        }
+        if (r < 0) continue;
+        uint64_t chunk = snap.loc & 0xffffffffu, nbytes = snap.loc >> 32;
+        Py_ssize_t nchunks = (region.len - data_off) / chunk_bytes;
+        if (chunk >= (uint64_t)nchunks || nbytes > (uint64_t)chunk_bytes) {
+            PyErr_Format(PyExc_RuntimeError, "cxl_read: index entry %zd names chunk %llu length %llu, outside the "
+                         "region's %zd chunks of %zd bytes (corrupt region?)", slot, (unsigned long long)chunk,
+                         (unsigned long long)nbytes, nchunks, chunk_bytes);
+            goto done;
+        }
+        if (kv_check_range("cxl_read", "destination", dst.len, dst_off, (Py_ssize_t)nbytes) < 0) goto done;
+        const char *src = (const char *)region.buf + data_off + (Py_ssize_t)chunk * chunk_bytes;
+        char *d = (char *)dst.buf + dst_off;
+        const entry_t *e = (const entry_t *)(index + slot * ENTRY_BYTES);
+        int release = nbytes >= KV_GIL_RELEASE_BYTES;
+        PyThreadState *ts = release ? PyEval_SaveThread() : NULL;
+        if (invalidate) {
+            kv_invalidate_range(src, nbytes);
+            kv_mfence();
+        }
+        memcpy(d, src, nbytes);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        kv_lfence();
+        if (invalidate) {
+            kv_invalidate_range(e, ENTRY_BYTES);
+            kv_mfence();
+        }
+        uint64_t v2 = __atomic_load_n(&e->version, __ATOMIC_ACQUIRE);
+        if (release) PyEval_RestoreThread(ts);
+        if (v2 == snap.version) {
+            result = (Py_ssize_t)nbytes;
+            break;
+        }
+    }
+    ret = PyLong_FromSsize_t(result);
+done:
+    PyBuffer_Release(&region);
+    PyBuffer_Release(&key);
+    PyBuffer_Release(&dst);
+    return ret;
+}
+
+PyObject *kv_cxl_publish(PyObject *self, PyObject *args) {
+    Py_buffer region, key;
+    Py_ssize_t off;
+    unsigned long long meta, loc, check;
+    if (!PyArg_ParseTuple(args, "w*nKy*KK:cxl_publish", &region, &off, &meta, &key, &loc, &check)) return NULL;
+    PyObject *ret = NULL;
+    if (kv_check_range("cxl_publish", "entry", region.len, off, ENTRY_BYTES) < 0) goto done;
+    if (((uintptr_t)region.buf + (uintptr_t)off) % ENTRY_BYTES) {
+        PyErr_Format(PyExc_ValueError, "cxl_publish: entry offset %zd is not on a cache line", off);
+        goto done;
+    }
+    if (key.len != KEY_BYTES) {
+        PyErr_Format(PyExc_ValueError, "cxl_publish: a key is %d bytes, got %zd", KEY_BYTES, key.len);
+        goto done;
+    }
+    entry_t *e = (entry_t *)((char *)region.buf + off);
+    kv_invalidate_range(e, ENTRY_BYTES);
+    kv_mfence();
+    /* an odd version left by a writer that died mid-update is closed by this one */
+    uint64_t odd = __atomic_load_n(&e->version, __ATOMIC_ACQUIRE) | 1;
+    __atomic_store_n(&e->version, odd, __ATOMIC_RELEASE);
+    kv_flush_range(e, ENTRY_BYTES);
+    kv_sfence();
+    e->meta = meta;
+    memcpy(e->key, key.buf, KEY_BYTES);
+    e->loc = loc;
+    e->check = check;
+    kv_flush_range(e, ENTRY_BYTES);
+    kv_sfence();
+    __atomic_store_n(&e->version, odd + 1, __ATOMIC_RELEASE);
+    kv_flush_range(e, ENTRY_BYTES);
+    kv_sfence();
+    ret = PyLong_FromUnsignedLongLong(odd + 1);
+done:
+    PyBuffer_Release(&region);
+    PyBuffer_Release(&key);
+    return ret;
+}
