@@ -171,6 +171,46 @@ def bench_nvme(json_path: JsonOpt = None,
     write_json(json_path, result)
 
 
+@bench_app.command("cxl")
+def bench_cxl(json_path: JsonOpt = None,
+              directory: Annotated[Path | None, typer.Option("--dir", help="where the region files go (default "
+                                                                 "/dev/shm; a hugetlbfs mount or a DAX file system "
+                                                                 "works too)")] = None,
+              sizes: Annotated[str, typer.Option(help="block sizes, comma-separated")] = "2MiB,256KiB,64KiB",
+              working_set: Annotated[str, typer.Option(help="bytes per block size (above the LLC)")] = "256MiB",
+              repeats: Annotated[int, typer.Option(min=1, max=20, help="passes per figure (best kept)")] = 3,
+              ) -> None:
+    """CXL region reads by a second process vs memcpy of the same sizes; shared-index lookup rate."""
+    from kvrack.clients import bench_cxl as bc
+
+    names = [s.strip() for s in sizes.split(",") if s.strip()]
+    unknown = [s for s in names if s not in bc.SIZES]
+    if unknown or not names:
+        raise typer.BadParameter(f"unknown size(s) {unknown}; choose from {', '.join(bc.SIZES)}")
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("bench", total=len(names) + 1)
+        result = bc.run(str(directory) if directory else None, names, parse_size(working_set), repeats,
+                        progress=lambda label: progress.update(task, description=label, advance=1))
+    prims = result["primitives"]
+    table = Table(title=f"kvrack bench cxl ({result['directory']}; flush {prims['flush']}, "
+                        f"invalidate {prims['invalidate']})")
+    for col in ("figure", "kvrack", "baseline", "ratio", "target"):
+        table.add_column(col, justify="left" if col == "figure" else "right")
+    for name, s in result["sizes"].items():
+        table.add_row(f"get {name}, second process, invalidate + copy + version check", f"{s['get_gbs']:.2f} GB/s",
+                      f"memcpy {s['memcpy_gbs']:.2f} GB/s", f"{s['get_vs_memcpy']:.2f}",
+                      "≥ 0.80" if name == "2MiB" else "")
+        table.add_row(f"get {name}, coherent host (no invalidate)", f"{s['get_coherent_gbs']:.2f} GB/s",
+                      f"memcpy {s['memcpy_gbs']:.2f} GB/s", f"{s['get_coherent_vs_memcpy']:.2f}", "")
+        table.add_row(f"put {name} (non-temporal stores, writer)", f"{s['put_gbs']:.2f} GB/s", "", "", "")
+    table.add_row(f"shared-index lookups (batches of {result['lookup_batch']})",
+                  f"{result['cxl_lookup_keys_per_s'] / 1e6:.2f} M keys/s", "", "", "≥ 2 M")
+    table.add_row("  same, coherent host", f"{result['cxl_lookup_keys_per_s_coherent'] / 1e6:.2f} M keys/s",
+                  "", "", "")
+    console.print(table)
+    write_json(json_path, result)
+
+
 @app.command()
 def sim(json_path: JsonOpt = None,
         trace: Annotated[Path | None, typer.Option("--trace", help="a recorded trace (JSONL); default: the shipped "

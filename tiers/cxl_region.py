@@ -59,6 +59,8 @@ log = logging.getLogger("kvrack.tiers.cxl")
 ENTRY_DTYPE = np.dtype([("version", "<u8"), ("meta", "<u8"), ("key", "V32"), ("loc", "<u8"), ("check", "<u8")])
 HEAP_REFILL = 8  # chunks a writer claims from the global table at a time
 READ_RETRIES = 64
+# page tables filled at map time: the first access to a block costs no page fault
+MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 
 
 class CxlFull(RuntimeError):
@@ -128,7 +130,9 @@ class CxlRegion:
             actual = device_bytes(path) if is_device else size
             if is_device:
                 size = actual
-            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            if not is_device:
+                os.posix_fallocate(fd, 0, size)  # tmpfs/hugetlbfs pages now, not at the first store
+            mm = mmap.mmap(fd, size, MAP_FLAGS, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
             raise
@@ -156,7 +160,7 @@ class CxlRegion:
             st = os.fstat(fd)
             size = device_bytes(path) if stat.S_ISCHR(st.st_mode) else st.st_size
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
+            mm = mmap.mmap(fd, size, MAP_FLAGS, prot)
         except BaseException:
             if own_fd:
                 os.close(fd)

@@ -1,0 +1,156 @@
+"""``kvrack bench cxl``: reads from a CXL region by a second process against memcpy, in one run.
+
+The writer (this process) formats a region, registers as a host and stores
+a working set of blocks per size, larger than the last-level cache. A second
+process, which shares nothing with the first but the mapping, then measures
+in turn: memcpy of the same sizes from a private buffer of the same working
+set into one destination (the baseline: what a read costs when no tier
+protocol is involved); ``read`` of every block in random order with the full
+non-coherent protocol (drop the entry's and the block's cache lines, copy,
+re-check the entry's version); the same without the invalidation step (what
+a host whose hardware keeps the region coherent pays); and batched lookups in
+the shared index. Each figure is the best of ``repeats`` passes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import blake3
+import numpy as np
+
+from kvrack import _native
+from kvrack.tiers.cxl_region import CxlRegion
+
+MiB = 1 << 20
+SIZES = {"2MiB": 2 * MiB, "256KiB": 256 * 1024, "64KiB": 64 * 1024}
+LOOKUP_BATCH = 64
+
+
+def _keys(name: str, n: int) -> list[bytes]:
+    return [blake3.blake3(f"bench-cxl-{name}-{i}".encode()).digest() for i in range(n)]
+
+
+def _best(fn: Callable[[], float], repeats: int) -> float:
+    return max(fn() for _ in range(repeats))
+
+
+def _read_one_size(name: str, path: str, n: int, repeats: int) -> tuple[dict[str, Any], CxlRegion, list[bytes]]:
+    size = SIZES[name]
+    region = CxlRegion.open(path, "bench")
+    keys = _keys(name, n)
+    order = list(range(n))
+    random.Random(1).shuffle(order)
+    private = np.random.default_rng(2).integers(0, 256, size * n, dtype=np.uint8)
+    dst = np.empty(size, dtype=np.uint8)
+
+    def memcpy_pass() -> float:
+        t = time.perf_counter()
+        for i in order:
+            _native.copy(dst, 0, private, i * size, size)
+        return size * n / (time.perf_counter() - t) / 1e9
+
+    def read_pass(invalidate: bool) -> Callable[[], float]:
+        def run() -> float:
+            region.invalidate = invalidate
+            t = time.perf_counter()
+            for i in order:
+                if region.read(keys[i], dst) != size:
+                    raise RuntimeError(f"cxl bench: block {i} of {name} missing")
+            return size * n / (time.perf_counter() - t) / 1e9
+        return run
+
+    memcpy_gbs = _best(memcpy_pass, repeats)
+    get_gbs = _best(read_pass(True), repeats)
+    coherent_gbs = _best(read_pass(False), repeats)
+    memcpy_gbs = max(memcpy_gbs, _best(memcpy_pass, repeats))  # the baseline gets the last word
+    return ({"blocks": n, "block_bytes": size, "working_set_bytes": size * n, "memcpy_gbs": memcpy_gbs,
+             "get_gbs": get_gbs, "get_coherent_gbs": coherent_gbs,
+             "get_vs_memcpy": get_gbs / memcpy_gbs, "get_coherent_vs_memcpy": coherent_gbs / memcpy_gbs},
+            region, keys)
+
+
+def _lookup_rate(region: CxlRegion, keys: list[bytes], invalidate: bool, seconds: float, repeats: int) -> float:
+    n = len(keys)
+    packed = [b"".join(keys[(j + k) % n] for k in range(LOOKUP_BATCH)) for j in range(0, n, 7)]
+    res = np.empty(LOOKUP_BATCH, dtype=np.int64)
+    region.invalidate = invalidate
+    best = 0.0
+    for _ in range(repeats):
+        done, t = 0, time.perf_counter()
+        while time.perf_counter() - t < seconds / repeats:
+            for batch in packed:
+                if region.lookup(batch, res)[0] != LOOKUP_BATCH:
+                    raise RuntimeError("cxl bench: a lookup missed")
+                done += LOOKUP_BATCH
+        best = max(best, done / (time.perf_counter() - t))
+    return best
+
+
+def _reader(paths: dict[str, str], counts: dict[str, int], repeats: int, lookup_seconds: float) -> dict[str, Any]:
+    """Runs in the second process: only the mapping is shared with the writer."""
+    out: dict[str, Any] = {}
+    for name, path in paths.items():
+        out[name], region, keys = _read_one_size(name, path, counts[name], repeats)
+        if name == next(iter(paths)):
+            out["lookup_keys_per_s"] = _lookup_rate(region, keys, True, lookup_seconds, repeats)
+            out["lookup_keys_per_s_coherent"] = _lookup_rate(region, keys, False, lookup_seconds, repeats)
+        region.close()
+    return out
+
+
+def run(directory: str | None, names: list[str], working_set: int, repeats: int, lookup_seconds: float = 2.0,
+        progress: Callable[[str], None] = lambda label: None) -> dict[str, Any]:
+    base = directory or ("/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir())
+    paths: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    regions: list[CxlRegion] = []
+    puts: dict[str, float] = {}
+    try:
+        for name in names:
+            size = SIZES[name]
+            n = max(8, working_set // size)
+            path = os.path.join(base, f"kvrack-bench-cxl-{os.getpid()}-{name}")
+            paths[name], counts[name] = path, n
+            progress(f"writing {n} blocks of {name}")
+            region = CxlRegion.create(path, n * size + n * 256 + 64 * MiB, size, "bench")
+            regions.append(region)
+            region.register_host()
+            blob = np.random.default_rng(3).integers(0, 256, size, dtype=np.uint8)
+            keys = _keys(name, n)
+            t = time.perf_counter()
+            for k in keys:
+                if not region.put(k, blob):
+                    raise RuntimeError("cxl bench: a fresh region already held a block")
+            puts[name] = size * n / (time.perf_counter() - t) / 1e9
+        progress("reading from a second process")
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+            read = pool.submit(_reader, paths, counts, repeats, lookup_seconds).result()
+    finally:
+        for region in regions:
+            region.close()
+        for path in paths.values():
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+    sizes = {}
+    for name in names:
+        sizes[name] = {**read[name], "put_gbs": puts[name]}
+    first = names[0]
+    return {
+        "directory": base, "primitives": _native.primitives(), "repeats": repeats, "sizes": sizes,
+        "cxl_get_vs_memcpy": sizes["2MiB"]["get_vs_memcpy"] if "2MiB" in sizes else sizes[first]["get_vs_memcpy"],
+        "cxl_get_coherent_vs_memcpy": (sizes["2MiB"] if "2MiB" in sizes else sizes[first])["get_coherent_vs_memcpy"],
+        "cxl_lookup_keys_per_s": read["lookup_keys_per_s"],
+        "cxl_lookup_keys_per_s_coherent": read["lookup_keys_per_s_coherent"],
+        "lookup_batch": LOOKUP_BATCH,
+    }
