@@ -33,3 +33,19 @@ def test_bench_nvme_writes_the_contracted_json(tmp_path):
     if data["gds_get_vs_raw"] is None:
         assert data["sizes"]["2MiB"]["gds_unavailable"]
     assert [p.name for p in tmp_path.iterdir()] == ["nvme.json"], "the bench cleans up its files"
+
+
+def test_bench_cxl_writes_the_contracted_json(tmp_path):
+    out = tmp_path / "cxl.json"
+    region_dir = tmp_path / "regions"
+    region_dir.mkdir()
+    res = subprocess.run([sys.executable, "-m", "kvrack.clients.cli", "bench", "cxl", "--json", str(out),
+                          "--dir", str(region_dir), "--sizes", "2MiB,64KiB", "--working-set", "16MiB",
+                          "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    data = json.loads(out.read_text())
+    for key in ("cxl_get_vs_memcpy", "cxl_lookup_keys_per_s", "cxl_get_coherent_vs_memcpy"):
+        assert isinstance(data[key], float) and data[key] > 0, key
+    assert set(data["sizes"]) == {"2MiB", "64KiB"}
+    assert data["primitives"]["invalidate"] in {"clflushopt", "clflush", "none"}
+    assert list(region_dir.iterdir()) == [], "the bench removes its region files"

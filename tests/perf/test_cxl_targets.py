@@ -1,0 +1,24 @@
+"""Benchmark targets of the CXL tier (`make bench-check`; not in the default run).
+
+Reads by a second process through the shared mapping against memcpy of the
+same sizes measured by that process in the same run.
+"""
+
+import pytest
+
+from kvrack.clients import bench_cxl
+
+pytestmark = pytest.mark.perf
+
+
+@pytest.fixture(scope="module")
+def result():
+    return bench_cxl.run(None, ["2MiB"], 256 << 20, repeats=3)
+
+
+def test_get_with_the_full_non_coherent_protocol_vs_memcpy(result):
+    assert result["cxl_get_vs_memcpy"] >= 0.8
+
+
+def test_shared_index_lookup_rate(result):
+    assert result["cxl_lookup_keys_per_s"] >= 2_000_000
