@@ -9,7 +9,8 @@ protocol is involved); ``read`` of every block in random order with the full
 non-coherent protocol (drop the entry's and the block's cache lines, copy,
 re-check the entry's version); the same without the invalidation step (what
 a host whose hardware keeps the region coherent pays); and batched lookups in
-the shared index. Each figure is the best of ``repeats`` passes.
+the shared index. The three copy figures come from ``repeats`` interleaved
+passes, the best of each kept.
 """
 
 from __future__ import annotations
@@ -38,10 +39,6 @@ def _keys(name: str, n: int) -> list[bytes]:
     return [blake3.blake3(f"bench-cxl-{name}-{i}".encode()).digest() for i in range(n)]
 
 
-def _best(fn: Callable[[], float], repeats: int) -> float:
-    return max(fn() for _ in range(repeats))
-
-
 def _read_one_size(name: str, path: str, n: int, repeats: int) -> tuple[dict[str, Any], CxlRegion, list[bytes]]:
     size = SIZES[name]
     region = CxlRegion.open(path, "bench")
@@ -67,10 +64,13 @@ def _read_one_size(name: str, path: str, n: int, repeats: int) -> tuple[dict[str
             return size * n / (time.perf_counter() - t) / 1e9
         return run
 
-    memcpy_gbs = _best(memcpy_pass, repeats)
-    get_gbs = _best(read_pass(True), repeats)
-    coherent_gbs = _best(read_pass(False), repeats)
-    memcpy_gbs = max(memcpy_gbs, _best(memcpy_pass, repeats))  # the baseline gets the last word
+    # interleaved passes, the best of each kept: drift in the machine's speed hits all three alike
+    passes: dict[str, list[float]] = {"memcpy": [], "get": [], "coherent": []}
+    for _ in range(repeats):
+        passes["memcpy"].append(memcpy_pass())
+        passes["get"].append(read_pass(True)())
+        passes["coherent"].append(read_pass(False)())
+    memcpy_gbs, get_gbs, coherent_gbs = (max(passes[k]) for k in ("memcpy", "get", "coherent"))
     return ({"blocks": n, "block_bytes": size, "working_set_bytes": size * n, "memcpy_gbs": memcpy_gbs,
              "get_gbs": get_gbs, "get_coherent_gbs": coherent_gbs,
              "get_vs_memcpy": get_gbs / memcpy_gbs, "get_coherent_vs_memcpy": coherent_gbs / memcpy_gbs},
