@@ -33,6 +33,15 @@ def write_json(path: Path | None, data: dict[str, Any]) -> None:
         console.print(f"wrote {path}")
 
 
+def size_names(sizes: str, known: dict[str, int]) -> list[str]:
+    """The comma-separated ``--sizes`` of a bench, each one it knows."""
+    names = [s.strip() for s in sizes.split(",") if s.strip()]
+    unknown = [s for s in names if s not in known]
+    if unknown or not names:
+        raise typer.BadParameter(f"unknown size(s) {unknown}; choose from {', '.join(known)}")
+    return names
+
+
 def _fmt_bytes(n: Any) -> str:
     return format_size(int(n)) if isinstance(n, int) and n and n % 1024 == 0 else str(n)
 
@@ -98,10 +107,7 @@ def bench_local(socket: SocketOpt = None, json_path: JsonOpt = None,
     """
     from kvrack.clients import bench_local as bl
 
-    names = [s.strip() for s in sizes.split(",") if s.strip()]
-    unknown = [s for s in names if s not in bl.SIZES]
-    if unknown:
-        raise typer.BadParameter(f"unknown size(s) {unknown}; choose from {', '.join(bl.SIZES)}")
+    names = size_names(sizes, bl.SIZES)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("bench", total=len(names) + 2 + (1 if index_blocks else 0))
 
@@ -139,10 +145,7 @@ def bench_nvme(json_path: JsonOpt = None,
     """NVMe tier put/get vs raw O_DIRECT writes/reads of the same sizes on the same file system."""
     from kvrack.clients import bench_nvme as bn
 
-    names = [s.strip() for s in sizes.split(",") if s.strip()]
-    unknown = [s for s in names if s not in bn.SIZES]
-    if unknown:
-        raise typer.BadParameter(f"unknown size(s) {unknown}; choose from {', '.join(bn.SIZES)}")
+    names = size_names(sizes, bn.SIZES)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("bench", total=5 * len(names))
         result = bn.run(str(directory) if directory else None, names, parse_size(working_set), repeats,
@@ -183,10 +186,7 @@ def bench_cxl(json_path: JsonOpt = None,
     """CXL region reads by a second process vs memcpy of the same sizes; shared-index lookup rate."""
     from kvrack.clients import bench_cxl as bc
 
-    names = [s.strip() for s in sizes.split(",") if s.strip()]
-    unknown = [s for s in names if s not in bc.SIZES]
-    if unknown or not names:
-        raise typer.BadParameter(f"unknown size(s) {unknown}; choose from {', '.join(bc.SIZES)}")
+    names = size_names(sizes, bc.SIZES)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("bench", total=len(names) + 1)
         result = bc.run(str(directory) if directory else None, names, parse_size(working_set), repeats,
