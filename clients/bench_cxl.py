@@ -28,7 +28,7 @@ import blake3
 import numpy as np
 
 from kvrack import _native
-from kvrack.tiers.cxl_region import CxlRegion
+from kvrack.tiers.cxl import CxlRegion
 
 MiB = 1 << 20
 SIZES = {"2MiB": 2 * MiB, "256KiB": 256 * 1024, "64KiB": 64 * 1024}

@@ -19,7 +19,7 @@ import blake3
 import numpy as np
 import xxhash
 
-from kvrack.tiers.cxl_region import CxlFull, CxlRegion
+from kvrack.tiers.cxl import CxlFull, CxlRegion
 
 HEADER = struct.Struct("<32sQQ")
 KEYSPACE = 600

@@ -16,9 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvrack import _native
+from kvrack.tiers.cxl import CxlFull, CxlRegion
 from kvrack.tiers.cxl_layout import OFF_LOCK, Geometry
 from kvrack.tiers.cxl_lock import LockTimeout, lock_word, now_ms32
-from kvrack.tiers.cxl_region import CxlFull, CxlRegion
 from tests import cxl_stress
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,7 +177,7 @@ def test_colliding_keys_stay_reachable_after_deletes(region_path):
 
 HOLD_LOCK_AND_DIE = textwrap.dedent("""
     import os, signal, sys
-    from kvrack.tiers.cxl_region import CxlRegion
+    from kvrack.tiers.cxl import CxlRegion
     r = CxlRegion.open(sys.argv[1], writable=True)
     r.register_host()
     {action}
