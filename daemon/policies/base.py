@@ -10,8 +10,10 @@ so a run is reproducible.
 
 from __future__ import annotations
 
+import itertools
 import random
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import ClassVar
 
@@ -55,6 +57,36 @@ class EvictionPolicy(ABC):
 
     @abstractmethod
     def __contains__(self, key: object) -> bool: ...
+
+
+class QueuedPolicy(EvictionPolicy, ABC):
+    """A policy whose residents sit in a few ordered queues (oldest first), ``where`` naming each key's queue."""
+
+    def __init__(self, capacity: int, rng: random.Random | None, nqueues: int) -> None:
+        super().__init__(capacity, rng)
+        self.queues: tuple[OrderedDict[Key, None], ...] = tuple(OrderedDict() for _ in range(nqueues))
+        self.where: dict[Key, int] = {}
+
+    def _put(self, key: Key, q: int) -> None:
+        """Append ``key`` (not in any queue) to queue ``q``."""
+        self.where[key] = q
+        self.queues[q][key] = None
+
+    def _drop(self, key: Key) -> int | None:
+        """Take ``key`` out of its queue; the queue it was in, or None when it was not resident."""
+        q = self.where.pop(key, None)
+        if q is not None:
+            del self.queues[q][key]
+        return q
+
+    def __iter__(self) -> Iterator[Key]:
+        return itertools.chain(*self.queues)
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.where
 
 
 def first_evictable(*queues: Iterable[Key], evictable: Evictable) -> Key | None:

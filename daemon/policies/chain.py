@@ -24,38 +24,31 @@ optimum in docs/policies.md.
 
 from __future__ import annotations
 
-import itertools
 from collections import OrderedDict
-from collections.abc import Iterator
 
-from kvrack.daemon.policies.base import Evictable, EvictionPolicy, Key, first_evictable
+from kvrack.daemon.policies.base import Evictable, Key, QueuedPolicy, first_evictable
 
 PROBATION, PROTECTED = 0, 1
 
 
-class ChainPolicy(EvictionPolicy):
+class ChainPolicy(QueuedPolicy):
     name = "chain"
 
     def __init__(self, capacity: int, rng=None, protected_fraction: float = 0.3,  # type: ignore[no-untyped-def]
                  probation_floor: float = 0.05, ghost_fraction: float = 1.0) -> None:
-        super().__init__(capacity, rng)
+        super().__init__(capacity, rng, 2)
         self.protected_target = max(1, int(capacity * protected_fraction))
         self.probation_floor = int(capacity * probation_floor)
         self.ghost_limit = max(1, int(capacity * ghost_fraction))
-        self.queues: tuple[OrderedDict[Key, None], OrderedDict[Key, None]] = (OrderedDict(), OrderedDict())
-        self.where: dict[Key, int] = {}
         self.ghost: OrderedDict[Key, None] = OrderedDict()  # evicted from probation
         self.ghost_protected: OrderedDict[Key, None] = OrderedDict()  # evicted from protected
 
     def _protect(self, key: Key) -> None:
-        self.where[key] = PROTECTED
+        self._put(key, PROTECTED)
         protected = self.queues[PROTECTED]
-        protected[key] = None
-        protected.move_to_end(key)
         while len(protected) > self.protected_target:
             old, _ = protected.popitem(last=False)
-            self.where[old] = PROBATION
-            self.queues[PROBATION][old] = None
+            self._put(old, PROBATION)
 
     def insert(self, key: Key, parent: Key | None = None) -> None:
         if key in self.where:
@@ -66,8 +59,7 @@ class ChainPolicy(EvictionPolicy):
             self.ghost_protected.pop(key, None)
             self._protect(key)
         else:
-            self.where[key] = PROBATION
-            self.queues[PROBATION][key] = None
+            self._put(key, PROBATION)
 
     def hit(self, key: Key) -> None:
         q = self.where.get(key)
@@ -78,10 +70,9 @@ class ChainPolicy(EvictionPolicy):
             self.queues[PROTECTED].move_to_end(key)
 
     def remove(self, key: Key) -> None:
-        q = self.where.pop(key, None)
+        q = self._drop(key)
         if q is None:
             return
-        del self.queues[q][key]
         ghost = self.ghost if q == PROBATION else self.ghost_protected
         ghost[key] = None
         if len(ghost) > self.ghost_limit:
@@ -91,12 +82,3 @@ class ChainPolicy(EvictionPolicy):
         probation, protected = self.queues
         order = (probation, protected) if len(probation) > self.probation_floor else (protected, probation)
         return first_evictable(*order, evictable=evictable)
-
-    def __iter__(self) -> Iterator[Key]:
-        return itertools.chain(*self.queues)
-
-    def __len__(self) -> int:
-        return len(self.where)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.where

@@ -9,31 +9,21 @@ newly popular block gets in after a few accesses. Registered as ``lfu``.
 
 from __future__ import annotations
 
-import itertools
-from collections import OrderedDict
-from collections.abc import Iterator
-
-from kvrack.daemon.policies.base import Evictable, EvictionPolicy, Key, first_evictable
+from kvrack.daemon.policies.base import Evictable, Key, QueuedPolicy, first_evictable
 from kvrack.daemon.policies.sketch import FrequencySketch
 
 WINDOW, PROBATION, PROTECTED = 0, 1, 2
 
 
-class TinyLfuPolicy(EvictionPolicy):
+class TinyLfuPolicy(QueuedPolicy):
     name = "lfu"
 
     def __init__(self, capacity: int, rng=None, window_fraction: float = 0.01,  # type: ignore[no-untyped-def]
                  protected_fraction: float = 0.8) -> None:
-        super().__init__(capacity, rng)
+        super().__init__(capacity, rng, 3)
         self.window_target = max(1, int(capacity * window_fraction))
         self.protected_target = max(1, int((capacity - self.window_target) * protected_fraction))
         self.sketch = FrequencySketch(capacity)
-        self.queues: tuple[OrderedDict[Key, None], ...] = (OrderedDict(), OrderedDict(), OrderedDict())
-        self.where: dict[Key, int] = {}
-
-    def _put(self, key: Key, q: int) -> None:
-        self.where[key] = q
-        self.queues[q][key] = None
 
     def insert(self, key: Key, parent: Key | None = None) -> None:
         if key in self.where:
@@ -59,9 +49,7 @@ class TinyLfuPolicy(EvictionPolicy):
             self.queues[q].move_to_end(key)
 
     def remove(self, key: Key) -> None:
-        q = self.where.pop(key, None)
-        if q is not None:
-            del self.queues[q][key]
+        self._drop(key)
 
     def victim(self, evictable: Evictable) -> Key | None:
         window, probation, protected = self.queues
@@ -83,12 +71,3 @@ class TinyLfuPolicy(EvictionPolicy):
                 self._put(candidate, PROBATION)
                 return main_victim
             return candidate
-
-    def __iter__(self) -> Iterator[Key]:
-        return itertools.chain(*self.queues)
-
-    def __len__(self) -> int:
-        return len(self.where)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.where
