@@ -14,6 +14,7 @@ reader that was copying the old block sees the change and retries.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import mmap
@@ -29,6 +30,7 @@ import numpy as np
 import xxhash
 
 from kvrack import _native
+from kvrack.tiers.base import size_segment_fd
 from kvrack.tiers.cxl_layout import (
     EMPTY,
     ENTRY,
@@ -67,6 +69,7 @@ class CxlFull(RuntimeError):
     """No free chunk and nothing evictable (every block is being written)."""
 
 
+@functools.cache
 def machine_id() -> int:
     """A 64-bit id of this machine and boot: hosts on the same one can check each other's pids."""
     parts = []
@@ -124,19 +127,16 @@ class CxlRegion:
         region whose header, geometry and namespace match (its blocks survive), format it otherwise."""
         is_device = os.path.exists(path) and stat.S_ISCHR(os.stat(path).st_mode)
         fd = os.open(path, os.O_RDWR | (0 if is_device else os.O_CREAT) | os.O_CLOEXEC, 0o600)
+        if not is_device:  # tmpfs/hugetlbfs pages allocated now, not at the first store; closes fd on failure
+            size_segment_fd(fd, size, True, "a cxl region file")
         try:
-            if not is_device and os.fstat(fd).st_size != size:
-                os.ftruncate(fd, size)
-            actual = device_bytes(path) if is_device else size
             if is_device:
-                size = actual
-            if not is_device:
-                os.posix_fallocate(fd, 0, size)  # tmpfs/hugetlbfs pages now, not at the first store
+                size = device_bytes(path)
+            want = Geometry.plan(size, chunk_bytes, max_hosts)
             mm = mmap.mmap(fd, size, MAP_FLAGS, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
             raise
-        want = Geometry.plan(size, chunk_bytes, max_hosts)
         try:
             have = Geometry.unpack(mm, size) if _native.load64(mm, OFF_FORMATTED) == FORMATTED else None
         except ValueError:
@@ -345,10 +345,7 @@ class CxlRegion:
     def evict(self, n: int = 1) -> int:
         """Evict up to ``n`` published blocks (clock order over the index); returns how many."""
         with self.lock:
-            freed = self._evict_locked(n)
-            for c in freed:
-                self._set_chunk(c, 0)
-            return len(freed)
+            return len(self._evict_locked(n))
 
     # ---- internals (callers hold the lock where noted) ----------------------------------------------
 
@@ -361,10 +358,14 @@ class CxlRegion:
                 return e
             time.sleep(0)
 
+    def _home(self, key: bytes) -> int:
+        """The key's first index slot (keys are uniform hashes; the same rule as the native probe)."""
+        return int.from_bytes(key[:8], "little") % self.g.nslots
+
     def _find_slot(self, key: bytes) -> tuple[int | None, bool]:
         """(slot, True) for the key's live entry, else (first reusable slot on its probe path, False). Locked."""
         nslots = self.g.nslots
-        home = int.from_bytes(key[:8], "little") % nslots
+        home = self._home(key)
         reusable = None
         for i in range(nslots):
             slot = (home + i) % nslots
@@ -401,7 +402,7 @@ class CxlRegion:
                 break
             if st == TOMBSTONE:
                 continue
-            home = int.from_bytes(key[:8], "little") % nslots
+            home = self._home(key)
             if (home - hole - 1) % nslots < (j - hole) % nslots:
                 continue  # its home lies after the hole: its probe path does not cross the hole
             if st != READY:
@@ -465,7 +466,7 @@ class CxlRegion:
         return got
 
     def _evict_locked(self, n: int) -> list[int]:
-        """Retire up to ``n`` READY entries from the clock hand on; their chunks, not yet marked free. Locked."""
+        """Retire up to ``n`` READY entries from the clock hand on; the chunks they freed. Locked."""
         g = self.g
         _native.invalidate(self.mm, OFF_EVICT_HAND, 8)
         hand = _native.load64(self.mm, OFF_EVICT_HAND) % g.nslots
