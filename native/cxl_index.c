@@ -95,6 +95,12 @@ static void probe_into(const char *index, Py_ssize_t nslots, const unsigned char
     memcpy(out, &v, sizeof v);
 }
 
+static int check_key(const char *fn, Py_buffer *key) {
+    if (key->len == KEY_BYTES) return 0;
+    PyErr_Format(PyExc_ValueError, "%s: a key is %d bytes, got %zd", fn, KEY_BYTES, key->len);
+    return -1;
+}
+
 static int check_index(const char *fn, Py_buffer *region, Py_ssize_t index_off, Py_ssize_t nslots) {
     if (nslots <= 0 || index_off % ENTRY_BYTES) {
         PyErr_Format(PyExc_ValueError, "%s: the index needs nslots > 0 and a 64-byte aligned offset", fn);
@@ -169,10 +175,7 @@ PyObject *kv_cxl_read(PyObject *self, PyObject *args) {
         return NULL;
     PyObject *ret = NULL;
     if (check_index("cxl_read", &region, index_off, nslots) < 0) goto done;
-    if (key.len != KEY_BYTES) {
-        PyErr_Format(PyExc_ValueError, "cxl_read: a key is %d bytes, got %zd", KEY_BYTES, key.len);
-        goto done;
-    }
+    if (check_key("cxl_read", &key) < 0) goto done;
     if (chunk_bytes <= 0 || data_off < 0 || data_off > region.len) {
         PyErr_SetString(PyExc_ValueError, "cxl_read: bad data geometry");
         goto done;
@@ -239,10 +242,7 @@ PyObject *kv_cxl_publish(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "cxl_publish: entry offset %zd is not on a cache line", off);
         goto done;
     }
-    if (key.len != KEY_BYTES) {
-        PyErr_Format(PyExc_ValueError, "cxl_publish: a key is %d bytes, got %zd", KEY_BYTES, key.len);
-        goto done;
-    }
+    if (check_key("cxl_publish", &key) < 0) goto done;
     entry_t *e = (entry_t *)((char *)region.buf + off);
     kv_invalidate_range(e, ENTRY_BYTES);
     kv_mfence();
