@@ -9,7 +9,7 @@ SOURCES := pyproject.toml setup.py $(wildcard native/*.c native/*.h)
 
 $(STAMP): $(SOURCES)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,nixl]'
 	@touch $(STAMP)
 
 ## run: start kvrackd in the foreground with the embedded default config

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import ssl
 import time
 from collections.abc import Sequence
 from typing import Any
 
+from kvrack.clients.buffers import byte_view
 from kvrack.clients.core import ClientCore, LeaseViews, LookupResult, PutResult, Step, check_put
 from kvrack.clients.errors import KvrackError
-from kvrack.clients.transport import SyncChannel, unix_socket
+from kvrack.clients.remote import Address, client_tls_context, parse_address, tcp_socket
+from kvrack.clients.transport import StreamChannel, SyncChannel, unix_socket
 from kvrack.daemon import protocol as P
 from kvrack.daemon.settings import default_socket_path
 
@@ -20,12 +23,10 @@ def socket_path_of(address: str | None) -> str:
     """``unix:///path``, ``unix:/path`` or a plain path; None means the default socket."""
     if address is None:
         return default_socket_path()
-    for prefix in ("unix://", "unix:"):
-        if address.startswith(prefix):
-            return address[len(prefix):]
-    if "://" in address:
-        raise ValueError(f"unsupported address {address!r}: this client speaks unix:// only")
-    return address
+    parsed = parse_address(address, default_socket_path())
+    if parsed.scheme != "unix":
+        raise ValueError(f"{address!r} is not a Unix socket address")
+    return parsed.path
 
 
 class Lease(LeaseViews):
@@ -56,8 +57,17 @@ class Client:
 
     @classmethod
     def connect(cls, address: str | None = None, namespace: str = "default", client_name: str = "",
-                timeout: float | None = 30.0, spin_us: float | None = None) -> Client:
-        """Connect and say hello; the namespace's segments are mapped once, here and on first use.
+                timeout: float | None = 30.0, spin_us: float | None = None, *, token: str | None = None,
+                transport: str | None = None, tls: ssl.SSLContext | bool | None = None) -> Client:
+        """Connect and say hello.
+
+        ``address``: ``unix:///path`` (or a path; default: the local daemon's socket), or
+        ``tcp://host:port`` / ``tls://host:port`` for a daemon on another host, which needs the
+        namespace's ``token`` (default: ``$KVRACK_TOKEN``). ``transport`` (default
+        ``$KVRACK_TRANSPORT``, else ``auto``) picks how block bytes move: ``shm`` (mapped
+        segments, local only), ``nixl`` (one-sided transfers) or ``tcp`` (bytes on the
+        connection); ``auto`` takes the best the daemon offers. ``tls``: an ``ssl.SSLContext``,
+        or True for one that verifies the daemon against the system CAs.
 
         ``timeout`` bounds each send and receive. ``spin_us`` is how long to poll for a reply
         before sleeping (default 50 µs when this process may run on more than one CPU, else 0);
@@ -65,8 +75,19 @@ class Client:
         """
         if spin_us is None:
             spin_us = DEFAULT_SPIN_US if len(os.sched_getaffinity(0)) > 1 else 0.0
-        channel = SyncChannel(unix_socket(socket_path_of(address), timeout), spin_us)
-        client = cls(channel, ClientCore(namespace, client_name))
+        where = parse_address(address, default_socket_path()) if address else Address("unix", default_socket_path())
+        token = token if token is not None else os.environ.get("KVRACK_TOKEN", "")
+        transport = transport or os.environ.get("KVRACK_TRANSPORT", "auto")
+        channel: SyncChannel
+        if where.scheme == "unix":
+            channel = SyncChannel(unix_socket(where.path, timeout), spin_us)
+        else:
+            if where.scheme == "tls" and not tls:
+                tls = True
+            ctx = client_tls_context() if tls is True else (tls or None)
+            channel = StreamChannel(tcp_socket(where.host, where.port, timeout, ctx), spin_us, tls=ctx is not None)
+        core = ClientCore(namespace, client_name, token, transport, remote=where.scheme != "unix", data_timeout=timeout)
+        client = cls(channel, core)
         try:
             client._run(client._core.hello())
         except BaseException:
@@ -76,7 +97,8 @@ class Client:
 
     def _run(self, gen: Step) -> Any:
         """Drive an operation: each yielded request goes to the daemon, its reply comes back in."""
-        call = self._channel.call
+        channel = self._channel
+        call = channel.call
         try:
             op, req = next(gen)
             while True:
@@ -85,7 +107,12 @@ class Client:
                     op, req = gen.send(None)
                     continue
                 try:
-                    reply = call(op, P.encode_frame(req))
+                    if op == "read":  # block bytes follow the reply (TCP byte stream)
+                        reply = channel.call_read(op, P.encode_frame(req[0]), req[1])  # type: ignore[attr-defined]
+                    elif op == "write":  # block bytes follow the request
+                        reply = channel.call_write(op, P.encode_frame(req[0]), req[1])  # type: ignore[attr-defined]
+                    else:
+                        reply = call(op, P.encode_frame(req))
                 except BaseException as exc:
                     op, req = gen.throw(exc)
                 else:
@@ -121,9 +148,24 @@ class Client:
         return check_put(result, message, raise_on_error)
 
     def get(self, keys: Sequence[bytes]) -> Lease:
-        """Pin blocks and return zero-copy views (None for misses), valid inside ``with``."""
+        """Pin blocks and return zero-copy views (None for misses), valid inside ``with``.
+
+        Over NIXL or TCP the views are of private copies (nothing stays pinned)."""
+        if self._core.transport != P.TRANSPORT_SHM:
+            return Lease(self, [], self._run(self._core.copies(keys)))
         codes, descriptors = self._run(self._core.acquire(keys))
         return Lease(self, *self._core.lease_views(keys, descriptors))
+
+    @property
+    def transport(self) -> str:
+        """How block bytes move on this connection: ``shm``, ``nixl`` or ``tcp``."""
+        return self._core.transport
+
+    def register(self, buffers: Sequence[Any]) -> None:
+        """Register buffers (an engine's KV pool) once for NIXL, so transfers into them skip per-call
+        registration. A no-op for the other transports."""
+        if self._core.nixl is not None:
+            self._core.nixl.register([byte_view(b, writable=False) for b in buffers])
 
     def get_into(self, keys: Sequence[bytes], out: Sequence[Any]) -> list[bool]:
         """Copy blocks into caller buffers (numpy, torch CPU tensors, bytearrays); per-key hit flags."""
@@ -135,12 +177,18 @@ class Client:
         return sum(1 for c in codes if c == 0)
 
     def stats(self) -> dict[str, Any]:
+        """The daemon's figures for this namespace, plus this client's ``client`` section (its transport)."""
         reply = self._channel.call("stats", P.encode_frame(P.Stats(id=self._core._id())))
-        return reply[0].stats
+        stats = reply[0].stats
+        stats["client"] = {"transport": self._core.transport, "session": self._core.session}
+        return stats
 
     def close(self) -> None:
         self._channel.close()
         self._core.segments.close()
+        if self._core.nixl is not None:
+            self._core.nixl.close()
+            self._core.nixl = None
 
     def __enter__(self) -> Client:
         return self

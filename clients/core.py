@@ -118,12 +118,29 @@ class SegmentMaps:
         self.maps.clear()
 
 
-class ClientCore:
-    """Connection-independent client state and the operations as generators."""
+TRANSPORTS = ("auto", P.TRANSPORT_SHM, P.TRANSPORT_NIXL, P.TRANSPORT_TCP)
 
-    def __init__(self, namespace: str, client_name: str) -> None:
+
+class ClientCore:
+    """Connection-independent client state and the operations as generators.
+
+    ``transport`` is how block bytes move: ``shm`` (mapped segments, Unix socket
+    clients), ``nixl`` (one-sided transfers, remote clients) or ``tcp`` (bytes
+    after ``read``/``write`` frames); ``auto`` takes the best the daemon offers.
+    """
+
+    def __init__(self, namespace: str, client_name: str, token: str = "", transport: str = "auto",
+                 remote: bool = False, data_timeout: float | None = None) -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
         self.namespace = namespace
         self.client_name = client_name
+        self.token = token
+        self.wanted = transport
+        self.remote = remote
+        self.data_timeout = data_timeout
+        self.transport = P.TRANSPORT_SHM
+        self.nixl: Any = None  # NixlData when the transport is nixl
         self.segments = SegmentMaps()
         self.salt = b""
         self.session = 0
@@ -147,19 +164,47 @@ class ClientCore:
     # ---------------------------------------------------------------- steps
     def hello(self) -> Step:
         reply, fds = yield "hello", P.Hello(id=self._id(), version=P.PROTOCOL_VERSION, namespace=self.namespace,
-                                            client_name=self.client_name)
+                                            client_name=self.client_name, token=self.token)
         self.salt = reply.salt
         self.session = reply.session
         self.max_batch_keys = reply.max_batch_keys or self.max_batch_keys
         self.max_frame_bytes = reply.max_frame_bytes
         self.segments.add(reply.segments, fds)
+        self.transport = self._pick_transport(reply.transports or [P.TRANSPORT_SHM])
+        if self.transport == P.TRANSPORT_NIXL:
+            self.nixl.add(reply.remote_segments, reply.nixl_metadata)
+
+    def _pick_transport(self, offered: list[str]) -> str:
+        """The wanted transport if the daemon offers it (and, for NIXL, it loads here), else the best offered."""
+        why_not_nixl = None
+        if P.TRANSPORT_NIXL in offered and self.wanted in ("auto", P.TRANSPORT_NIXL):
+            from kvrack.clients.remote import NixlData
+            from kvrack.nixl_agent import NixlUnavailable
+
+            try:
+                self.nixl = NixlData(self.data_timeout)
+                return P.TRANSPORT_NIXL
+            except NixlUnavailable as exc:
+                why_not_nixl = str(exc)
+        if self.wanted == "auto":
+            return offered[0] if offered[0] != P.TRANSPORT_NIXL else P.TRANSPORT_TCP
+        if self.wanted not in offered or why_not_nixl:
+            raise KvrackError(ErrorCode.TIER_UNAVAILABLE, f"transport {self.wanted!r} is not available on this "
+                              f"connection (the daemon offers {', '.join(offered)}){': ' + why_not_nixl if why_not_nixl else ''}")
+        return self.wanted
 
     def map_segments(self, descriptors: Sequence[P.Descriptor | None]) -> Step:
-        missing = self.segments.missing(descriptors)
+        if self.nixl is not None:
+            missing = self.nixl.missing(descriptors)
+        else:
+            missing = self.segments.missing(descriptors)
         step = P.MAX_FDS_PER_FRAME
         for i in range(0, len(missing), step):
             reply, fds = yield "map", P.MapSegments(id=self._id(), segments=missing[i : i + step])
-            self.segments.add(reply.segments, fds)
+            if self.nixl is not None:
+                self.nixl.add(reply.remote_segments, reply.nixl_metadata)
+            else:
+                self.segments.add(reply.segments, fds)
 
     def lookup(self, keys: Sequence[bytes]) -> Step:
         tiers = bytearray()
@@ -188,6 +233,8 @@ class ClientCore:
         if len(buffers) != len(keys) or (parents is not None and len(parents) != len(keys)):
             raise ValueError("put: keys, buffers and parents must have the same length")
         views = [byte_view(b) for b in buffers]
+        if self.transport == P.TRANSPORT_TCP:
+            return (yield from self._put_stream(keys, views, parents))
         codes: list[int] = []
         message = ""
         step = self.max_batch
@@ -201,10 +248,14 @@ class ClientCore:
             ready = []
             maps = self.segments.maps
             try:
-                for i, d in enumerate(reply.descriptors):
-                    if d is not None and reply.codes[i] == _OK:
-                        copy(maps[d.segment], d.offset, views[start + i], 0, d.length)
-                        ready.append(chunk[i])
+                todo = [i for i, d in enumerate(reply.descriptors) if d is not None and reply.codes[i] == _OK]
+                if self.nixl is not None:
+                    self.nixl.transfer("WRITE", [reply.descriptors[i] for i in todo], [views[start + i] for i in todo])
+                    ready = [chunk[i] for i in todo]
+                for i in todo if self.nixl is None else ():
+                    d = reply.descriptors[i]
+                    copy(maps[d.segment], d.offset, views[start + i], 0, d.length)
+                    ready.append(chunk[i])
             except BaseException:
                 aborted = [chunk[i] for i, d in enumerate(reply.descriptors) if d is not None and reply.codes[i] == _OK]
                 yield "abort", P.Abort(id=self._id(), keys=aborted)
@@ -215,6 +266,28 @@ class ClientCore:
                 failed = {k: c for k, c in zip(ready, creply.codes) if c != _OK}
                 if failed:  # e.g. the reservation's lease ran out before the copy finished
                     batch_codes = [failed.get(k, c) for k, c in zip(chunk, batch_codes)]
+            codes += batch_codes
+        return PutResult(codes), message
+
+    def _put_stream(self, keys: Sequence[bytes], views: list[memoryview],
+                    parents: Sequence[bytes | None] | None) -> Step:
+        """TCP byte stream: reserve, then one ``write`` carrying the reserved keys' bytes (committed on arrival)."""
+        codes: list[int] = []
+        message = ""
+        step = self.max_batch
+        for start in range(0, len(keys), step):
+            end = start + step
+            chunk = list(keys[start:end])
+            reply, _ = yield "reserve", P.Reserve(id=self._id(), keys=chunk, sizes=[v.nbytes for v in views[start:end]],
+                                                  parents=list(parents[start:end]) if parents is not None else None)
+            message = reply.message or message
+            batch_codes = list(reply.codes)
+            todo = [i for i, d in enumerate(reply.descriptors) if d is not None and reply.codes[i] == _OK]
+            if todo:
+                req = P.Write(id=self._id(), keys=[chunk[i] for i in todo], sizes=[views[start + i].nbytes for i in todo])
+                wreply, _ = yield "write", (req, [views[start + i] for i in todo])
+                for i, code in zip(todo, wreply.codes):
+                    batch_codes[i] = code
             codes += batch_codes
         return PutResult(codes), message
 
@@ -249,6 +322,8 @@ class ClientCore:
         are asked again once this round's pins are gone, as long as each round makes progress."""
         if len(outs) != len(keys):
             raise ValueError("get_into: keys and out must have the same length")
+        if self.transport == P.TRANSPORT_TCP:
+            return (yield from self._get_stream(keys, [byte_view(o, writable=True) for o in outs], False))
         hits = [False] * len(keys)
         todo = list(range(len(keys)))
         while todo:
@@ -267,6 +342,62 @@ class ClientCore:
             todo = [i for i, code in zip(todo, codes) if code == P.ErrorCode.NO_SPACE]
         return hits
 
+    def _get_stream(self, keys: Sequence[bytes], outs: Sequence[memoryview | None], allocate: bool) -> Step:
+        """TCP byte stream: ``read`` requests whose replies carry the blocks; hit flags, or with
+        ``allocate`` fresh buffers (None for misses). Keys that found no DRAM room to come back
+        from NVMe (NO_SPACE) are asked again while each round makes progress."""
+        got: list[Any] = [None if allocate else False] * len(keys)
+        todo = list(range(len(keys)))
+        too_small: list[int] = []
+        while todo:
+            retry = []
+            progress = False
+            for start in range(0, len(todo), self.max_batch):
+                idx = todo[start: start + self.max_batch]
+
+                def sinks(reply: Any, idx: list[int] = idx) -> list[memoryview]:
+                    out = []
+                    for j, n in zip(idx, reply.lengths):
+                        if not n:
+                            continue
+                        view = outs[j] if not allocate else None
+                        if view is None or view.nbytes < n:
+                            if view is not None:
+                                too_small.append(j)
+                            view = memoryview(bytearray(n))
+                            if allocate:
+                                got[j] = view
+                        out.append(view[:n])
+                    return out
+
+                reply, _ = yield "read", (P.Read(id=self._id(), keys=[keys[j] for j in idx]), sinks)
+                for j, n, code in zip(idx, reply.lengths, reply.codes):
+                    if n:
+                        progress = True
+                        if not allocate:
+                            got[j] = True
+                    elif code == ErrorCode.NO_SPACE:
+                        retry.append(j)
+            if too_small:
+                j = too_small[0]
+                raise ValueError(f"get_into: buffer of {outs[j].nbytes} bytes is smaller than its block")  # type: ignore[union-attr]
+            todo = retry if progress else []
+        return got
+
+    def copies(self, keys: Sequence[bytes]) -> Step:
+        """Remote clients' ``get``: the blocks copied into fresh buffers (None for misses); no pins stay."""
+        if self.transport == P.TRANSPORT_TCP:
+            return (yield from self._get_stream(keys, [None] * len(keys), True))
+        codes, descriptors = yield from self.acquire(keys)
+        views: list[memoryview | None] = [None if d is None else memoryview(bytearray(d.length)) for d in descriptors]
+        try:
+            self.nixl.transfer("READ", descriptors, views)
+        finally:
+            pinned = [k for k, d in zip(keys, descriptors) if d is not None]
+            if pinned:
+                yield from self.keys_op("release", P.Release, pinned)
+        return views
+
     def lease_views(self, keys: Sequence[bytes], descriptors: Sequence[P.Descriptor | None]
                     ) -> tuple[list[bytes], list[memoryview | None]]:
         pinned = [k for k, d in zip(keys, descriptors) if d is not None]
@@ -277,6 +408,13 @@ class ClientCore:
         return memoryview(self.segments.maps[d.segment])[d.offset : d.offset + d.length].toreadonly()
 
     def copy_out(self, descriptors: Sequence[P.Descriptor | None], outs: Sequence[Any]) -> list[bool]:
+        if self.nixl is not None:
+            views = [None if d is None else byte_view(out, writable=True) for d, out in zip(descriptors, outs)]
+            for d, view in zip(descriptors, views):
+                if d is not None and view.nbytes < d.length:  # type: ignore[union-attr]
+                    raise ValueError(f"get_into: buffer of {view.nbytes} bytes is smaller than the {d.length}-byte block")  # type: ignore[union-attr]
+            self.nixl.transfer("READ", descriptors, views)
+            return [d is not None for d in descriptors]
         hits = []
         maps = self.segments.maps
         for d, out in zip(descriptors, outs):

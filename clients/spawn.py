@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 
 from kvrack.clients.transport import is_listening
@@ -31,11 +32,13 @@ class DaemonProcess:
     """
 
     def __init__(self, settings: dict[str, object] | None = None, socket_path: str | None = None,
-                 config_path: str | None = None, log_path: str | None = None, ready_timeout: float = 30.0) -> None:
+                 config_path: str | None = None, log_path: str | None = None, ready_timeout: float = 30.0,
+                 command_prefix: Sequence[str] = ()) -> None:
         self._tmp = tempfile.mkdtemp(prefix="kvrack-")
         self.socket_path = socket_path or os.path.join(self._tmp, "kvrack.sock")
         self.log_path = log_path or os.path.join(self._tmp, "kvrackd.log")
-        args = [sys.executable, "-m", "kvrack.daemon.main", "--socket", self.socket_path]
+        # command_prefix runs the daemon under another command, e.g. ["ip", "netns", "exec", NAME]
+        args = [*command_prefix, sys.executable, "-m", "kvrack.daemon.main", "--socket", self.socket_path]
         if config_path:
             args += ["--config", config_path]
         settings = dict(settings or {})

@@ -8,6 +8,7 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Callable
 
 import msgspec
 
@@ -117,6 +118,8 @@ class SyncChannel:
     ``spin_us=0`` blocks at once (no CPU spent waiting).
     """
 
+    tls = False
+
     def __init__(self, sock: socket.socket, spin_us: float = 50.0) -> None:
         self.sock = sock
         self.frames = FrameBuffer()
@@ -142,18 +145,89 @@ class SyncChannel:
     def call(self, op: str, frame: bytes) -> tuple[P.Reply, list[int]]:
         try:
             self.sock.sendall(frame)
-            frames = self.frames
-            while True:
-                body = frames.next_frame()
-                if body is not None:
-                    return decode_reply(op, body), frames.take_fds()
-                self._receive()
+            return self._reply(op)
         except BlockingIOError:  # SO_RCVTIMEO / SO_SNDTIMEO ran out
             raise TimeoutError(f"kvrackd did not answer {op} in time") from None
+
+    def _send_all(self, parts: list[memoryview]) -> None:
+        if self.tls:
+            for part in parts:
+                self.sock.sendall(part)
+            return
+        while parts:
+            sent = self.sock.sendmsg(parts[:512])
+            while parts and sent >= len(parts[0]):
+                sent -= len(parts[0])
+                parts.pop(0)
+            if sent:
+                parts[0] = parts[0][sent:]
+
+    def call_write(self, op: str, frame: bytes, payload: list[memoryview]) -> tuple[P.Reply, list[int]]:
+        """Send a frame and the block bytes after it, then wait for the reply."""
+        try:
+            self._send_all([memoryview(frame), *payload])
+            return self._reply(op)
+        except BlockingIOError:
+            raise TimeoutError(f"kvrackd did not answer {op} in time") from None
+
+    def call_read(self, op: str, frame: bytes, sinks: Callable[[P.Reply], list[memoryview]]) -> tuple[P.Reply, list[int]]:
+        """Send a frame; the reply is followed by block bytes, which go where ``sinks(reply)`` says, in order."""
+        try:
+            self.sock.sendall(frame)
+            reply, fds = self._reply(op)
+            buffered = self.frames.buf
+            for view in sinks(reply):
+                got = min(len(view), len(buffered))
+                if got:
+                    view[:got] = buffered[:got]
+                    del buffered[:got]
+                while got < len(view):
+                    n = self.sock.recv_into(view[got:])
+                    if not n:
+                        raise ConnectionError("kvrackd closed the connection in the middle of a read")
+                    got += n
+            return reply, fds
+        except BlockingIOError:
+            raise TimeoutError(f"kvrackd did not send the {op} bytes in time") from None
+
+    def _reply(self, op: str) -> tuple[P.Reply, list[int]]:
+        frames = self.frames
+        while True:
+            body = frames.next_frame()
+            if body is not None:
+                return decode_reply(op, body), frames.take_fds()
+            self._receive()
 
     def close(self) -> None:
         self.frames.close_fds()
         self.sock.close()
+
+
+class StreamChannel(SyncChannel):
+    """The same over TCP or TLS: no fds, and block bytes may follow a frame (``read``/``write`` ops).
+
+    Payloads go from and to the caller's buffers directly: a gathering ``sendmsg``
+    of the frame and the blocks, and ``recv_into`` each destination.
+    """
+
+    def __init__(self, sock: socket.socket, spin_us: float = 50.0, tls: bool = False) -> None:
+        super().__init__(sock, 0.0 if tls else spin_us)  # a TLS socket cannot poll with MSG_DONTWAIT
+        self.tls = tls
+
+    def _receive(self) -> None:
+        sock, rbuf = self.sock, self.rbuf
+        if self.spin_ns:
+            deadline = time.perf_counter_ns() + self.spin_ns
+            while True:
+                try:
+                    n = sock.recv_into(rbuf, 0, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    if time.perf_counter_ns() < deadline:
+                        continue
+                    break
+                self.frames.received(rbuf, n, [])
+                return
+        self.frames.received(rbuf, sock.recv_into(rbuf), [])
 
 
 class AsyncChannel:

@@ -11,6 +11,7 @@ A block can have two copies: one in the memory tier clients map (``seg``/``slot`
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 
 RESERVED = 1
@@ -132,13 +133,15 @@ def _always(_: object) -> bool:
 class Namespace:
     """A tenant's isolated key space and its counters."""
 
-    __slots__ = ("name", "salt", "uids", "gids", "entries", "blocks", "bytes")
+    __slots__ = ("name", "salt", "uids", "gids", "entries", "blocks", "bytes", "_token")
 
-    def __init__(self, name: str, salt: bytes, uids: tuple[int, ...] = (), gids: tuple[int, ...] = ()) -> None:
+    def __init__(self, name: str, salt: bytes, uids: tuple[int, ...] = (), gids: tuple[int, ...] = (),
+                 token: str = "") -> None:
         self.name = name
         self.salt = salt
         self.uids = uids
         self.gids = gids
+        self._token = token.encode()
         self.entries: dict[bytes, Entry] = {}
         self.blocks = 0  # committed
         self.bytes = 0  # committed
@@ -148,3 +151,12 @@ class Namespace:
         if not self.uids and not self.gids:
             return True
         return uid in self.uids or bool(gids.intersection(self.gids))
+
+    @property
+    def remote(self) -> bool:
+        """Whether TCP clients may use it (it has a token)."""
+        return bool(self._token)
+
+    def accepts_token(self, token: str) -> bool:
+        """Constant-time check of a TCP client's token; a namespace without one accepts none."""
+        return bool(self._token) and hmac.compare_digest(self._token, token.encode())

@@ -10,16 +10,19 @@ import gc
 import logging
 import os
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from kvrack import __version__
+from kvrack import __version__, nixl_agent
 from kvrack.daemon.mover import Mover
+from kvrack.daemon.nixl_export import NixlExport
 from kvrack.daemon.server import ControlServer
 from kvrack.daemon.settings import Config, ConfigError, example_toml, format_size, load_config
 from kvrack.daemon.store import Store
+from kvrack.daemon.tcp_listener import TcpListener, tls_context
 from kvrack.tiers.dram import DramAdoption, open_dram_tier
 from kvrack.tiers.dram_state import ShmDirBacking, save_state
 from kvrack.tiers.nvme import open_nvme_tier
@@ -78,6 +81,35 @@ class Daemon:
         self._adopt_dram(adoption)
         self.server = ControlServer(self.store, c["server.socket_path"], c["server.max_frame_bytes"],
                                     c["server.max_batch_keys"], c["server.socket_mode"], self._stats_extra)
+        if c["tcp.enabled"]:
+            self._open_tcp()
+
+    def _open_tcp(self) -> None:
+        """The TCP listener for remote clients, with TLS and NIXL as configured."""
+        c = self.config
+        assert self.server is not None and self.store is not None
+        remote = [ns.name for ns in c.namespaces if ns.token]
+        if not remote:
+            log.warning("tcp.enabled but no namespace has a token: every TCP hello will be refused")
+        tls = None
+        if c["tcp.tls_cert"] or c["tcp.tls_key"]:
+            if not (c["tcp.tls_cert"] and c["tcp.tls_key"]):
+                raise ValueError("TLS needs both tcp.tls_cert and tcp.tls_key")
+            try:
+                tls = tls_context(c["tcp.tls_cert"], c["tcp.tls_key"], c["tcp.tls_client_ca"])
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(f"cannot load the TLS certificate or key: {exc}") from None
+        self.server.tcp = TcpListener(self.server, c["tcp.host"], c["tcp.port"], tls)
+        if c["tcp.nixl"] != "off":
+            try:
+                self.server.nixl = NixlExport(self.store.tier, c["tcp.nixl_progress_delay_us"])
+            except nixl_agent.NixlUnavailable as exc:
+                if c["tcp.nixl"] == "on":
+                    raise ValueError(f"tcp.nixl = on, but NIXL cannot be used: {exc}") from None
+                log.warning("nixl unavailable, remote clients use the TCP byte stream: %s", exc)
+        log.info("tcp: remote namespaces: %s; data transports: %s%s", ", ".join(remote) or "none",
+                 f"nixl (agent {self.server.nixl.name}), tcp" if self.server.nixl else "tcp",
+                 "; TLS on" + (" with client certificates" if c["tcp.tls_client_ca"] else "") if tls else "")
 
     def _open_nvme(self) -> None:
         """Open, recover and attach the NVMe tier; if it cannot open, serve from DRAM and say why."""
@@ -139,7 +171,12 @@ class Daemon:
                  time.perf_counter() - t0)
 
     def _stats_extra(self) -> dict[str, object]:
-        return {"daemon": {"version": __version__, "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 1)}}
+        extra: dict[str, object] = {
+            "daemon": {"version": __version__, "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 1)}}
+        server = self.server
+        if server is not None and server.tcp is not None:
+            extra["tcp"] = {"address": server.tcp.address, "nixl": server.nixl.stats() if server.nixl else None}
+        return extra
 
     async def serve(self) -> None:
         assert self.server is not None and self.store is not None
@@ -152,7 +189,8 @@ class Daemon:
             self.store.mover.start(loop)
         gc.freeze()  # start-up objects (config, tiers, modules) never need collecting
         names = ", ".join(self.store.namespaces)
-        log.info("kvrackd %s listening on unix:%s (namespaces: %s)", __version__, self.config["server.socket_path"], names)
+        log.info("kvrackd %s listening on unix:%s%s (namespaces: %s)", __version__, self.config["server.socket_path"],
+                 f" and {self.server.tcp.address}" if self.server.tcp else "", names)
         _notify("READY=1\nSTATUS=serving")
         sweeper = asyncio.create_task(self._sweep_leases())
         await self.stop_event.wait()
@@ -206,6 +244,8 @@ class Daemon:
         self._save_dram()
 
     def close(self) -> None:
+        if self.server is not None and self.server.nixl is not None:
+            self.server.nixl.close()
         if self.store is not None:
             if self.store.mover is not None:
                 self.store.mover.close()

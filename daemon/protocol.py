@@ -46,6 +46,7 @@ class ErrorCode(enum.IntEnum):
     UNKNOWN_NAMESPACE = 200
     PERMISSION_DENIED = 201
     UNKNOWN_SEGMENT = 202
+    UNAUTHENTICATED = 203
     # 3xx: one key or block
     INVALID_KEY = 300
     NOT_FOUND = 301
@@ -96,11 +97,28 @@ class SegmentInfo(msgspec.Struct, array_like=True, frozen=True):
 _REQ = {"tag_field": "op", "forbid_unknown_fields": True}
 
 
+class RemoteSegment(msgspec.Struct, array_like=True, frozen=True):
+    """A segment a remote client reaches by NIXL: its address in the daemon's registered memory."""
+
+    segment: int
+    tier: int
+    addr: int
+    size: int
+
+
+# data transports, as hello offers them and a client's stats name the one in use
+TRANSPORT_SHM = "shm"  # map the segment (Unix socket clients)
+TRANSPORT_NIXL = "nixl"  # one-sided READ/WRITE into the daemon's registered segments
+TRANSPORT_TCP = "tcp"  # block bytes streamed on the control connection (read / write ops)
+
+
 class Hello(msgspec.Struct, tag="hello", **_REQ):  # type: ignore[call-arg]
     id: int
     version: int
     namespace: str = "default"
     client_name: str = ""
+    # the namespace's token: required on TCP connections, ignored on the Unix socket
+    token: str = ""
 
 
 class Lookup(msgspec.Struct, tag="lookup", **_REQ):  # type: ignore[call-arg]
@@ -150,8 +168,25 @@ class Stats(msgspec.Struct, tag="stats", **_REQ):  # type: ignore[call-arg]
     id: int
 
 
-Request = Hello | Lookup | Reserve | Commit | Abort | Acquire | Release | Delete | MapSegments | Stats
-OPS = ("hello", "lookup", "reserve", "commit", "abort", "acquire", "release", "delete", "map", "stats")
+class Read(msgspec.Struct, tag="read", **_REQ):  # type: ignore[call-arg]
+    """TCP data path: the reply is followed by the bytes of every hit, in key order."""
+
+    id: int
+    keys: list[bytes]
+
+
+class Write(msgspec.Struct, tag="write", **_REQ):  # type: ignore[call-arg]
+    """TCP data path: followed by ``sum(sizes)`` bytes, each key's block in order, into slots
+    this session reserved; keys whose bytes arrived whole are committed."""
+
+    id: int
+    keys: list[bytes]
+    sizes: list[int]
+
+
+Request = Hello | Lookup | Reserve | Commit | Abort | Acquire | Release | Delete | MapSegments | Stats | Read | Write
+OPS = ("hello", "lookup", "reserve", "commit", "abort", "acquire", "release", "delete", "map", "stats", "read",
+       "write")
 
 
 class Envelope(msgspec.Struct):
@@ -186,6 +221,11 @@ class HelloReply(Reply):
     max_batch_keys: int = 0
     reserve_lease_s: float = 0.0
     pin_lease_s: float = 0.0
+    # data transports this session may use, best first
+    transports: list[str] = []
+    # NIXL (TCP sessions): the daemon agent's metadata limited to this namespace's segments
+    nixl_metadata: bytes = b""
+    remote_segments: list[RemoteSegment] = []
 
 
 class LookupReply(Reply):
@@ -203,6 +243,15 @@ class KeysReply(Reply):
 
 class MapReply(Reply):
     segments: list[SegmentInfo] = []
+    nixl_metadata: bytes = b""
+    remote_segments: list[RemoteSegment] = []
+
+
+class ReadReply(Reply):
+    """Per key a code and the bytes that follow for it (0 for a miss)."""
+
+    codes: list[int] = []
+    lengths: list[int] = []
 
 
 class StatsReply(Reply):
@@ -220,6 +269,8 @@ REPLY_TYPES: dict[str, type[Reply]] = {
     "delete": KeysReply,
     "map": MapReply,
     "stats": StatsReply,
+    "read": ReadReply,
+    "write": KeysReply,
 }
 
 

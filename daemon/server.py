@@ -19,12 +19,14 @@ from __future__ import annotations
 import array
 import asyncio
 import collections
+import itertools
 import logging
 import os
 import socket
+import ssl
 import struct
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -32,52 +34,134 @@ from kvrack.daemon import protocol as P
 from kvrack.daemon.session import PeerCredentials, Session
 from kvrack.daemon.store import KeysResult, Store
 
+if TYPE_CHECKING:
+    from kvrack.daemon.nixl_export import NixlExport
+    from kvrack.daemon.tcp_listener import TcpListener
+
 log = logging.getLogger("kvrack.server")
 _PEERCRED = struct.Struct("3i")
 _MAX_QUEUED_OUT = 64 * 1024 * 1024  # stop reading from a client that does not read its replies
 _RECV_BYTES = 1 << 20
 # how long a reserve may wait for write-behind copies to NVMe to free DRAM before it says NO_SPACE
 _WAIT_FOR_ROOM_S = 10.0
+_IOV_MAX = 512  # buffers per gathering sendmsg (the kernel allows 1024)
 
 
 class Connection:
-    """One client socket: input buffer, ordered output queue (bytes + fds), its session."""
+    """One client socket: input buffer, ordered output queue (bytes + fds), its session.
 
-    def __init__(self, server: ControlServer, sock: socket.socket, session: Session) -> None:
+    A ``write`` request's block bytes follow its frame; while they arrive the
+    connection is in payload mode and receives straight into the reserved slots.
+    A ``read`` reply's block bytes go out from the daemon's own mapping of the
+    segments with one gathering ``sendmsg`` per readiness event.
+    """
+
+    def __init__(self, server: ControlServer, sock: socket.socket, session: Session, tls: bool = False) -> None:
         self.server = server
         self.sock = sock
         self.fileno = sock.fileno()
         self.session = session
+        self.tls = tls  # an ssl.SSLSocket: no sendmsg, and decrypted bytes may wait inside it
         self.inbuf = bytearray()
-        self.out: collections.deque[tuple[memoryview, tuple[int, ...]]] = collections.deque()
+        # (bytes to send, fds to pass with their first byte, called once they are all sent)
+        self.out: collections.deque[tuple[memoryview, tuple[int, ...], Callable[[], None] | None]] = \
+            collections.deque()
         self.out_bytes = 0
+        self.writing = False
         self.reading = True
         self.paused = False  # a deferred reply is being prepared: take no further request yet
         self.closing = False  # close once the output queue is flushed
         self.closed = False
+        self.sink: collections.deque[memoryview | int] | None = None  # payload targets; an int is bytes to drop
+        self.sink_done: Callable[[], None] | None = None
 
     # -------------------------------------------------------------- reading
     def on_readable(self) -> None:
         rbuf = self.server.recv_buffer
-        try:
-            n = self.sock.recv_into(rbuf)
-        except (BlockingIOError, InterruptedError):
+        while True:
+            direct = self.sink is not None and not self.inbuf  # payload bytes: straight to their slot
+            if direct:
+                head = self.sink[0]  # type: ignore[index]
+                target = memoryview(rbuf)[: min(head, len(rbuf))] if isinstance(head, int) else head
+            else:
+                target = rbuf
+            try:
+                n = self.sock.recv_into(target)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return
+            except OSError:
+                self.close()
+                return
+            if not n:
+                self.close()
+                return
+            if direct:
+                self._consume_sink(n)
+            else:
+                self.inbuf += rbuf[:n] if n < 4096 else memoryview(rbuf)[:n]
+            self.process()
+            # TLS keeps decrypted bytes inside the socket object, where readiness cannot see them
+            if self.closed or not self.reading or not (self.tls and self.sock.pending()):  # type: ignore[attr-defined]
+                return
+
+    def _consume_sink(self, n: int) -> None:
+        """``n`` bytes of payload were received into (or dropped for) the sink's head."""
+        sink = self.sink
+        assert sink is not None
+        head = sink[0]
+        if isinstance(head, int):
+            left = head - n
+        else:
+            left = len(head) - n
+            head = head[n:]
+        if left:
+            sink[0] = left if isinstance(head, int) else head
+        else:
+            sink.popleft()
+            if not sink:
+                self._sink_complete()
+
+    def _sink_complete(self) -> None:
+        done, self.sink, self.sink_done = self.sink_done, None, None
+        if done is not None:
+            done()
+
+    def expect_payload(self, targets: list[memoryview | int], done: Callable[[], None]) -> None:
+        """The next bytes on this connection are a payload: fill ``targets`` in order, then call ``done``."""
+        targets = [t for t in targets if (t if isinstance(t, int) else len(t))]
+        if not targets:
+            done()
             return
-        except OSError:
-            self.close()
-            return
-        if not n:
-            self.close()
-            return
-        self.inbuf += rbuf[:n] if n < 4096 else memoryview(rbuf)[:n]
-        self.process()
+        self.sink = collections.deque(targets)
+        self.sink_done = done
+
+    def _feed_sink(self, buf: bytearray, pos: int) -> int:
+        """Move buffered bytes into the payload sink; returns the new read position."""
+        sink = self.sink
+        while sink and pos < len(buf):
+            head = sink[0]
+            want = head if isinstance(head, int) else len(head)
+            n = min(want, len(buf) - pos)
+            if not isinstance(head, int):
+                head[:n] = buf[pos: pos + n]
+            pos += n
+            self._consume_sink(n)
+            sink = self.sink
+        return pos
 
     def process(self) -> None:
         """Dispatch every complete frame in the input buffer, until one needs a deferred reply."""
         buf = self.inbuf
         max_frame = self.server.max_frame_bytes
         pos = 0
-        while len(buf) - pos >= P.HEADER_BYTES and not self.closing and not self.paused:
+        while not self.closing and not self.paused:
+            if self.sink is not None:
+                pos = self._feed_sink(buf, pos)
+                if self.sink is not None:
+                    break
+                continue
+            if len(buf) - pos < P.HEADER_BYTES:
+                break
             (n,) = P.HEADER.unpack_from(buf, pos)
             if n > max_frame:
                 self.fail(P.ErrorCode.FRAME_TOO_LARGE, f"frame of {n} bytes exceeds server.max_frame_bytes={max_frame}")
@@ -109,11 +193,12 @@ class Connection:
         self.paused = True
         self.stop_reading()
 
-    def resume(self, frame: bytes, fds: tuple[int, ...]) -> None:
+    def resume(self, frame: bytes, fds: tuple[int, ...], payload: list[memoryview] | None = None,
+               done: Callable[[], None] | None = None) -> None:
         """The deferred reply is ready: send it, then go on with buffered and new requests."""
         if self.closed:
             return
-        self.send(frame, fds)
+        self.send(frame, fds, payload, done)
         self.paused = False
         self.process()
         if not (self.paused or self.closing or self.closed or self.reading or self.server.draining) \
@@ -122,53 +207,81 @@ class Connection:
             self.server.loop.add_reader(self.fileno, self.on_readable)
 
     # -------------------------------------------------------------- writing
-    def send(self, frame: bytes, fds: tuple[int, ...] = ()) -> None:
+    def send(self, frame: bytes, fds: tuple[int, ...] = (), payload: list[memoryview] | None = None,
+             done: Callable[[], None] | None = None) -> None:
+        """Queue a frame (and block bytes after it); ``done`` runs when the last byte is out."""
         if self.closed:
             return
-        if self.out:
-            self._queue(memoryview(frame), fds)
-            return
-        sent = self._send_now(memoryview(frame), fds)
-        if sent < 0:
-            return
-        if sent < len(frame):
-            self._queue(memoryview(frame)[sent:], fds if sent == 0 else ())
-            self.server.loop.add_writer(self.fileno, self.on_writable)
+        if payload:
+            self._queue(memoryview(frame), fds, None)
+            for view in payload[:-1]:
+                self._queue(view, (), None)
+            self._queue(payload[-1], (), done)
+        else:
+            self._queue(memoryview(frame), fds, done)
+        if not self.writing:
+            self.flush()
 
-    def _send_now(self, data: memoryview, fds: tuple[int, ...]) -> int:
+    def _queue(self, data: memoryview, fds: tuple[int, ...], done: Callable[[], None] | None) -> None:
+        self.out.append((data, fds, done))
+        self.out_bytes += len(data)
+        if self.out_bytes > _MAX_QUEUED_OUT:
+            self.stop_reading()
+
+    def _send_some(self) -> int:
+        """One send call over the head of the queue; bytes sent, or -1 once the connection is closed."""
+        out = self.out
+        data, fds, _done = out[0]
         try:
             if fds:
                 return self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-            return self.sock.send(data)
-        except (BlockingIOError, InterruptedError):
+            if self.tls or len(out) == 1:
+                return self.sock.send(data)
+            bufs = [data]
+            for item in itertools.islice(out, 1, _IOV_MAX):
+                if item[1]:
+                    break
+                bufs.append(item[0])
+            return self.sock.sendmsg(bufs)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             return 0
         except OSError:
             self.close()
             return -1
 
-    def _queue(self, data: memoryview, fds: tuple[int, ...]) -> None:
-        self.out.append((data, fds))
-        self.out_bytes += len(data)
-        if self.out_bytes > _MAX_QUEUED_OUT:
-            self.stop_reading()
-
-    def on_writable(self) -> None:
-        while self.out:
-            data, fds = self.out[0]
-            sent = self._send_now(data, fds)
+    def flush(self) -> None:
+        """Send what the socket takes now; wait for writability if anything is left."""
+        out = self.out
+        while out:
+            sent = self._send_some()
             if sent < 0:
                 return
+            if sent == 0:
+                break
             self.out_bytes -= sent
-            if sent < len(data):
-                self.out[0] = (data[sent:], fds if sent == 0 else ())
-                return
-            self.out.popleft()
-        self.server.loop.remove_writer(self.fileno)
+            while sent:
+                data, fds, done = out[0]
+                if sent < len(data):
+                    out[0] = (data[sent:], (), done)
+                    break
+                sent -= len(data)
+                out.popleft()
+                if done is not None:
+                    done()
+        loop = self.server.loop
+        if out:
+            if not self.writing:
+                self.writing = True
+                loop.add_writer(self.fileno, self.flush)
+            return
+        if self.writing:
+            self.writing = False
+            loop.remove_writer(self.fileno)
         if self.closing:
             self.close()
         elif not self.reading and not self.server.draining and not self.paused:
             self.reading = True
-            self.server.loop.add_reader(self.fileno, self.on_readable)
+            loop.add_reader(self.fileno, self.on_readable)
 
     # -------------------------------------------------------------- closing
     def close(self) -> None:
@@ -178,9 +291,11 @@ class Connection:
         loop = self.server.loop
         if self.reading:
             loop.remove_reader(self.fileno)
-        if self.out:
+        if self.writing:
             loop.remove_writer(self.fileno)
-        self.out.clear()
+        self.out.clear()  # pins held for unsent read payloads end with the session, below
+        self.sink = None
+        self.sink_done = None
         self.sock.close()
         self.server.forget(self)
 
@@ -189,8 +304,11 @@ class ControlServer:
     """Accepts connections and dispatches decoded requests to the store."""
 
     def __init__(self, store: Store, socket_path: str, max_frame_bytes: int, max_batch_keys: int,
-                 socket_mode: int = 0o666, stats_extra: Callable[[], dict[str, Any]] | None = None) -> None:
+                 socket_mode: int = 0o666, stats_extra: Callable[[], dict[str, Any]] | None = None,
+                 nixl: NixlExport | None = None) -> None:
         self.store = store
+        self.nixl = nixl  # remote one-sided access to the DRAM segments, when NIXL loaded
+        self.tcp: TcpListener | None = None
         self.socket_path = socket_path
         self.max_frame_bytes = max_frame_bytes
         self.max_batch_keys = max_batch_keys
@@ -208,7 +326,7 @@ class ControlServer:
         self._handlers: dict[type, Callable[[Connection, Any], Any]] = {
             P.Hello: self._hello, P.Lookup: self._lookup, P.Reserve: self._reserve, P.Commit: self._commit,
             P.Abort: self._abort, P.Acquire: self._acquire, P.Release: self._release, P.Delete: self._delete,
-            P.MapSegments: self._map, P.Stats: self._stats,
+            P.MapSegments: self._map, P.Stats: self._stats, P.Read: self._read, P.Write: self._write,
         }
 
     # ------------------------------------------------------------ lifecycle
@@ -233,8 +351,12 @@ class ControlServer:
         sock.setblocking(False)
         self.listener = sock
         loop.add_reader(sock.fileno(), self._accept)
+        if self.tcp is not None:
+            self.tcp.start()
 
     def stop_accepting(self) -> None:
+        if self.tcp is not None:
+            self.tcp.stop()
         if self.listener is not None:
             self.loop.remove_reader(self.listener.fileno())
             self.listener.close()
@@ -273,12 +395,19 @@ class ControlServer:
                 peer = PeerCredentials(pid, uid, gid)
             except OSError:
                 peer = None
-            session = Session(self._next_session, peer)
-            self._next_session += 1
-            conn = Connection(self, sock, session)
-            self.connections.add(conn)
-            self.loop.add_reader(conn.fileno, conn.on_readable)
-            log.debug("session %d connected: %s", session.id, peer)
+            self.adopt(sock, peer, None)
+
+    def adopt(self, sock: socket.socket, peer: PeerCredentials | None, remote: str | None, tls: bool = False) -> None:
+        """Serve a connected socket: local (peer credentials) or remote (its address; token in hello)."""
+        if self.draining:
+            sock.close()
+            return
+        session = Session(self._next_session, peer, remote)
+        self._next_session += 1
+        conn = Connection(self, sock, session, tls)
+        self.connections.add(conn)
+        self.loop.add_reader(conn.fileno, conn.on_readable)
+        log.debug("session %d connected: %s", session.id, remote or peer)
 
     def forget(self, conn: Connection) -> None:
         self.connections.discard(conn)
@@ -314,30 +443,34 @@ class ControlServer:
                 except Exception:  # a bug must cost one request, never the daemon
                     log.exception("session %d: %s failed", conn.session.id, type(req).__name__)
                     out = self._internal_error(req.id)
+                if out is None:  # a write: the reply goes out once its payload is in
+                    return
                 if not isinstance(out, tuple):  # waits for I/O: answered when it is done
                     conn.pause()
                     task = self.loop.create_task(self._deferred(conn, req, out))
                     self.deferred.add(task)
                     task.add_done_callback(self.deferred.discard)
                     return
-                reply, fds = out
+                reply, fds, *payload = out
+                conn.send(P.encode_frame(reply), fds, *payload)
+                return
         conn.send(P.encode_frame(reply), fds)
 
     @staticmethod
     def _internal_error(rid: int) -> tuple[P.Reply, tuple[int, ...]]:
         return P.ErrorReply(id=rid, code=int(P.ErrorCode.INTERNAL), message="internal error; see the daemon log"), ()
 
-    async def _deferred(self, conn: Connection, req: Any,
-                        work: Coroutine[Any, Any, tuple[P.Reply, tuple[int, ...]]]) -> None:
+    async def _deferred(self, conn: Connection, req: Any, work: Coroutine[Any, Any, tuple[Any, ...]]) -> None:
         try:
-            reply, fds = await work
+            reply, fds, *payload = await work
         except Exception:
             log.exception("session %d: %s failed", conn.session.id, type(req).__name__)
             reply, fds = self._internal_error(req.id)
-        conn.resume(P.encode_frame(reply), fds)
+            payload = []
+        conn.resume(P.encode_frame(reply), fds, *payload)
 
     # ------------------------------------------------------------- handlers
-    def _hello(self, conn: Connection, req: P.Hello) -> tuple[P.Reply, tuple[int, ...]]:
+    def _hello(self, conn: Connection, req: P.Hello) -> tuple[P.Reply, tuple[int, ...]] | None:
         s = conn.session
         if s.namespace is not None:
             return P.ErrorReply(id=req.id, code=int(P.ErrorCode.BAD_REQUEST), message="hello was already sent"), ()
@@ -345,6 +478,8 @@ class ControlServer:
             return P.ErrorReply(id=req.id, code=int(P.ErrorCode.VERSION_MISMATCH),
                                 message=f"client speaks protocol {req.version}, daemon speaks {P.PROTOCOL_VERSION}"), ()
         ns = self.store.namespaces.get(req.namespace)
+        if s.remote is not None:
+            return self._hello_remote(conn, req, ns)
         if ns is None:
             return P.ErrorReply(id=req.id, code=int(P.ErrorCode.UNKNOWN_NAMESPACE),
                                 message=f"no namespace {req.namespace!r} is configured"), ()
@@ -359,9 +494,33 @@ class ControlServer:
         # a first batch of the namespace's segments; the client maps the rest on first use (map)
         infos, fds = self._segment_infos(self.store.tier.segments_of(ns.name)[: P.MAX_FDS_PER_FRAME])
         log.info("session %d: hello from pid %s (%s) for namespace %r", s.id, peer.pid, s.client_name or "-", ns.name)
-        return P.HelloReply(id=req.id, namespace=ns.name, salt=ns.salt, session=s.id, segments=infos,
+        return self._hello_reply(req.id, ns, s, [P.TRANSPORT_SHM, P.TRANSPORT_TCP], segments=infos), fds
+
+    def _hello_reply(self, rid: int, ns: Any, s: Session, transports: list[str], **extra: Any) -> P.HelloReply:
+        return P.HelloReply(id=rid, namespace=ns.name, salt=ns.salt, session=s.id, transports=transports,
                             max_frame_bytes=self.max_frame_bytes, max_batch_keys=self.max_batch_keys,
-                            reserve_lease_s=self.store.reserve_timeout_s, pin_lease_s=self.store.pin_timeout_s), fds
+                            reserve_lease_s=self.store.reserve_timeout_s, pin_lease_s=self.store.pin_timeout_s, **extra)
+
+    def _hello_remote(self, conn: Connection, req: P.Hello, ns: Any) -> None | tuple[P.Reply, tuple[int, ...]]:
+        """A TCP client proves it may use the namespace with its token; a failed hello closes the connection."""
+        s = conn.session
+        if ns is None or not ns.accepts_token(req.token):
+            # one answer for "no such namespace", "no TCP access" and "wrong token": nothing to probe
+            log.warning("session %d: %s: hello for namespace %r refused (no token or a wrong one)",
+                        s.id, s.remote, req.namespace[:64])
+            conn.fail(P.ErrorCode.UNAUTHENTICATED, f"namespace {req.namespace[:64]!r} does not accept this token "
+                      "(or is not open to TCP clients)", req.id)
+            return None
+        s.namespace = ns
+        s.client_name = req.client_name[:128]
+        transports = [P.TRANSPORT_TCP]
+        extra: dict[str, Any] = {}
+        if self.nixl is not None:
+            transports.insert(0, P.TRANSPORT_NIXL)
+            extra["remote_segments"], extra["nixl_metadata"] = self.nixl.export(self.store.tier.segments_of(ns.name))
+        log.info("session %d: hello from %s (%s) for namespace %r over %s", s.id, s.remote, s.client_name or "-",
+                 ns.name, "TLS" if conn.tls else "TCP")
+        return self._hello_reply(req.id, ns, s, transports, **extra), ()
 
     def _segment_infos(self, segments: list[Any]) -> tuple[list[P.SegmentInfo], tuple[int, ...]]:
         infos = []
@@ -437,9 +596,13 @@ class ControlServer:
 
     def _map(self, conn: Connection, req: P.MapSegments) -> tuple[P.Reply, tuple[int, ...]]:
         ns = conn.session.namespace
+        remote = conn.session.remote is not None
         if len(req.segments) > P.MAX_FDS_PER_FRAME:
             return P.ErrorReply(id=req.id, code=int(P.ErrorCode.BAD_REQUEST),
                                 message=f"map takes at most {P.MAX_FDS_PER_FRAME} segments per request"), ()
+        if remote and self.nixl is None:
+            return P.ErrorReply(id=req.id, code=int(P.ErrorCode.BAD_REQUEST),
+                                message="segments cannot be mapped over TCP without NIXL; use read and write"), ()
         segments = []
         for seg_id in req.segments:
             tier = self.store.tier_of(seg_id >> 40)
@@ -449,8 +612,69 @@ class ControlServer:
                 return P.ErrorReply(id=req.id, code=int(P.ErrorCode.UNKNOWN_SEGMENT),
                                     message=f"segment {seg_id:#x} is not mappable by namespace {ns.name!r}"), ()  # type: ignore[union-attr]
             segments.append(seg)
+        if remote:
+            assert self.nixl is not None
+            found, metadata = self.nixl.export(segments)
+            return P.MapReply(id=req.id, remote_segments=found, nixl_metadata=metadata), ()
         infos, fds = self._segment_infos(segments)
         return P.MapReply(id=req.id, segments=infos), fds
+
+    # ------------------------------------------------- TCP byte-stream data
+    def _read(self, conn: Connection, req: P.Read) -> Any:
+        """Pin the hits, send their bytes after the reply from the daemon's mapping, then unpin."""
+        res = self.store.acquire(conn.session, req.keys)
+        if res.promote:
+            return self._promote_then_read(conn, req, res)
+        return self._read_reply(conn, req, res)
+
+    async def _promote_then_read(self, conn: Connection, req: P.Read, res: KeysResult) -> tuple[Any, ...]:
+        assert self.store.mover is not None
+        await self.store.mover.promote(conn.session, req.keys, res, res.promote)
+        return self._read_reply(conn, req, res)
+
+    def _read_reply(self, conn: Connection, req: P.Read, res: KeysResult) -> tuple[Any, ...]:
+        payload = []
+        lengths = [0] * len(req.keys)
+        for i, d in enumerate(res.descriptors):
+            if d is not None:
+                tier = self.store.tier_of(d.tier)
+                payload.append(tier.window(tier.segment(d.segment), d.offset, d.length))  # type: ignore[union-attr]
+                lengths[i] = d.length
+        reply = P.ReadReply(id=req.id, codes=res.codes, lengths=lengths, message=res.message)
+        pinned = [k for k, d in zip(req.keys, res.descriptors) if d is not None]
+        if not pinned:
+            return reply, ()
+        session = conn.session
+        return reply, (), payload, lambda: self.store.release(session, pinned)
+
+    def _write(self, conn: Connection, req: P.Write) -> None | tuple[P.Reply, tuple[int, ...]]:
+        """Receive block bytes into this session's reserved slots, then commit the keys that arrived whole."""
+        max_block = self.store.tier.max_block_bytes
+        if len(req.sizes) != len(req.keys) or any(n < 0 or n > max_block for n in req.sizes):
+            # the payload's length cannot be trusted: the stream cannot be followed past it
+            conn.fail(P.ErrorCode.BAD_REQUEST, f"write: one size per key, each 0..{max_block} bytes", req.id)
+            return None
+        session = conn.session
+        targets: list[memoryview | int] = []
+        codes = [int(P.ErrorCode.OK)] * len(req.keys)
+        for i, (key, size) in enumerate(zip(req.keys, req.sizes)):
+            held = session.reserved.get(key)
+            e = held[0] if held is not None else None
+            if e is None or e.nbytes != size:
+                codes[i] = int(P.ErrorCode.NOT_RESERVED if e is None else P.ErrorCode.INVALID_SIZE)
+                targets.append(size)  # read and dropped
+            else:
+                targets.append(self.store.tier.view(e.seg, e.slot, size))
+
+        def landed() -> None:
+            ok = [k for k, c in zip(req.keys, codes) if c == P.ErrorCode.OK]
+            committed = self.store.commit(session, ok)
+            by_key = dict(zip(ok, committed.codes))
+            final = [by_key.get(k, c) if c == P.ErrorCode.OK else c for k, c in zip(req.keys, codes)]
+            conn.send(P.encode_frame(P.KeysReply(id=req.id, codes=final)))
+
+        conn.expect_payload(targets, landed)
+        return None
 
     def _stats(self, conn: Connection, req: P.Stats) -> tuple[P.Reply, tuple[int, ...]]:
         stats = self.store.stats()

@@ -35,11 +35,12 @@ class PeerCredentials:
 class Session:
     """State the daemon keeps per connection; everything here ends with the connection."""
 
-    __slots__ = ("id", "peer", "namespace", "client_name", "reserved", "pins", "closed")
+    __slots__ = ("id", "peer", "remote", "namespace", "client_name", "reserved", "pins", "closed")
 
-    def __init__(self, session_id: int, peer: PeerCredentials | None) -> None:
+    def __init__(self, session_id: int, peer: PeerCredentials | None, remote: str | None = None) -> None:
         self.id = session_id
-        self.peer = peer
+        self.peer = peer  # Unix socket clients: who they are, from the kernel
+        self.remote = remote  # TCP clients: "host:port"; they authenticate with a token in hello
         self.namespace: Namespace | None = None
         self.client_name = ""
         self.reserved: dict[bytes, tuple[Entry, float]] = {}  # key -> (entry, lease deadline)

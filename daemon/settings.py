@@ -180,6 +180,20 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("nvme.io_threads", "int", 8, "Reads and writes in flight at once (the device's queue depth).", min=1, max=256),
     Setting("nvme.write_batch_bytes", "size", 64 * MiB, "Most bytes per durable write batch (one fdatasync and one "
             "index commit each).", min=64 * KiB, max=16 * GiB),
+    Setting("tcp.enabled", "bool", False,
+            "Serve remote clients: the control protocol on TCP, every connection authenticated by its namespace's "
+            "token (namespaces without a token cannot be used over TCP). See docs/remote.md."),
+    Setting("tcp.host", "str", "0.0.0.0", "Address the TCP listener binds (an interface address to keep it off others)."),
+    Setting("tcp.port", "int", 7433, "TCP port of the control listener.", min=1, max=65535),
+    Setting("tcp.tls_cert", "str", "", "PEM certificate chain: with tcp.tls_key set, TCP connections speak TLS only."),
+    Setting("tcp.tls_key", "str", "", "PEM private key of tcp.tls_cert."),
+    Setting("tcp.tls_client_ca", "str", "", "PEM CA bundle: when set, clients must also present a certificate it signed."),
+    Setting("tcp.nixl", "choice", "auto",
+            "NIXL one-sided reads and writes for TCP clients: auto = offer it when the nixl package (kvrack[nixl]) "
+            "loads, on = refuse to start without it, off = TCP byte streams only.", choices=("auto", "on", "off")),
+    Setting("tcp.nixl_progress_delay_us", "int", 1000,
+            "Idle sleep of the daemon's NIXL progress thread (0 spins a core; transfers in flight are progressed "
+            "without sleeping).", min=0, max=1_000_000),
     Setting("log.level", "choice", "info", "Log verbosity.", choices=("debug", "info", "warning", "error"), runtime=True),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
@@ -198,7 +212,12 @@ NAMESPACE_FIELDS: tuple[NamespaceField, ...] = (
     NamespaceField("uids", "list[int]", [], "Unix user ids allowed to use it over the Unix socket; empty = anyone."),
     NamespaceField("gids", "list[int]", [], "Unix group ids allowed to use it (either list may match); empty = anyone."),
     NamespaceField("salt", "str", "", "Hex salt handed to clients for their first block keys; empty = derived from the name."),
+    NamespaceField("token", "str", "", "Secret a TCP client must present in hello (at least 16 characters); empty = "
+                   "no TCP access. Never logged or printed."),
+    NamespaceField("token_file", "str", "", "File holding the token (first line), instead of token: keep secrets "
+                   "out of the config file (mode 0600)."),
 )
+MIN_TOKEN_CHARS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +226,7 @@ class NamespaceConfig:
     uids: tuple[int, ...] = ()
     gids: tuple[int, ...] = ()
     salt: bytes = b""
+    token: str = dataclasses.field(default="", repr=False)  # repr=False: never in a log line or traceback
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,6 +300,8 @@ def render_toml(values: dict[str, Any] | None, namespaces: tuple[NamespaceConfig
                   f"gids = {_toml_value(None, list(ns.gids))}"]
         if ns.salt:
             lines.append(f"salt = {_toml_value(None, ns.salt)}")
+        if ns.token:
+            lines.append("# token: set (not shown)")
     return "\n".join(lines) + "\n"
 
 
@@ -317,8 +339,29 @@ def _parse_namespaces(raw: Any) -> tuple[NamespaceConfig, ...]:
             raise ConfigError(f"namespaces[{i}].salt: expected hex digits") from None
         if any(ns.name == name for ns in out):
             raise ConfigError(f"namespaces: {name!r} is declared twice")
-        out.append(NamespaceConfig(name, ids["uids"], ids["gids"], salt))
+        out.append(NamespaceConfig(name, ids["uids"], ids["gids"], salt, _namespace_token(table, i)))
     return tuple(out)
+
+
+def _namespace_token(table: dict[str, Any], i: int) -> str:
+    """The namespace's TCP token from ``token`` or ``token_file``; errors never show the secret."""
+    token, path = table.get("token", ""), table.get("token_file", "")
+    if not isinstance(token, str) or not isinstance(path, str):
+        raise ConfigError(f"namespaces[{i}]: token and token_file must be strings")
+    if token and path:
+        raise ConfigError(f"namespaces[{i}]: set token or token_file, not both")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                token = fh.readline().strip()
+        except OSError as exc:
+            raise ConfigError(f"namespaces[{i}].token_file: cannot read {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"namespaces[{i}].token_file: {path} is not UTF-8 text") from None
+    if token and (len(token) < MIN_TOKEN_CHARS or any(c.isspace() for c in token)):
+        raise ConfigError(f"namespaces[{i}]: the token must be at least {MIN_TOKEN_CHARS} characters without "
+                          "spaces (e.g. `openssl rand -hex 32`)")
+    return token
 
 
 def load_config(path: str | Path | None = None, env: dict[str, str] | None = None,

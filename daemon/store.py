@@ -65,7 +65,8 @@ class Store:
                  policy: str = "lru", typical_block_bytes: int = 2 << 20) -> None:
         self.tier = tier
         self.tiers: dict[int, Tier] = {int(tier.tier_id): tier}  # tiers whose segments clients map
-        self.namespaces = {ns.name: Namespace(ns.name, namespace_salt(ns), ns.uids, ns.gids) for ns in namespaces}
+        self.namespaces = {ns.name: Namespace(ns.name, namespace_salt(ns), ns.uids, ns.gids, ns.token)
+                           for ns in namespaces}
         self.reserve_timeout_s = reserve_timeout_s
         self.pin_timeout_s = pin_timeout_s
         self.clock = clock

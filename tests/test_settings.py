@@ -102,3 +102,23 @@ def test_nvme_path_specs_and_default_directory(tmp_path, monkeypatch):
     assert default_nvme_dir() == str(tmp_path / "kvrack")
     cap = default_nvme_capacity(str(tmp_path / "kvrack" / "not-yet"))
     assert 0 < cap <= 10 << 30 and cap % 4096 == 0
+
+
+def test_namespace_tokens(tmp_path):
+    from kvrack.daemon.settings import ConfigError, load_config
+
+    secret = "s3cret-token-0123456789abcdef"
+    token_file = tmp_path / "token"
+    token_file.write_text(secret + "\n")
+    cfg = tmp_path / "k.toml"
+    cfg.write_text(f'[[namespaces]]\nname = "a"\ntoken = "{secret}"\n[[namespaces]]\nname = "b"\n'
+                   f'token_file = "{token_file}"\n[[namespaces]]\nname = "c"\n')
+    config = load_config(cfg, env={})
+    assert [ns.token for ns in config.namespaces] == [secret, secret, ""]
+    assert secret not in config.to_toml() and secret not in repr(config.namespaces)
+    for bad, why in (('token = "short"', "at least 16"), (f'token = "{secret}"\ntoken_file = "{token_file}"', "not both"),
+                     ('token_file = "/nonexistent/tok"', "cannot read")):
+        cfg.write_text(f'[[namespaces]]\nname = "a"\n{bad}\n')
+        with pytest.raises(ConfigError, match=why) as err:
+            load_config(cfg, env={})
+        assert secret not in str(err.value)

@@ -6,6 +6,7 @@ import logging
 import mmap
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,20 +66,27 @@ class MemoryTier:
         self.capacity = self.allocator.capacity
         self.max_block_bytes = segment_bytes
         self._maps: dict[int, Any] = {}  # segment id -> the daemon's own mapping, made on first use
+        # called with a segment about to be destroyed (e.g. to drop a NIXL registration of it)
+        self.retire_hooks: list[Callable[[Segment], None]] = []
         if prefill:
             self.allocator.prefill()
 
     def view(self, segment: Segment, slot: int, nbytes: int) -> memoryview:
         """The daemon's window on a slot, for moving blocks between tiers (clients map their own)."""
+        return self.window(segment, slot * segment.slot_size, nbytes)
+
+    def window(self, segment: Segment, offset: int, nbytes: int) -> memoryview:
+        """The daemon's window on bytes of a segment, at an offset a descriptor gives."""
         m = self._maps.get(segment.id)
         if m is None:
             handle = segment.handle
             m = mmap.mmap(handle, segment.size, mmap.MAP_SHARED) if isinstance(handle, int) else handle
             self._maps[segment.id] = m
-        off = slot * segment.slot_size
-        return memoryview(m)[off: off + nbytes]
+        return memoryview(m)[offset: offset + nbytes]
 
     def _unmap(self, segment: Segment) -> None:
+        for hook in self.retire_hooks:
+            hook(segment)
         self._close_map(self._maps.pop(segment.id, None))
 
     @staticmethod

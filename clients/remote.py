@@ -1,0 +1,191 @@
+"""Clients on other hosts: addresses, the TCP/TLS connection, and NIXL one-sided transfers.
+
+A remote client speaks the same protocol as a local one; only the data path
+differs. With NIXL it reads and writes the daemon's registered segments with
+one-sided transfers (one transfer request per batch), after ``acquire`` or
+``reserve`` as a local client does; without it, block bytes follow ``read``
+and ``write`` frames on the control connection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import socket
+import ssl
+import struct
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from kvrack.clients.errors import KvrackError
+from kvrack.daemon import protocol as P
+
+DEFAULT_TCP_PORT = 7433
+
+
+@dataclasses.dataclass(frozen=True)
+class Address:
+    scheme: str  # "unix", "tcp" or "tls"
+    path: str = ""
+    host: str = ""
+    port: int = DEFAULT_TCP_PORT
+
+
+def parse_address(address: str, default_unix: str) -> Address:
+    """``unix:///path``, ``unix:/path``, a plain path, ``tcp://host:port`` or ``tls://host:port``."""
+    for prefix in ("unix://", "unix:"):
+        if address.startswith(prefix):
+            return Address("unix", path=address[len(prefix):] or default_unix)
+    scheme, sep, rest = address.partition("://")
+    if not sep:
+        return Address("unix", path=address)
+    if scheme not in ("tcp", "tls"):
+        raise ValueError(f"unsupported address {address!r}: use unix://PATH, tcp://HOST:PORT or tls://HOST:PORT")
+    rest = rest.rstrip("/")
+    if rest.startswith("["):  # [v6-address]:port
+        host, _, port = rest[1:].partition("]")
+        port = port.lstrip(":")
+    else:
+        host, _, port = rest.rpartition(":") if ":" in rest else (rest, "", "")
+    if not host:
+        raise ValueError(f"address {address!r} names no host")
+    try:
+        return Address(scheme, host=host, port=int(port) if port else DEFAULT_TCP_PORT)
+    except ValueError:
+        raise ValueError(f"address {address!r}: the port must be a number") from None
+
+
+def client_tls_context(ca_file: str | None = None, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
+    """Verifies the daemon's certificate (system CAs, or ``ca_file``); ``cert``/``key`` for mutual TLS."""
+    ctx = ssl.create_default_context(cafile=ca_file)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert:
+        ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def tcp_socket(host: str, port: int, timeout: float | None, tls: ssl.SSLContext | None) -> socket.socket:
+    """A connected socket tuned for bulk bytes; TLS-wrapped (and verified) when ``tls`` is given."""
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        raise ConnectionError(f"cannot reach kvrackd at {host}:{port} ({exc.strerror or exc}); is tcp.enabled set "
+                              "and the port open?") from None
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+        except OSError:
+            pass
+    if tls is not None:
+        try:
+            sock = tls.wrap_socket(sock, server_hostname=host)
+        except (OSError, ssl.SSLError) as exc:
+            sock.close()
+            raise ConnectionError(f"TLS with {host}:{port} failed: {exc}") from None
+        sock.settimeout(timeout)  # SO_RCVTIMEO does not mix with the ssl module's own blocking
+        return sock
+    sock.settimeout(None)
+    if timeout:
+        tv = struct.pack("ll", int(timeout), int((timeout % 1) * 1_000_000))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+    return sock
+
+
+class NixlData:
+    """One-sided transfers between the caller's buffers and the daemon's registered segments."""
+
+    name = P.TRANSPORT_NIXL
+
+    def __init__(self, timeout: float | None) -> None:
+        from kvrack import nixl_agent
+
+        self._nixl = nixl_agent
+        self.agent = nixl_agent.make_agent(f"kvrack-client-{os.getpid()}-{secrets.token_hex(4)}", progress_thread=False)
+        self.timeout = timeout
+        self.remote_agent = ""
+        self.segments: dict[int, P.RemoteSegment] = {}
+        self._registered: list[tuple[int, int, Any, Any]] = []  # (start, end, reg dlist, Pinned), by the caller
+
+    def add(self, segments: Sequence[P.RemoteSegment], metadata: bytes) -> None:
+        if metadata:
+            name = self.agent.add_remote_agent(metadata)
+            self.remote_agent = name.decode() if isinstance(name, bytes) else name
+        for seg in segments:
+            self.segments[seg.segment] = seg
+
+    def missing(self, descriptors: Sequence[P.Descriptor | None]) -> list[int]:
+        return sorted({d.segment for d in descriptors if d is not None and d.segment not in self.segments})
+
+    def register(self, buffers: Sequence[memoryview]) -> None:
+        """Register buffers once (an engine's KV pool) so transfers into them skip per-call registration."""
+        for view in buffers:
+            pinned = self._nixl.Pinned(view)
+            reg = self.agent.register_memory([(pinned.addr, pinned.nbytes, 0, "")], "DRAM")
+            self._registered.append((pinned.addr, pinned.addr + pinned.nbytes, reg, pinned))
+
+    def _covered(self, addr: int, nbytes: int) -> bool:
+        return any(start <= addr and addr + nbytes <= end for start, end, _r, _p in self._registered)
+
+    def transfer(self, op: str, descriptors: Sequence[P.Descriptor | None], views: Sequence[memoryview | None]) -> None:
+        """READ into or WRITE from ``views`` for every descriptor, as one transfer request."""
+        local: list[tuple[int, int, int]] = []
+        remote: list[tuple[int, int, int]] = []
+        temporary: list[tuple[Any, Any]] = []
+        agent = self.agent
+        try:
+            for d, view in zip(descriptors, views):
+                if d is None or view is None:
+                    continue
+                pinned = self._nixl.Pinned(view)
+                if not self._covered(pinned.addr, d.length):
+                    reg = agent.register_memory([(pinned.addr, pinned.nbytes, 0, "")], "DRAM")
+                    temporary.append((reg, pinned))
+                seg = self.segments[d.segment]
+                local.append((pinned.addr, d.length, 0))
+                remote.append((seg.addr + d.offset, d.length, 0))
+            if local:
+                self._run(op, local, remote)
+        finally:
+            for reg, pinned in temporary:
+                agent.deregister_memory(reg)
+                pinned.release()
+
+    def _run(self, op: str, local: list[tuple[int, int, int]], remote: list[tuple[int, int, int]]) -> None:
+        agent = self.agent
+        handle = agent.initialize_xfer(op, agent.get_xfer_descs(local, "DRAM"), agent.get_xfer_descs(remote, "DRAM"),
+                                       self.remote_agent)
+        deadline = time.monotonic() + self.timeout if self.timeout else None
+        try:
+            state = agent.transfer(handle)
+            polls = 0
+            while state == "PROC":
+                state = agent.check_xfer_state(handle)
+                polls += 1
+                if deadline is not None and not polls % 1024 and time.monotonic() > deadline:
+                    raise TimeoutError(f"NIXL {op} of {len(local)} block(s) did not finish in {self.timeout}s")
+        finally:
+            try:
+                agent.release_xfer_handle(handle)
+            except Exception:  # still in flight after a timeout: the agent frees it when it closes
+                pass
+        if state != "DONE":
+            raise KvrackError(P.ErrorCode.INTERNAL, f"NIXL {op} of {len(local)} block(s) failed ({state})")
+
+    def close(self) -> None:
+        for _start, _end, reg, pinned in self._registered:
+            try:
+                self.agent.deregister_memory(reg)
+            except Exception:
+                pass
+            pinned.release()
+        self._registered.clear()
+        if self.remote_agent:
+            try:
+                self.agent.remove_remote_agent(self.remote_agent)
+            except Exception:
+                pass

@@ -1,0 +1,148 @@
+"""The TCP control listener for clients on other hosts (optionally TLS).
+
+Accepts, sets the socket up for bulk transfers and dead-peer detection, runs
+the TLS handshake without blocking the event loop, then hands the socket to
+the control server as a remote session: it has no peer credentials, so its
+hello must carry the namespace's token.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvrack.daemon.server import ControlServer
+
+log = logging.getLogger("kvrack.tcp")
+_HANDSHAKE_TIMEOUT_S = 10.0
+_SOCKET_BUFFER_BYTES = 4 << 20
+
+
+def tls_context(cert: str, key: str, client_ca: str = "") -> ssl.SSLContext:
+    """A server context (TLS 1.2+); with ``client_ca``, clients must present a certificate it signed."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    if client_ca:
+        ctx.load_verify_locations(client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def tune(sock: socket.socket) -> None:
+    """No Nagle delay for small frames, big buffers for block bytes, keepalive to find dead hosts."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt, value in ((getattr(socket, "TCP_KEEPIDLE", None), 30), (getattr(socket, "TCP_KEEPINTVL", None), 10),
+                       (getattr(socket, "TCP_KEEPCNT", None), 3)):
+        if opt is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, opt, value)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER_BYTES)
+        except OSError:
+            pass
+
+
+class TcpListener:
+    """Listens on host:port and feeds accepted (and, with TLS, handshaken) sockets to the server."""
+
+    def __init__(self, server: ControlServer, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
+        self.server = server
+        self.host = host
+        self.port = port
+        self.tls = tls
+        self.sock: socket.socket | None = None
+        self.handshakes = 0  # in progress
+
+    @property
+    def address(self) -> str:
+        return f"{'tls' if self.tls else 'tcp'}://{self.host}:{self.port}"
+
+    def start(self) -> None:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.port))
+        except OSError as exc:
+            sock.close()
+            raise RuntimeError(f"cannot listen on {self.host}:{self.port} (tcp.host, tcp.port): {exc.strerror}") from None
+        sock.listen(512)
+        sock.setblocking(False)
+        self.port = sock.getsockname()[1]
+        self.sock = sock
+        self.server.loop.add_reader(sock.fileno(), self._accept)
+
+    def stop(self) -> None:
+        if self.sock is not None:
+            self.server.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+
+    def _accept(self) -> None:
+        assert self.sock is not None
+        for _ in range(64):
+            try:
+                sock, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.error("tcp accept failed: %s", exc)
+                return
+            tune(sock)
+            sock.setblocking(False)
+            remote = f"{addr[0]}:{addr[1]}"
+            if self.tls is None:
+                self.server.adopt(sock, None, remote)
+                continue
+            try:
+                tls_sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            except (OSError, ssl.SSLError) as exc:
+                log.warning("tls set-up with %s failed: %s", remote, exc)
+                sock.close()
+                continue
+            self.handshakes += 1
+            timer = self.server.loop.call_later(_HANDSHAKE_TIMEOUT_S, self._give_up, tls_sock, remote)
+            self._handshake(tls_sock, remote, timer)
+
+    def _handshake(self, sock: ssl.SSLSocket, remote: str, timer: object) -> None:
+        """One handshake step; re-armed on readiness until it completes or fails."""
+        loop = self.server.loop
+        fd = sock.fileno()
+        if fd < 0:  # timed out and closed
+            return
+        loop.remove_reader(fd)
+        loop.remove_writer(fd)
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            loop.add_reader(fd, self._handshake, sock, remote, timer)
+            return
+        except ssl.SSLWantWriteError:
+            loop.add_writer(fd, self._handshake, sock, remote, timer)
+            return
+        except (OSError, ssl.SSLError) as exc:
+            log.warning("tls handshake with %s failed: %s", remote, exc)
+            self._done(timer)
+            sock.close()
+            return
+        self._done(timer)
+        self.server.adopt(sock, None, remote, tls=True)
+
+    def _done(self, timer: object) -> None:
+        self.handshakes -= 1
+        timer.cancel()  # type: ignore[attr-defined]
+
+    def _give_up(self, sock: ssl.SSLSocket, remote: str) -> None:
+        fd = sock.fileno()
+        if fd < 0:
+            return
+        log.warning("tls handshake with %s did not finish in %.0fs", remote, _HANDSHAKE_TIMEOUT_S)
+        self.server.loop.remove_reader(fd)
+        self.server.loop.remove_writer(fd)
+        self.handshakes -= 1
+        sock.close()
