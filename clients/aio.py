@@ -66,6 +66,10 @@ class AsyncClient:
                     await asyncio.sleep(req)
                     op, req = gen.send(None)
                     continue
+                if op == "post":  # no reply-less send here: wait for it like any request
+                    await call(req[0], P.encode_frame(req[1]))
+                    op, req = gen.send(None)
+                    continue
                 try:
                     reply = await call(op, P.encode_frame(req))
                 except BaseException as exc:

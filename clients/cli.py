@@ -211,6 +211,42 @@ def bench_cxl(json_path: JsonOpt = None,
     write_json(json_path, result)
 
 
+@bench_app.command("remote")
+def bench_remote(json_path: JsonOpt = None,
+                 sizes: Annotated[str, typer.Option(help="block sizes, comma-separated")] = "2MiB,64KiB",
+                 working_set: Annotated[str, typer.Option(help="bytes read per pass and block size")] = "256MiB",
+                 repeats: Annotated[int, typer.Option(min=1, max=20, help="passes per figure (best kept)")] = 5,
+                 host: Annotated[str, typer.Option(help="address of this host to run over (default loopback)")]
+                 = "127.0.0.1",
+                 ) -> None:
+    """Remote get/put over NIXL and the TCP byte stream vs raw NIXL and a raw TCP socket, in one run."""
+    from kvrack.clients import bench_remote as br
+
+    names = size_names(sizes, br.SIZES)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("bench", total=2 * len(names) + 1)
+        result = br.run(names, parse_size(working_set), repeats, host,
+                        progress=lambda label: progress.update(task, description=label, advance=1))
+    table = Table(title=f"kvrack bench remote ({result['address']}, {result['batch_bytes'] >> 20} MiB per request)")
+    for col in ("figure", "kvrack", "baseline", "ratio", "target"):
+        table.add_column(col, justify="left" if col == "figure" else "right")
+    for name, s in result["sizes"].items():
+        table.add_row(f"get {name} over the TCP byte stream", f"{s['kvrack_tcp_get_gbs']:.2f} GB/s",
+                      f"raw socket {s['raw_socket_gbs']:.2f} GB/s", f"{s['tcp_get_vs_raw_socket']:.2f}",
+                      "≥ 0.80" if name == "2MiB" else "")
+        if "nixl_get_vs_raw_nixl" in s:
+            table.add_row(f"get {name} over NIXL (acquire, READ, release)", f"{s['kvrack_nixl_get_gbs']:.2f} GB/s",
+                          f"raw NIXL READ {s['raw_nixl_gbs']:.2f} GB/s", f"{s['nixl_get_vs_raw_nixl']:.2f}",
+                          "≥ 0.90" if name == "2MiB" else "")
+            table.add_row(f"put {name} over NIXL (reserve, WRITE, commit)", f"{s['kvrack_nixl_put_gbs']:.2f} GB/s",
+                          "", "", "")
+        table.add_row(f"put {name} over the TCP byte stream", f"{s['kvrack_tcp_put_gbs']:.2f} GB/s", "", "", "")
+    if result["nixl_unavailable"]:
+        table.add_row("NIXL", "-", "", "", result["nixl_unavailable"])
+    console.print(table)
+    write_json(json_path, result)
+
+
 @app.command()
 def sim(json_path: JsonOpt = None,
         trace: Annotated[Path | None, typer.Option("--trace", help="a recorded trace (JSONL); default: the shipped "

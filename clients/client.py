@@ -106,6 +106,10 @@ class Client:
                     time.sleep(req)
                     op, req = gen.send(None)
                     continue
+                if op == "post":
+                    channel.post(req[0], P.encode_frame(req[1]))
+                    op, req = gen.send(None)
+                    continue
                 try:
                     if op == "read":  # block bytes follow the reply (TCP byte stream)
                         reply = channel.call_read(op, P.encode_frame(req[0]), req[1])  # type: ignore[attr-defined]

@@ -229,6 +229,11 @@ class ClientCore:
             message = reply.message or message
         return codes, descriptors, message
 
+    def release_soon(self, keys: Sequence[bytes]) -> Step:
+        """End pins without waiting for the reply (``post``): the next request's reply comes after it."""
+        for start in self._chunks(len(keys)):
+            yield "post", ("release", P.Release(id=self._id(), keys=list(keys[start : start + self.max_batch])))
+
     def put(self, keys: Sequence[bytes], buffers: Sequence[Any], parents: Sequence[bytes | None] | None) -> Step:
         if len(buffers) != len(keys) or (parents is not None and len(parents) != len(keys)):
             raise ValueError("put: keys, buffers and parents must have the same length")
@@ -334,7 +339,7 @@ class ClientCore:
             finally:
                 pinned = [k for k, d in zip(sub, descriptors) if d is not None]
                 if pinned:
-                    yield from self.keys_op("release", P.Release, pinned)
+                    yield from self.release_soon(pinned)
             for i, hit in zip(todo, got):
                 hits[i] = hit
             if not any(got):
@@ -395,7 +400,7 @@ class ClientCore:
         finally:
             pinned = [k for k, d in zip(keys, descriptors) if d is not None]
             if pinned:
-                yield from self.keys_op("release", P.Release, pinned)
+                yield from self.release_soon(pinned)
         return views
 
     def lease_views(self, keys: Sequence[bytes], descriptors: Sequence[P.Descriptor | None]

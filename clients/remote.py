@@ -67,7 +67,8 @@ def client_tls_context(ca_file: str | None = None, cert: str | None = None, key:
 
 
 def tcp_socket(host: str, port: int, timeout: float | None, tls: ssl.SSLContext | None) -> socket.socket:
-    """A connected socket tuned for bulk bytes; TLS-wrapped (and verified) when ``tls`` is given."""
+    """A connected socket (no Nagle delay, keepalive; buffers autotuned by the kernel); TLS-wrapped and
+    verified when ``tls`` is given."""
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as exc:
@@ -75,11 +76,6 @@ def tcp_socket(host: str, port: int, timeout: float | None, tls: ssl.SSLContext 
                               "and the port open?") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
-        except OSError:
-            pass
     if tls is not None:
         try:
             sock = tls.wrap_socket(sock, server_hostname=host)

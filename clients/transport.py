@@ -125,6 +125,16 @@ class SyncChannel:
         self.frames = FrameBuffer()
         self.rbuf = bytearray(_RECV_BYTES)
         self.spin_ns = int(spin_us * 1000)
+        self.posted: list[str] = []  # ops sent whose replies have not been read yet, oldest first
+
+    def post(self, op: str, frame: bytes) -> None:
+        """Send a request whose reply nobody waits for (a release): it is read, and dropped, before the
+        next reply. The daemon handles requests in order, so the op takes effect before any later one."""
+        try:
+            self.sock.sendall(frame)
+        except BlockingIOError:
+            raise TimeoutError(f"kvrackd did not take {op} in time") from None
+        self.posted.append(op)
 
     def _receive(self) -> None:
         sock, rbuf = self.sock, self.rbuf
@@ -194,9 +204,14 @@ class SyncChannel:
         frames = self.frames
         while True:
             body = frames.next_frame()
-            if body is not None:
+            if body is None:
+                self._receive()
+            elif self.posted:  # the reply to an earlier posted request: per-key codes nobody needs
+                self.posted.pop(0)
+                for fd in frames.take_fds():
+                    os.close(fd)
+            else:
                 return decode_reply(op, body), frames.take_fds()
-            self._receive()
 
     def close(self) -> None:
         self.frames.close_fds()

@@ -49,3 +49,19 @@ def test_bench_cxl_writes_the_contracted_json(tmp_path):
     assert set(data["sizes"]) == {"2MiB", "64KiB"}
     assert data["primitives"]["invalidate"] in {"clflushopt", "clflush", "none"}
     assert list(region_dir.iterdir()) == [], "the bench removes its region files"
+
+
+def test_bench_remote_writes_the_contracted_json(tmp_path):
+    out = tmp_path / "remote.json"
+    res = subprocess.run([sys.executable, "-m", "kvrack.clients.cli", "bench", "remote", "--json", str(out),
+                          "--sizes", "2MiB,64KiB", "--working-set", "32MiB", "--repeats", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    data = json.loads(out.read_text())
+    assert isinstance(data["tcp_get_vs_raw_socket"], float) and data["tcp_get_vs_raw_socket"] > 0
+    assert set(data["sizes"]) == {"2MiB", "64KiB"}
+    if data["nixl_unavailable"] is None:
+        assert isinstance(data["nixl_get_vs_raw_nixl"], float) and data["nixl_get_vs_raw_nixl"] > 0
+        assert data["sizes"]["2MiB"]["kvrack_nixl_put_gbs"] > 0
+    else:  # null, with the reason beside it
+        assert data["nixl_get_vs_raw_nixl"] is None and data["nixl_unavailable"]
