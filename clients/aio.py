@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import ssl
 from collections.abc import Sequence
 from typing import Any
 
-from kvrack.clients.client import socket_path_of
+from kvrack.clients.buffers import byte_view
 from kvrack.clients.core import ClientCore, LeaseViews, LookupResult, PutResult, Step, check_put
+from kvrack.clients.remote import Address, client_tls_context, parse_address
 from kvrack.clients.transport import AsyncChannel
 from kvrack.daemon import protocol as P
+from kvrack.daemon.settings import default_socket_path
 
 
 class AsyncLease(LeaseViews):
@@ -32,6 +36,31 @@ class AsyncLease(LeaseViews):
         await self.release()
 
 
+async def _tcp_channel(host: str, port: int, tls: ssl.SSLContext | None) -> AsyncChannel:
+    """A connected non-blocking TCP socket (TLS handshake done and verified) wrapped in a channel."""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, kind, proto, _name, addr = infos[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, addr)
+    except OSError as exc:
+        raise ConnectionError(f"cannot reach kvrackd at {host}:{port} ({exc.strerror or exc})") from None
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if tls is None:
+        return AsyncChannel(sock)
+    tls_sock = tls.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
+    channel = AsyncChannel(tls_sock, tls=True)
+    try:
+        await channel.when_ready(tls_sock.do_handshake)
+    except (OSError, ssl.SSLError) as exc:
+        channel.close()
+        raise ConnectionError(f"TLS with {host}:{port} failed: {exc}") from None
+    return channel
+
+
 class AsyncClient:
     """A connection to kvrackd for asyncio code. Requests on one client are serialised."""
 
@@ -40,16 +69,29 @@ class AsyncClient:
         self._core = core
 
     @classmethod
-    async def connect(cls, address: str | None = None, namespace: str = "default", client_name: str = "") -> AsyncClient:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        path = socket_path_of(address)
-        try:
-            await asyncio.get_running_loop().sock_connect(sock, path)
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            sock.close()
-            raise ConnectionError(f"no kvrackd listening on {path} ({exc.strerror})") from None
-        client = cls(AsyncChannel(sock), ClientCore(namespace, client_name))
+    async def connect(cls, address: str | None = None, namespace: str = "default", client_name: str = "", *,
+                      token: str | None = None, transport: str | None = None,
+                      tls: ssl.SSLContext | bool | None = None, timeout: float | None = 30.0) -> AsyncClient:
+        """As ``Client.connect``: ``unix:///path``, ``tcp://host:port`` or ``tls://host:port``."""
+        where = parse_address(address, default_socket_path()) if address else Address("unix", default_socket_path())
+        token = token if token is not None else os.environ.get("KVRACK_TOKEN", "")
+        transport = transport or os.environ.get("KVRACK_TRANSPORT", "auto")
+        if where.scheme == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, where.path), timeout)
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                sock.close()
+                raise ConnectionError(f"no kvrackd listening on {where.path} ({exc.strerror})") from None
+            channel = AsyncChannel(sock)
+        else:
+            if where.scheme == "tls" and not tls:
+                tls = True
+            ctx = client_tls_context() if tls is True else (tls or None)
+            channel = await asyncio.wait_for(_tcp_channel(where.host, where.port, ctx), timeout)
+        core = ClientCore(namespace, client_name, token, transport, remote=where.scheme != "unix", data_timeout=timeout)
+        client = cls(channel, core)
         try:
             await client._run(client._core.hello())
         except BaseException:
@@ -58,7 +100,8 @@ class AsyncClient:
         return client
 
     async def _run(self, gen: Step) -> Any:
-        call = self._channel.call
+        channel = self._channel
+        call = channel.call
         try:
             op, req = next(gen)
             while True:
@@ -66,12 +109,18 @@ class AsyncClient:
                     await asyncio.sleep(req)
                     op, req = gen.send(None)
                     continue
-                if op == "post":  # no reply-less send here: wait for it like any request
-                    await call(req[0], P.encode_frame(req[1]))
-                    op, req = gen.send(None)
-                    continue
                 try:
-                    reply = await call(op, P.encode_frame(req))
+                    if op == "transfer":  # NIXL polls until done: off the event loop
+                        reply = await asyncio.to_thread(self._core.nixl.transfer, *req)
+                    elif op == "read":
+                        reply = await channel.call_read(op, P.encode_frame(req[0]), req[1])
+                    elif op == "write":
+                        reply = await channel.call_write(op, P.encode_frame(req[0]), req[1])
+                    elif op == "post":  # no reply-less send here: wait for it like any request
+                        reply = await call(req[0], P.encode_frame(req[1]))
+                        reply = None
+                    else:
+                        reply = await call(op, P.encode_frame(req))
                 except BaseException as exc:
                     op, req = gen.throw(exc)
                 else:
@@ -94,9 +143,20 @@ class AsyncClient:
         return check_put(result, message, raise_on_error)
 
     async def get(self, keys: Sequence[bytes]) -> AsyncLease:
-        """Pin blocks; zero-copy views valid inside ``async with``."""
+        """Pin blocks; zero-copy views valid inside ``async with`` (remote: views of private copies)."""
+        if self._core.transport != P.TRANSPORT_SHM:
+            return AsyncLease(self, [], await self._run(self._core.copies(keys)))
         codes, descriptors = await self._run(self._core.acquire(keys))
         return AsyncLease(self, *self._core.lease_views(keys, descriptors))
+
+    @property
+    def transport(self) -> str:
+        return self._core.transport
+
+    def register(self, buffers: Sequence[Any]) -> None:
+        """As ``Client.register``."""
+        if self._core.nixl is not None:
+            self._core.nixl.register([byte_view(b) for b in buffers])
 
     async def get_into(self, keys: Sequence[bytes], out: Sequence[Any]) -> list[bool]:
         """Copy blocks into caller buffers (numpy, torch CPU tensors, bytearrays); per-key hit flags."""
@@ -108,11 +168,16 @@ class AsyncClient:
 
     async def stats(self) -> dict[str, Any]:
         reply, _ = await self._channel.call("stats", P.encode_frame(P.Stats(id=self._core._id())))
-        return reply.stats
+        stats = reply.stats
+        stats["client"] = {"transport": self._core.transport, "session": self._core.session}
+        return stats
 
     def close(self) -> None:
         self._channel.close()
         self._core.segments.close()
+        if self._core.nixl is not None:
+            self._core.nixl.close()
+            self._core.nixl = None
 
     async def __aenter__(self) -> AsyncClient:
         return self

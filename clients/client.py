@@ -111,7 +111,9 @@ class Client:
                     op, req = gen.send(None)
                     continue
                 try:
-                    if op == "read":  # block bytes follow the reply (TCP byte stream)
+                    if op == "transfer":  # NIXL one-sided READ / WRITE
+                        reply = self._core.nixl.transfer(*req)
+                    elif op == "read":  # block bytes follow the reply (TCP byte stream)
                         reply = channel.call_read(op, P.encode_frame(req[0]), req[1])  # type: ignore[attr-defined]
                     elif op == "write":  # block bytes follow the request
                         reply = channel.call_write(op, P.encode_frame(req[0]), req[1])  # type: ignore[attr-defined]

@@ -255,7 +255,7 @@ class ClientCore:
             try:
                 todo = [i for i, d in enumerate(reply.descriptors) if d is not None and reply.codes[i] == _OK]
                 if self.nixl is not None:
-                    self.nixl.transfer("WRITE", [reply.descriptors[i] for i in todo], [views[start + i] for i in todo])
+                    yield "transfer", ("WRITE", [reply.descriptors[i] for i in todo], [views[start + i] for i in todo])
                     ready = [chunk[i] for i in todo]
                 for i in todo if self.nixl is None else ():
                     d = reply.descriptors[i]
@@ -335,7 +335,7 @@ class ClientCore:
             sub = [keys[i] for i in todo]
             codes, descriptors = yield from self.acquire(sub)
             try:
-                got = self.copy_out(descriptors, [outs[i] for i in todo])
+                got = yield from self.copy_out(descriptors, [outs[i] for i in todo])
             finally:
                 pinned = [k for k, d in zip(sub, descriptors) if d is not None]
                 if pinned:
@@ -396,7 +396,7 @@ class ClientCore:
         codes, descriptors = yield from self.acquire(keys)
         views: list[memoryview | None] = [None if d is None else memoryview(bytearray(d.length)) for d in descriptors]
         try:
-            self.nixl.transfer("READ", descriptors, views)
+            yield "transfer", ("READ", descriptors, views)
         finally:
             pinned = [k for k, d in zip(keys, descriptors) if d is not None]
             if pinned:
@@ -412,14 +412,21 @@ class ClientCore:
         """Read-only zero-copy view of a block in its mapped segment."""
         return memoryview(self.segments.maps[d.segment])[d.offset : d.offset + d.length].toreadonly()
 
-    def copy_out(self, descriptors: Sequence[P.Descriptor | None], outs: Sequence[Any]) -> list[bool]:
+    def copy_out(self, descriptors: Sequence[P.Descriptor | None], outs: Sequence[Any]) -> Step:
+        """Copy pinned blocks into caller buffers (from the mapped segments, or one NIXL READ); hit flags.
+
+        NIXL transfers are yielded as ``("transfer", (op, descriptors, views))`` steps: the sync client
+        runs them in place, the asyncio client in a worker thread."""
         if self.nixl is not None:
             views = [None if d is None else byte_view(out, writable=True) for d, out in zip(descriptors, outs)]
             for d, view in zip(descriptors, views):
                 if d is not None and view.nbytes < d.length:  # type: ignore[union-attr]
                     raise ValueError(f"get_into: buffer of {view.nbytes} bytes is smaller than the {d.length}-byte block")  # type: ignore[union-attr]
-            self.nixl.transfer("READ", descriptors, views)
+            yield "transfer", ("READ", descriptors, views)
             return [d is not None for d in descriptors]
+        return self.copy_mapped(descriptors, outs)
+
+    def copy_mapped(self, descriptors: Sequence[P.Descriptor | None], outs: Sequence[Any]) -> list[bool]:
         hits = []
         maps = self.segments.maps
         for d, out in zip(descriptors, outs):

@@ -6,9 +6,11 @@ import array
 import asyncio
 import os
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 
@@ -246,11 +248,17 @@ class StreamChannel(SyncChannel):
 
 
 class AsyncChannel:
-    """The same over asyncio: readiness callbacks so that SCM_RIGHTS can be read."""
+    """The same over asyncio, for the Unix socket (fds read with ``recvmsg_into``), TCP and TLS.
 
-    def __init__(self, sock: socket.socket) -> None:
+    Readiness callbacks rather than asyncio transports, so that SCM_RIGHTS can
+    be read and block bytes can go straight from and into the caller's buffers.
+    """
+
+    def __init__(self, sock: socket.socket, tls: bool = False) -> None:
         sock.setblocking(False)
         self.sock = sock
+        self.tls = tls
+        self.unix = sock.family == socket.AF_UNIX
         self.frames = FrameBuffer()
         self.rbuf = bytearray(_RECV_BYTES)
         self.lock = asyncio.Lock()
@@ -264,26 +272,70 @@ class AsyncChannel:
         finally:
             remove(self.sock.fileno())
 
-    async def call(self, op: str, frame: bytes) -> tuple[P.Reply, list[int]]:
+    async def when_ready(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` once the socket lets it through (TLS may need to write to read, or read to write)."""
         loop = asyncio.get_running_loop()
+        while True:
+            try:
+                return fn()
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+                await self._wait(loop.add_reader, loop.remove_reader)
+            except ssl.SSLWantWriteError:
+                await self._wait(loop.add_writer, loop.remove_writer)
+
+    async def _send_all(self, parts: list[memoryview]) -> None:
+        sock = self.sock
+        while parts:
+            head = parts[:1] if self.tls else parts[:512]
+            sent = await self.when_ready(lambda head=head: sock.send(head[0]) if self.tls else sock.sendmsg(head))
+            while parts and sent >= len(parts[0]):
+                sent -= len(parts[0])
+                parts.pop(0)
+            if sent:
+                parts[0] = parts[0][sent:]
+
+    def _recv_frame_bytes(self) -> None:
+        if self.unix:
+            n, anc, _flags, _addr = self.sock.recvmsg_into([self.rbuf], _ANC_BYTES)
+            self.frames.received(self.rbuf, n, anc)
+        else:
+            self.frames.received(self.rbuf, self.sock.recv_into(self.rbuf), [])
+
+    async def _reply(self, op: str) -> tuple[P.Reply, list[int]]:
+        frames = self.frames
+        while True:
+            body = frames.next_frame()
+            if body is not None:
+                return decode_reply(op, body), frames.take_fds()
+            await self.when_ready(self._recv_frame_bytes)
+
+    async def call(self, op: str, frame: bytes) -> tuple[P.Reply, list[int]]:
         async with self.lock:
-            view = memoryview(frame)
-            while view:
-                try:
-                    view = view[self.sock.send(view):]
-                except (BlockingIOError, InterruptedError):
-                    await self._wait(loop.add_writer, loop.remove_writer)
-            frames = self.frames
-            while True:
-                body = frames.next_frame()
-                if body is not None:
-                    return decode_reply(op, body), frames.take_fds()
-                try:
-                    n, anc, _flags, _addr = self.sock.recvmsg_into([self.rbuf], _ANC_BYTES)
-                except (BlockingIOError, InterruptedError):
-                    await self._wait(loop.add_reader, loop.remove_reader)
-                    continue
-                frames.received(self.rbuf, n, anc)
+            await self._send_all([memoryview(frame)])
+            return await self._reply(op)
+
+    async def call_write(self, op: str, frame: bytes, payload: list[memoryview]) -> tuple[P.Reply, list[int]]:
+        async with self.lock:
+            await self._send_all([memoryview(frame), *payload])
+            return await self._reply(op)
+
+    async def call_read(self, op: str, frame: bytes, sinks: Callable[[P.Reply], list[memoryview]]
+                        ) -> tuple[P.Reply, list[int]]:
+        async with self.lock:
+            await self._send_all([memoryview(frame)])
+            reply, fds = await self._reply(op)
+            buffered = self.frames.buf
+            for view in sinks(reply):
+                got = min(len(view), len(buffered))
+                if got:
+                    view[:got] = buffered[:got]
+                    del buffered[:got]
+                while got < len(view):
+                    n = await self.when_ready(lambda view=view, got=got: self.sock.recv_into(view[got:]))
+                    if not n:
+                        raise ConnectionError("kvrackd closed the connection in the middle of a read")
+                    got += n
+            return reply, fds
 
     def close(self) -> None:
         self.frames.close_fds()

@@ -667,12 +667,14 @@ class ControlServer:
                 targets.append(self.store.tier.view(e.seg, e.slot, size))
 
         def landed() -> None:
+            session.receiving = False
             ok = [k for k, c in zip(req.keys, codes) if c == P.ErrorCode.OK]
             committed = self.store.commit(session, ok)
             by_key = dict(zip(ok, committed.codes))
             final = [by_key.get(k, c) if c == P.ErrorCode.OK else c for k, c in zip(req.keys, codes)]
             conn.send(P.encode_frame(P.KeysReply(id=req.id, codes=final)))
 
+        session.receiving = True
         conn.expect_payload(targets, landed)
         return None
 

@@ -35,7 +35,7 @@ class PeerCredentials:
 class Session:
     """State the daemon keeps per connection; everything here ends with the connection."""
 
-    __slots__ = ("id", "peer", "remote", "namespace", "client_name", "reserved", "pins", "closed")
+    __slots__ = ("id", "peer", "remote", "namespace", "client_name", "reserved", "pins", "closed", "receiving")
 
     def __init__(self, session_id: int, peer: PeerCredentials | None, remote: str | None = None) -> None:
         self.id = session_id
@@ -47,6 +47,7 @@ class Session:
         # key -> [pin count, deadline of the latest acquire, entry]
         self.pins: dict[bytes, list] = {}
         self.closed = False
+        self.receiving = False  # a write's block bytes are arriving into this session's reserved slots
 
     def holds_reservation(self, key: bytes, entry: Entry) -> bool:
         """Whether this session's reservation of ``key`` is ``entry`` (and not someone else's)."""

@@ -438,7 +438,9 @@ class Store:
         expired_pins = 0
         for session in list(self._leaseholders):
             reserved = session.reserved
-            for key in [k for k, (_e, deadline) in reserved.items() if deadline <= now]:
+            # a session receiving a write's bytes into its slots keeps them until the payload is in
+            # (or its connection ends): freeing one now would let the bytes land in someone else's block
+            for key in [] if session.receiving else [k for k, (_e, deadline) in reserved.items() if deadline <= now]:
                 self._drop_reserved(reserved.pop(key)[0])
                 expired_res += 1
             pins = session.pins

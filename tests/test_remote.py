@@ -370,3 +370,40 @@ def test_across_network_namespaces(tmp_path, netns_pair):
             Client.connect(address.replace("10.231.77.1", "127.0.0.1"), namespace="a", token=TOKEN_A, timeout=2)
     finally:
         d.stop()
+
+
+# ------------------------------------------------------------ asyncio client
+async def _async_round_trip(address: str, transport: str, tls=None) -> str:
+    from kvrack.clients import AsyncClient
+
+    keys, data = blocks(10, 300_001, seed=11)
+    async with await AsyncClient.connect(address, "a", token=TOKEN_A, transport=transport, tls=tls) as c:
+        await c.put(keys, data)
+        outs = [np.zeros(300_001, np.uint8) for _ in keys]
+        assert await c.get_into(keys, outs) == [True] * 10
+        assert all(np.array_equal(o, w) for o, w in zip(outs, data))
+        async with await c.get(keys[:2]) as lease:
+            assert [bytes(v) for v in lease.views] == [d.tobytes() for d in data[:2]]
+        assert (await c.stats())["client"]["transport"] == c.transport
+        assert await c.delete(keys) == 10
+        return c.transport
+
+
+@pytest.mark.parametrize("transport", ["tcp", pytest.param("nixl", marks=needs_nixl)])
+def test_async_client_remote_round_trip(remote, transport):
+    import asyncio
+
+    assert asyncio.run(_async_round_trip(remote[1], transport)) == transport
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a test certificate")
+def test_async_client_over_tls(tmp_path):
+    import asyncio
+
+    cert, key = make_cert(tmp_path)
+    d, address = start_daemon(tmp_path, **{"tcp.tls_cert": cert, "tcp.tls_key": key, "tcp.nixl": "off"})
+    try:
+        tls_address = address.replace("tcp://", "tls://")
+        assert asyncio.run(_async_round_trip(tls_address, "auto", client_tls_context(cert))) == "tcp"
+    finally:
+        d.stop()

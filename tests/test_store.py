@@ -178,3 +178,13 @@ def test_parents_are_recorded(store):
     put(store, s, [key(1), key(2)], parents=[None, key(1)])
     e = store.namespaces["a"].entries[key(2)]
     assert e.parent == key(1) and e.parent is store.namespaces["a"].entries[key(1)].key
+
+
+def test_reservations_receiving_a_write_do_not_expire_mid_payload(store, clock):
+    s = session(store)
+    assert store.reserve(s, [key(1)], [BLOCK], None).codes == [0]
+    s.receiving = True  # the TCP byte stream is filling the slot
+    clock.now += 3600
+    assert store.sweep() == (0, 0), "the slot stays this session's while its bytes arrive"
+    s.receiving = False
+    assert store.sweep() == (1, 0)
