@@ -169,12 +169,16 @@ class AsyncClient:
     async def stats(self) -> dict[str, Any]:
         reply, _ = await self._channel.call("stats", P.encode_frame(P.Stats(id=self._core._id())))
         stats = reply.stats
-        stats["client"] = {"transport": self._core.transport, "session": self._core.session}
+        stats["client"] = {"transport": self._core.transport, "session": self._core.session,
+                           "requests": self._channel.requests, "cxl_region": getattr(self._core.cxl, "path", None)}
         return stats
 
     def close(self) -> None:
         self._channel.close()
         self._core.segments.close()
+        if self._core.cxl is not None:
+            self._core.cxl.close()
+            self._core.cxl = None
         if self._core.nixl is not None:
             self._core.nixl.close()
             self._core.nixl = None

@@ -135,7 +135,7 @@ class Client:
     def lookup(self, keys: Sequence[bytes]) -> LookupResult:
         """How many leading keys are cached, and each key's tier."""
         core = self._core
-        if len(keys) <= core.max_batch:  # one request: skip the generator machinery (latency path)
+        if len(keys) <= core.max_batch and core.cxl is None:  # one request: skip the generator machinery
             frame = P.encode_frame(P.Lookup(id=core._id(), keys=keys if isinstance(keys, list) else list(keys)))
             reply, _ = self._channel.call("lookup", frame)
             return LookupResult(reply.prefix, reply.tiers)
@@ -186,12 +186,16 @@ class Client:
         """The daemon's figures for this namespace, plus this client's ``client`` section (its transport)."""
         reply = self._channel.call("stats", P.encode_frame(P.Stats(id=self._core._id())))
         stats = reply[0].stats
-        stats["client"] = {"transport": self._core.transport, "session": self._core.session}
+        stats["client"] = {"transport": self._core.transport, "session": self._core.session,
+                           "requests": self._channel.requests, "cxl_region": getattr(self._core.cxl, "path", None)}
         return stats
 
     def close(self) -> None:
         self._channel.close()
         self._core.segments.close()
+        if self._core.cxl is not None:
+            self._core.cxl.close()
+            self._core.cxl = None
         if self._core.nixl is not None:
             self._core.nixl.close()
             self._core.nixl = None

@@ -141,6 +141,7 @@ class ClientCore:
         self.data_timeout = data_timeout
         self.transport = P.TRANSPORT_SHM
         self.nixl: Any = None  # NixlData when the transport is nixl
+        self.cxl: Any = None  # the namespace's CxlRegion, read directly (no request to the daemon)
         self.segments = SegmentMaps()
         self.salt = b""
         self.session = 0
@@ -169,10 +170,47 @@ class ClientCore:
         self.session = reply.session
         self.max_batch_keys = reply.max_batch_keys or self.max_batch_keys
         self.max_frame_bytes = reply.max_frame_bytes
+        if reply.cxl_path and len(fds) == len(reply.segments) + 1:
+            self._open_cxl(reply, fds.pop())
+        elif reply.cxl_path and self.remote:
+            self._open_cxl(reply, None)
         self.segments.add(reply.segments, fds)
         self.transport = self._pick_transport(reply.transports or [P.TRANSPORT_SHM])
         if self.transport == P.TRANSPORT_NIXL:
             self.nixl.add(reply.remote_segments, reply.nixl_metadata)
+
+    def _open_cxl(self, reply: Any, fd: int | None) -> None:
+        """Map the namespace's CXL region read-only: from the fd the daemon passed, or (another host on the
+        same CXL fabric) from its path; a region this host cannot open is simply not used."""
+        from kvrack.tiers.cxl import CxlRegion
+
+        try:
+            self.cxl = CxlRegion.open(reply.cxl_path, reply.namespace, coherent=reply.cxl_coherent, fd=fd)
+        except (OSError, ValueError) as exc:  # PermissionError included
+            if fd is not None:
+                raise KvrackError(ErrorCode.TIER_UNAVAILABLE, f"cannot map the CXL region {reply.cxl_path}: {exc}") from None
+        finally:
+            if fd is not None:
+                os.close(fd)  # the mapping keeps the region
+
+    def cxl_lookup(self, keys: Sequence[bytes]) -> tuple[int, Any] | None:
+        """Leading hits and slots in the CXL region's shared index, or None without a region."""
+        if self.cxl is None or not keys:
+            return None
+        return self.cxl.lookup(keys)
+
+    @staticmethod
+    def with_cxl(found: LookupResult, slots: Any) -> LookupResult:
+        """A daemon lookup completed by what the CXL index holds: blocks only in CXL are hits too."""
+        tiers = bytearray(found.tiers)
+        prefix = len(tiers)
+        for i, tier in enumerate(tiers):
+            if not tier:
+                if slots[i] >= 0:
+                    tiers[i] = TierId.CXL
+                elif prefix == len(tiers):
+                    prefix = i
+        return LookupResult(prefix, bytes(tiers))
 
     def _pick_transport(self, offered: list[str]) -> str:
         """The wanted transport if the daemon offers it (and, for NIXL, it loads here), else the best offered."""
@@ -207,6 +245,13 @@ class ClientCore:
                 self.segments.add(reply.segments, fds)
 
     def lookup(self, keys: Sequence[bytes]) -> Step:
+        cxl = self.cxl_lookup(keys)
+        if cxl is not None and cxl[0] == len(keys):  # every key in CXL: no request at all
+            return LookupResult(len(keys), bytes([TierId.CXL]) * len(keys))
+        found = yield from self._lookup_daemon(keys)
+        return found if cxl is None else self.with_cxl(found, cxl[1])
+
+    def _lookup_daemon(self, keys: Sequence[bytes]) -> Step:
         tiers = bytearray()
         prefix = None
         for start in self._chunks(len(keys)):
@@ -238,6 +283,15 @@ class ClientCore:
         if len(buffers) != len(keys) or (parents is not None and len(parents) != len(keys)):
             raise ValueError("put: keys, buffers and parents must have the same length")
         views = [byte_view(b) for b in buffers]
+        cxl = self.cxl_lookup(keys)
+        if cxl is not None and (cxl[1] >= 0).any():  # already in the CXL region: nothing to send
+            todo = [i for i, slot in enumerate(cxl[1]) if slot < 0]
+            result, message = yield from self.put([keys[i] for i in todo], [views[i] for i in todo],
+                                                  [parents[i] for i in todo] if parents is not None else None)
+            codes = [int(ErrorCode.ALREADY_EXISTS)] * len(keys)
+            for i, code in zip(todo, result.codes):
+                codes[i] = code
+            return PutResult(codes), message
         if self.transport == P.TRANSPORT_TCP:
             return (yield from self._put_stream(keys, views, parents))
         codes: list[int] = []
@@ -323,6 +377,25 @@ class ClientCore:
         return codes, descriptors
 
     def get_into(self, keys: Sequence[bytes], outs: Sequence[Any]) -> Step:
+        """CXL hits are read from the region directly; the rest from the daemon's tiers."""
+        if self.cxl is None:
+            return (yield from self._get_into_daemon(keys, outs))
+        if len(outs) != len(keys):
+            raise ValueError("get_into: keys and out must have the same length")
+        hits = [False] * len(keys)
+        rest = []
+        for i, (key, out) in enumerate(zip(keys, outs)):
+            if self.cxl.read(key, byte_view(out, writable=True)) is not None:
+                hits[i] = True
+            else:
+                rest.append(i)
+        if rest:
+            got = yield from self._get_into_daemon([keys[i] for i in rest], [outs[i] for i in rest])
+            for i, hit in zip(rest, got):
+                hits[i] = hit
+        return hits
+
+    def _get_into_daemon(self, keys: Sequence[bytes], outs: Sequence[Any]) -> Step:
         """Acquire, copy out, release; keys that found no DRAM room to be read from NVMe into (NO_SPACE)
         are asked again once this round's pins are gone, as long as each round makes progress."""
         if len(outs) != len(keys):

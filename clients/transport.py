@@ -128,10 +128,12 @@ class SyncChannel:
         self.rbuf = bytearray(_RECV_BYTES)
         self.spin_ns = int(spin_us * 1000)
         self.posted: list[str] = []  # ops sent whose replies have not been read yet, oldest first
+        self.requests = 0  # requests sent on this connection
 
     def post(self, op: str, frame: bytes) -> None:
         """Send a request whose reply nobody waits for (a release): it is read, and dropped, before the
         next reply. The daemon handles requests in order, so the op takes effect before any later one."""
+        self.requests += 1
         try:
             self.sock.sendall(frame)
         except BlockingIOError:
@@ -203,6 +205,7 @@ class SyncChannel:
             raise TimeoutError(f"kvrackd did not send the {op} bytes in time") from None
 
     def _reply(self, op: str) -> tuple[P.Reply, list[int]]:
+        self.requests += 1
         frames = self.frames
         while True:
             body = frames.next_frame()
@@ -262,6 +265,7 @@ class AsyncChannel:
         self.frames = FrameBuffer()
         self.rbuf = bytearray(_RECV_BYTES)
         self.lock = asyncio.Lock()
+        self.requests = 0  # requests sent on this connection
 
     async def _wait(self, add, remove) -> None:  # type: ignore[no-untyped-def]
         loop = asyncio.get_running_loop()
@@ -302,6 +306,7 @@ class AsyncChannel:
             self.frames.received(self.rbuf, self.sock.recv_into(self.rbuf), [])
 
     async def _reply(self, op: str) -> tuple[P.Reply, list[int]]:
+        self.requests += 1
         frames = self.frames
         while True:
             body = frames.next_frame()

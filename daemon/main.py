@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kvrack import __version__, nixl_agent
+from kvrack.daemon.cxl_pool import CxlPool, region_paths
 from kvrack.daemon.mover import Mover
 from kvrack.daemon.nixl_export import NixlExport
 from kvrack.daemon.server import ControlServer
@@ -81,8 +82,21 @@ class Daemon:
         self._adopt_dram(adoption)
         self.server = ControlServer(self.store, c["server.socket_path"], c["server.max_frame_bytes"],
                                     c["server.max_batch_keys"], c["server.socket_mode"], self._stats_extra)
+        if c["cxl.enabled"]:
+            self._open_cxl()
         if c["tcp.enabled"]:
             self._open_tcp()
+
+    def _open_cxl(self) -> None:
+        """One CXL region per namespace, the daemon its allocating host."""
+        c = self.config
+        assert self.server is not None and self.store is not None
+        paths = region_paths([ns.name for ns in c.namespaces], c["cxl.dir"], c["cxl.paths"])
+        t0 = time.perf_counter()
+        self.server.cxl = CxlPool(self.store, paths, c["cxl.capacity_bytes"], c["cxl.chunk_bytes"], c["cxl.coherent"],
+                                  c["cxl.host_timeout_s"])
+        log.info("cxl tier ready: %d region(s) (%s) in %.2fs; blocks up to %s are copied in behind each commit",
+                 len(paths), ", ".join(paths.values()), time.perf_counter() - t0, format_size(c["cxl.chunk_bytes"]))
 
     def _open_tcp(self) -> None:
         """The TCP listener for remote clients, with TLS and NIXL as configured."""
@@ -187,6 +201,8 @@ class Daemon:
         self.server.start(loop)
         if self.store.mover is not None:
             self.store.mover.start(loop)
+        if self.server.cxl is not None:
+            self.server.cxl.start(loop)
         gc.freeze()  # start-up objects (config, tiers, modules) never need collecting
         names = ", ".join(self.store.namespaces)
         log.info("kvrackd %s listening on unix:%s%s (namespaces: %s)", __version__, self.config["server.socket_path"],
@@ -211,6 +227,8 @@ class Daemon:
         while True:
             await asyncio.sleep(interval)
             self.store.sweep()
+            if self.server is not None and self.server.cxl is not None:
+                self.server.cxl.tick()
             # Index entries are long-lived and always unlinked explicitly, so the cyclic GC has
             # nothing to find among them; without this, each full collection walks every entry
             # (~255 ms at 1 M blocks). Freezing moves what exists now out of the GC's sight.
@@ -244,6 +262,8 @@ class Daemon:
         self._save_dram()
 
     def close(self) -> None:
+        if self.server is not None and self.server.cxl is not None:
+            self.server.cxl.close()
         if self.server is not None and self.server.nixl is not None:
             self.server.nixl.close()
         if self.store is not None:

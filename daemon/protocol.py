@@ -226,6 +226,10 @@ class HelloReply(Reply):
     # NIXL (TCP sessions): the daemon agent's metadata limited to this namespace's segments
     nixl_metadata: bytes = b""
     remote_segments: list[RemoteSegment] = []
+    # the namespace's CXL region: read it directly (Unix socket: its fd follows the segments' fds)
+    cxl_path: str = ""
+    cxl_bytes: int = 0
+    cxl_coherent: bool = False
 
 
 class LookupReply(Reply):

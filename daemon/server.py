@@ -35,6 +35,7 @@ from kvrack.daemon.session import PeerCredentials, Session
 from kvrack.daemon.store import KeysResult, Store
 
 if TYPE_CHECKING:
+    from kvrack.daemon.cxl_pool import CxlPool
     from kvrack.daemon.nixl_export import NixlExport
     from kvrack.daemon.tcp_listener import TcpListener
 
@@ -308,6 +309,7 @@ class ControlServer:
                  nixl: NixlExport | None = None) -> None:
         self.store = store
         self.nixl = nixl  # remote one-sided access to the DRAM segments, when NIXL loaded
+        self.cxl: CxlPool | None = None  # the CXL tier, when cxl.enabled
         self.tcp: TcpListener | None = None
         self.socket_path = socket_path
         self.max_frame_bytes = max_frame_bytes
@@ -492,9 +494,19 @@ class ControlServer:
         s.namespace = ns
         s.client_name = req.client_name[:128]
         # a first batch of the namespace's segments; the client maps the rest on first use (map)
-        infos, fds = self._segment_infos(self.store.tier.segments_of(ns.name)[: P.MAX_FDS_PER_FRAME])
+        infos, fds = self._segment_infos(self.store.tier.segments_of(ns.name)[: P.MAX_FDS_PER_FRAME - 1])
+        extra = self._cxl_hello(ns.name)
+        if extra:  # the region's fd rides after the segments' fds
+            fds += (extra.pop("fd"),)
         log.info("session %d: hello from pid %s (%s) for namespace %r", s.id, peer.pid, s.client_name or "-", ns.name)
-        return self._hello_reply(req.id, ns, s, [P.TRANSPORT_SHM, P.TRANSPORT_TCP], segments=infos), fds
+        return self._hello_reply(req.id, ns, s, [P.TRANSPORT_SHM, P.TRANSPORT_TCP], segments=infos, **extra), fds
+
+    def _cxl_hello(self, namespace: str) -> dict[str, Any]:
+        info = self.cxl.hello_info(namespace) if self.cxl is not None else None
+        if info is None:
+            return {}
+        path, size, fd = info
+        return {"cxl_path": path, "cxl_bytes": size, "cxl_coherent": self.cxl.coherent, "fd": fd}  # type: ignore[union-attr]
 
     def _hello_reply(self, rid: int, ns: Any, s: Session, transports: list[str], **extra: Any) -> P.HelloReply:
         return P.HelloReply(id=rid, namespace=ns.name, salt=ns.salt, session=s.id, transports=transports,
@@ -518,6 +530,10 @@ class ControlServer:
         if self.nixl is not None:
             transports.insert(0, P.TRANSPORT_NIXL)
             extra["remote_segments"], extra["nixl_metadata"] = self.nixl.export(self.store.tier.segments_of(ns.name))
+        cxl = self._cxl_hello(ns.name)
+        if cxl:  # hosts on the same CXL fabric open the region by path; no fd crosses TCP
+            del cxl["fd"]
+            extra.update(cxl)
         log.info("session %d: hello from %s (%s) for namespace %r over %s", s.id, s.remote, s.client_name or "-",
                  ns.name, "TLS" if conn.tls else "TCP")
         return self._hello_reply(req.id, ns, s, transports, **extra), ()
@@ -544,22 +560,30 @@ class ControlServer:
         if self.draining:
             return P.ErrorReply(id=req.id, code=int(P.ErrorCode.SHUTTING_DOWN), message="daemon is shutting down"), ()
         res = self.store.reserve(conn.session, req.keys, req.sizes, req.parents)
-        mover = self.store.mover
-        if mover is not None and mover.pending() and P.ErrorCode.NO_SPACE in res.codes:
-            return self._reserve_when_room(conn, req, res)  # backpressure: wait for NVMe, don't fail
+        if P.ErrorCode.NO_SPACE in res.codes and self._copiers():
+            return self._reserve_when_room(conn, req, res)  # backpressure: wait for the copies, don't fail
         return self._keys_reply(req.id, res)
+
+    def _copiers(self) -> list[Any]:
+        """Tiers whose copies out of DRAM are running (their blocks are pinned until they finish)."""
+        return [m for m in (self.store.mover, self.cxl) if m is not None and m.pending()]
 
     async def _reserve_when_room(self, conn: Connection, req: P.Reserve, res: KeysResult
                                  ) -> tuple[P.Reply, tuple[int, ...]]:
-        """DRAM is full of blocks waiting for their NVMe copy: retry the keys that found no room as
-        write batches finish, so a writer faster than the disk is slowed to its speed instead of failing."""
-        mover = self.store.mover
-        assert mover is not None
+        """DRAM is full of blocks waiting for their NVMe (or CXL) copy: retry the keys that found no room
+        as copies finish, so a writer faster than the copies is slowed to their speed instead of failing."""
         deadline = self.loop.time() + _WAIT_FOR_ROOM_S
         while not conn.closed and not self.draining:
             todo = [i for i, c in enumerate(res.codes) if c == P.ErrorCode.NO_SPACE]
             left = deadline - self.loop.time()
-            if not todo or left <= 0 or not await mover.wait_for_progress(left):
+            copiers = self._copiers()
+            if not todo or left <= 0 or not copiers:
+                break
+            waits = [asyncio.ensure_future(c.wait_for_progress(left)) for c in copiers]
+            done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for w in pending:
+                w.cancel()
+            if not any(w.result() for w in done):
                 break
             retry = self.store.reserve(conn.session, [req.keys[i] for i in todo], [req.sizes[i] for i in todo],
                                        [req.parents[i] for i in todo] if req.parents is not None else None)
@@ -592,7 +616,13 @@ class ControlServer:
         return self._keys_reply(req.id, self.store.release(conn.session, req.keys))
 
     def _delete(self, conn: Connection, req: P.Delete) -> tuple[P.Reply, tuple[int, ...]]:
-        return self._keys_reply(req.id, self.store.delete(conn.session, req.keys))
+        res = self.store.delete(conn.session, req.keys)
+        if self.cxl is not None:  # blocks that left DRAM (and NVMe) may still be in the CXL region
+            ns = conn.session.namespace.name  # type: ignore[union-attr]
+            for i, code in enumerate(res.codes):
+                if code == P.ErrorCode.NOT_FOUND and self.cxl.delete(ns, req.keys[i]):
+                    res.codes[i] = int(P.ErrorCode.OK)
+        return self._keys_reply(req.id, res)
 
     def _map(self, conn: Connection, req: P.MapSegments) -> tuple[P.Reply, tuple[int, ...]]:
         ns = conn.session.namespace
@@ -684,6 +714,8 @@ class ControlServer:
         # a client sees its own namespace's figures only
         stats["namespaces"] = {ns.name: stats["namespaces"][ns.name]}  # type: ignore[union-attr]
         stats["server"] = {"sessions": len(self.connections), "requests": self.requests}
+        if self.cxl is not None:
+            stats["tiers"].append(self.cxl.stats(ns.name))  # type: ignore[union-attr]
         if self.stats_extra is not None:
             stats.update(self.stats_extra())
         return P.StatsReply(id=req.id, stats=stats), ()

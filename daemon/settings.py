@@ -180,6 +180,24 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("nvme.io_threads", "int", 8, "Reads and writes in flight at once (the device's queue depth).", min=1, max=256),
     Setting("nvme.write_batch_bytes", "size", 64 * MiB, "Most bytes per durable write batch (one fdatasync and one "
             "index commit each).", min=64 * KiB, max=16 * GiB),
+    Setting("cxl.enabled", "bool", False,
+            "CXL shared-memory tier: one region per namespace that every host mapping it reads without asking the "
+            "daemon. Committed blocks are copied into it behind the commit. See docs/cxl.md."),
+    Setting("cxl.dir", "str", "/dev/shm",
+            "Directory for region files kvrack-cxl-NAMESPACE (a DAX file system on CXL memory, hugetlbfs, or "
+            "tmpfs to try it without CXL)."),
+    Setting("cxl.paths", "list", [],
+            "Regions on devices, \"NAMESPACE=PATH\" each (e.g. \"team-a=/dev/dax0.0\"); other namespaces use cxl.dir."),
+    Setting("cxl.capacity_bytes", "size", 1 * GiB, "Size of each namespace's region file (devices use their whole size).",
+            min=16 * MiB),
+    Setting("cxl.chunk_bytes", "size", 2 * MiB, "Chunk size of a region: the largest block kept in CXL.",
+            min=4 * KiB, max=1 * GiB),
+    Setting("cxl.coherent", "bool", False,
+            "The hosts' hardware keeps the region cache-coherent (one host, or CXL 3.x sharing): readers skip the "
+            "invalidation step."),
+    Setting("cxl.host_timeout_s", "float", 30.0,
+            "A writer host of another machine silent for this long is presumed dead: its half-written blocks and "
+            "unused chunks are reclaimed.", min=1.0, max=86400.0),
     Setting("tcp.enabled", "bool", False,
             "Serve remote clients: the control protocol on TCP, every connection authenticated by its namespace's "
             "token (namespaces without a token cannot be used over TCP). See docs/remote.md."),

@@ -84,6 +84,9 @@ class Store:
         self.nvme_unavailable: str | None = None  # why a configured NVMe tier could not open
         self.dram_blocks = 0  # committed blocks with a DRAM copy
         self.dram_bytes = 0
+        # called with each entry as it is committed / deleted by a client (e.g. to copy it into CXL)
+        self.commit_hooks: list[Callable[[Entry], None]] = []
+        self.delete_hooks: list[Callable[[Entry], None]] = []
 
     def attach(self, mover: Mover) -> None:
         """Add the NVMe tier (through its mover): committed blocks get a durable copy there."""
@@ -291,6 +294,8 @@ class Store:
             self.add_dram_copy(e, e.seg, e.slot)
             if self.mover is None or not self.mover.enqueue(e):
                 self.lru.push_mru(e)
+            for hook in self.commit_hooks:
+                hook(e)
         return res
 
     def abort(self, session: Session, keys: Sequence[bytes]) -> KeysResult:
@@ -406,6 +411,8 @@ class Store:
                 continue
             self.forget(e)
             self.counters.deleted += 1
+            for hook in self.delete_hooks:
+                hook(e)
             if e.pins == 0:
                 if e.prev is not None:
                     self.lru.unlink(e)

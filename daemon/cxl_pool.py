@@ -1,0 +1,186 @@
+"""The daemon's CXL tier: one region per namespace, filled behind every commit.
+
+The daemon is the region's allocating and evicting host: it copies each
+committed block from DRAM into its namespace's region (pinned in DRAM while
+the copy runs, on one worker thread so copies and deletions stay in commit
+order), evicts in the region when it is full, deletes there what clients
+delete, beats its host line and reclaims what dead hosts left half-written.
+Clients read the region themselves: the Unix socket hands them its fd at
+hello; hosts on the same CXL fabric open the path. Nobody asks the daemon to
+read a block that is in CXL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from kvrack.daemon.index import COMMITTED, Entry
+from kvrack.tiers.cxl import CxlFull, CxlRegion
+
+if TYPE_CHECKING:
+    from kvrack.daemon.store import Store
+
+log = logging.getLogger("kvrack.cxl")
+_RECLAIM_EVERY_S = 10.0
+
+
+def region_paths(namespaces: Sequence[str], directory: str, paths: Sequence[str]) -> dict[str, str]:
+    """Each namespace's region: its ``NAMESPACE=PATH`` entry of ``cxl.paths``, else ``DIR/kvrack-cxl-NAMESPACE``."""
+    named: dict[str, str] = {}
+    for item in paths:
+        ns, sep, path = item.partition("=")
+        if not sep or not ns.strip() or not path.strip():
+            raise ValueError(f"cxl.paths: expected NAMESPACE=PATH, got {item!r}")
+        if ns.strip() not in namespaces:
+            raise ValueError(f"cxl.paths: no namespace {ns.strip()!r} is configured")
+        named[ns.strip()] = path.strip()
+    return {ns: named.get(ns) or os.path.join(directory, f"kvrack-cxl-{ns}") for ns in namespaces}
+
+
+class CxlPool:
+    """Regions by namespace, and the copies into them (event-loop thread, plus one worker)."""
+
+    def __init__(self, store: Store, paths: dict[str, str], capacity: int, chunk_bytes: int, coherent: bool,
+                 host_timeout_s: float) -> None:
+        self.store = store
+        self.chunk_bytes = chunk_bytes
+        self.coherent = coherent
+        self.host_timeout_ms = int(host_timeout_s * 1000)
+        self.regions: dict[str, CxlRegion] = {}
+        try:
+            for ns, path in paths.items():
+                region = CxlRegion.create(path, capacity, chunk_bytes, ns, coherent=coherent)
+                self.regions[ns] = region
+                region.register_host()
+                reaped = region.reclaim(self.host_timeout_ms)
+                if reaped:
+                    log.info("cxl: %s: reclaimed what %d dead host(s) left", path, reaped)
+        except BaseException:
+            self.close()
+            raise
+        self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvrack-cxl")
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.copied = 0
+        self.copied_bytes = 0
+        self.skipped = 0  # larger than a chunk, or the region had no room
+        self.in_flight = 0
+        self._next_reclaim = time.monotonic() + _RECLAIM_EVERY_S
+        self._progress: asyncio.Future[None] | None = None  # resolved when a copy finishes
+        store.commit_hooks.append(self._committed)
+        store.delete_hooks.append(self._deleted)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    # ------------------------------------------------------------- copies
+    def _committed(self, e: Entry) -> None:
+        region = self.regions.get(e.ns.name)
+        if region is None or self.loop is None or e.seg is None:
+            return
+        if e.nbytes > self.chunk_bytes:
+            self.skipped += 1
+            return
+        self.store.pin(e)  # the DRAM slot stays put until the copy is done
+        self.in_flight += 1
+        view = self.store.tier.view(e.seg, e.slot, e.nbytes)
+        fut = self.worker.submit(self._copy, region, e.key, view)
+        fut.add_done_callback(lambda f, e=e: self._on_loop(self._copied, e, f))
+
+    def _on_loop(self, fn: Any, *args: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)  # type: ignore[union-attr]
+        except RuntimeError:  # the loop is gone (shutdown): pins no longer matter
+            pass
+
+    def _copy(self, region: CxlRegion, key: bytes, view: memoryview) -> bool:
+        try:
+            return region.put(key, view)
+        except CxlFull:
+            return False
+        finally:
+            view.release()
+
+    def _copied(self, e: Entry, fut: concurrent.futures.Future[bool]) -> None:
+        self.in_flight -= 1
+        self.store.unpin(e)
+        if self._progress is not None:
+            self._progress.set_result(None)
+            self._progress = None
+        exc = fut.exception()
+        if exc is not None:
+            log.error("cxl: copying a block of namespace %r failed: %s", e.ns.name, exc)
+            self.skipped += 1
+            return
+        if fut.result():
+            self.copied += 1
+            self.copied_bytes += e.nbytes
+        if e.state != COMMITTED:  # deleted while it was being copied: take the copy back out
+            self._deleted(e)
+
+    def _deleted(self, e: Entry) -> None:
+        # now, so no reader finds it after the client's delete returns; a copy still in flight is
+        # taken back out by _copied, which sees the entry is no longer committed
+        self.delete(e.ns.name, e.key)
+
+    def delete(self, namespace: str, key: bytes) -> bool:
+        """Remove a block from the namespace's region (e.g. one DRAM no longer holds); whether it was there."""
+        region = self.regions.get(namespace)
+        return region is not None and region.delete(key)
+
+    def pending(self) -> int:
+        return self.in_flight
+
+    async def wait_for_progress(self, timeout: float) -> bool:
+        """Wait until a copy finishes (its DRAM block becomes evictable again); False if none is running."""
+        if not self.in_flight or self.loop is None:
+            return False
+        if self._progress is None:
+            self._progress = self.loop.create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._progress), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    # ----------------------------------------------------------- upkeep
+    def tick(self) -> None:
+        """Beat every host line; now and then reclaim what dead writer hosts left (on the worker)."""
+        for region in self.regions.values():
+            region.heartbeat()
+        now = time.monotonic()
+        if now >= self._next_reclaim:
+            self._next_reclaim = now + _RECLAIM_EVERY_S
+            for region in self.regions.values():
+                self.worker.submit(region.reclaim, self.host_timeout_ms)
+
+    def hello_info(self, namespace: str) -> tuple[str, int, int] | None:
+        """(path, size, fd) of a namespace's region, for ``hello``."""
+        region = self.regions.get(namespace)
+        return None if region is None else (region.path, region.g.region_bytes, region.fd)
+
+    def stats(self, namespace: str | None = None) -> dict[str, Any]:
+        """The tier's figures; with ``namespace``, its region only (what a client of it may see)."""
+        regions = {ns: r.stats() for ns, r in self.regions.items() if namespace in (None, ns)}
+        return {"tier": "cxl", "tier_id": 2, "coherent": self.coherent, "copied_blocks": self.copied,
+                "copied_bytes": self.copied_bytes, "skipped_blocks": self.skipped, "copies_in_flight": self.in_flight,
+                "blocks": sum(r["blocks"] for r in regions.values()),
+                "used_bytes": sum(r["bytes"] for r in regions.values()),
+                "capacity": sum(r["capacity"] for r in regions.values()), "regions": regions}
+
+    def flush(self) -> None:
+        """Wait for the copies and deletions queued so far."""
+        self.worker.submit(lambda: None).result()
+
+    def close(self) -> None:
+        worker = getattr(self, "worker", None)
+        if worker is not None:
+            worker.shutdown(wait=True)
+        for region in self.regions.values():
+            region.close()
+        self.regions.clear()

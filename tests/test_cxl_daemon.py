@@ -1,0 +1,198 @@
+"""The CXL tier in the daemon: regions per namespace, copies behind commits, clients reading without requests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from kvrack.clients import Client, TierId
+from kvrack.clients.spawn import DaemonProcess
+from kvrack.tiers.cxl import CxlRegion
+
+BLOCK = 1 << 20
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def region_dir():
+    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    with tempfile.TemporaryDirectory(prefix="kvrack-cxl-test-", dir=base) as d:
+        yield d
+
+
+def start(region_dir: str, config: str | None = None, **extra: object) -> DaemonProcess:
+    settings = {"dram.capacity_bytes": "16MiB", "dram.segment_bytes": "2MiB", "nvme.enabled": "false",
+                "cxl.enabled": "true", "cxl.dir": region_dir, "cxl.capacity_bytes": "96MiB",
+                "cxl.chunk_bytes": "1MiB", **extra}
+    return DaemonProcess(settings, config_path=config)
+
+
+def blocks(n: int, seed: int = 0) -> tuple[list[bytes], list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [rng.bytes(32) for _ in range(n)], [rng.integers(0, 256, BLOCK, dtype=np.uint8) for _ in range(n)]
+
+
+def settle(client: Client, want_blocks: int, timeout: float = 10.0) -> dict:
+    """Wait until the daemon's copies into CXL are done."""
+    deadline = time.monotonic() + timeout
+    while True:
+        cxl = next(t for t in client.stats()["tiers"] if t["tier"] == "cxl")
+        if (cxl["blocks"] >= want_blocks and not cxl["copies_in_flight"]) or time.monotonic() > deadline:
+            return cxl
+        time.sleep(0.02)
+
+
+def requests(client: Client) -> int:
+    """Requests this client has sent (the stats call that asks included)."""
+    return client.stats()["client"]["requests"]
+
+
+def test_hits_in_cxl_are_read_without_asking_the_daemon(region_dir):
+    d = start(region_dir)
+    try:
+        keys, data = blocks(40)  # 40 MiB: more than DRAM (16 MiB) holds
+        with Client.connect(d.socket_path) as writer:
+            for i in range(0, 40, 8):
+                writer.put(keys[i:i + 8], data[i:i + 8])
+            cxl = settle(writer, 40)
+            assert cxl["blocks"] == 40 and cxl["copied_blocks"] == 40
+        with Client.connect(d.socket_path) as reader:
+            before = requests(reader)
+            found = reader.lookup(keys)
+            assert found.prefix == 40 and set(found.tiers) == {TierId.CXL}
+            outs = [np.zeros(BLOCK, np.uint8) for _ in keys]
+            assert reader.get_into(keys, outs) == [True] * 40
+            assert all(np.array_equal(o, w) for o, w in zip(outs, data))
+            assert requests(reader) == before + 1, "only the stats call itself reached the daemon"
+            # a put of blocks the region holds sends nothing
+            assert reader.put(keys[:4], data[:4]).existing == 4
+    finally:
+        d.stop()
+
+
+def test_delete_removes_the_cxl_copy_too(region_dir):
+    d = start(region_dir)
+    try:
+        keys, data = blocks(24)
+        with Client.connect(d.socket_path) as c:
+            for i in range(0, 24, 8):
+                c.put(keys[i:i + 8], data[i:i + 8])
+            settle(c, 24)
+            # the first keys left DRAM (16 MiB); the last are in both tiers
+            assert c.delete(keys[:3] + keys[-3:]) == 6
+            assert c.lookup(keys[:3]).prefix == 0 and c.lookup(keys[-3:]).prefix == 0
+            outs = [np.zeros(BLOCK, np.uint8) for _ in range(6)]
+            assert c.get_into(keys[:3] + keys[-3:], outs) == [False] * 6
+            assert c.lookup(keys[3:-3]).prefix == 18
+    finally:
+        d.stop()
+
+
+READER = textwrap.dedent("""
+    import sys, numpy as np, xxhash
+    from kvrack.clients import Client
+    path, n = sys.argv[1], int(sys.argv[2])
+    rng = np.random.default_rng(0)
+    keys = [rng.bytes(32) for _ in range(n)]
+    want = [xxhash.xxh3_64_hexdigest(rng.integers(0, 256, 1 << 20, dtype=np.uint8)) for _ in range(n)]
+    with Client.connect(path) as c:
+        before = c.stats()["client"]["requests"]
+        outs = [np.zeros(1 << 20, np.uint8) for _ in keys]
+        hits = c.get_into(keys, outs)
+        ok = all(hits) and [xxhash.xxh3_64_hexdigest(o) for o in outs] == want
+        print("ok" if ok else "BAD", c.stats()["client"]["requests"] - before - 1)  # this client's requests
+""")
+
+
+def test_other_processes_read_the_region_directly(region_dir):
+    d = start(region_dir)
+    try:
+        keys, data = blocks(20)
+        with Client.connect(d.socket_path) as c:
+            for i in range(0, 20, 5):  # a batch must fit DRAM (16 MiB) while it is being written
+                c.put(keys[i:i + 5], data[i:i + 5])
+            settle(c, 20)
+        procs = [subprocess.Popen([sys.executable, "-c", READER, d.socket_path, "20"], cwd=ROOT, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err
+            assert out.split() == ["ok", "0"]
+    finally:
+        d.stop()
+
+
+def test_each_namespace_has_its_own_region(region_dir, tmp_path):
+    cfg = tmp_path / "k.toml"
+    cfg.write_text('[[namespaces]]\nname = "a"\n[[namespaces]]\nname = "b"\n')
+    d = start(region_dir, str(cfg))
+    try:
+        keys, data = blocks(4)
+        with Client.connect(d.socket_path, namespace="a") as a:
+            a.put(keys, data)
+            settle(a, 4)
+            assert a._core.cxl.namespace == "a"
+        with Client.connect(d.socket_path, namespace="b") as b:
+            assert b._core.cxl.namespace == "b"
+            assert b.lookup(keys).prefix == 0
+            assert b.get_into(keys, [np.zeros(BLOCK, np.uint8) for _ in keys]) == [False] * 4
+            cxl = next(t for t in b.stats()["tiers"] if t["tier"] == "cxl")
+            assert list(cxl["regions"]) == ["b"] and cxl["blocks"] == 0, "b sees its own region's figures only"
+        with pytest.raises(PermissionError, match="belongs to namespace 'a'"):
+            CxlRegion.open(os.path.join(region_dir, "kvrack-cxl-a"), namespace="b")
+    finally:
+        d.stop()
+
+
+def test_region_blocks_outlive_a_restart(region_dir):
+    keys, data = blocks(6)
+    d = start(region_dir)
+    try:
+        with Client.connect(d.socket_path) as c:
+            c.put(keys, data)
+            settle(c, 6)
+    finally:
+        d.stop()
+    d = start(region_dir)
+    try:
+        with Client.connect(d.socket_path) as c:
+            outs = [np.zeros(BLOCK, np.uint8) for _ in keys]
+            assert c.get_into(keys, outs) == [True] * 6
+            assert all(np.array_equal(o, w) for o, w in zip(outs, data))
+        assert "adopted" in d.log()
+    finally:
+        d.stop()
+
+
+def test_remote_client_on_the_same_fabric_opens_the_region_by_path(region_dir, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token = "cxl-remote-token-0123456789abcdef"
+    cfg = tmp_path / "k.toml"
+    cfg.write_text(f'[[namespaces]]\nname = "default"\ntoken = "{token}"\n')
+    d = start(region_dir, str(cfg), **{"tcp.enabled": "true", "tcp.host": "127.0.0.1", "tcp.port": port,
+                                       "tcp.nixl": "off"})
+    try:
+        keys, data = blocks(5)
+        with Client.connect(d.socket_path) as c:
+            c.put(keys, data)
+            settle(c, 5)
+        with Client.connect(f"tcp://127.0.0.1:{port}", token=token) as r:
+            assert r._core.cxl is not None
+            before = requests(r)
+            outs = [np.zeros(BLOCK, np.uint8) for _ in keys]
+            assert r.get_into(keys, outs) == [True] * 5
+            assert all(np.array_equal(o, w) for o, w in zip(outs, data))
+            assert requests(r) == before + 1
+    finally:
+        d.stop()
