@@ -246,7 +246,8 @@ def _leftovers(address: str) -> tuple[int, int]:
     return stats["tiers"][0]["pinned_blocks"], ns["entries"] - ns["blocks"]
 
 
-@pytest.mark.parametrize("mode", ["write", "pin", pytest.param("nixl-pin", marks=needs_nixl)])
+@pytest.mark.parametrize("mode", ["write", "pin", pytest.param("nixl-pin", marks=needs_nixl),
+                                  pytest.param("nixl-write", marks=needs_nixl)])
 def test_killed_remote_client_leaves_no_pins_or_reservations(remote, mode):
     d, address = remote
     with Client.connect(address, namespace="a", token=TOKEN_A, transport="tcp") as c:
@@ -258,7 +259,7 @@ def test_killed_remote_client_leaves_no_pins_or_reservations(remote, mode):
         line = child.stdout.readline()
         assert line.strip() == "ready", child.stderr.read()
         pinned, pending = _leftovers(address)
-        assert pinned == len(KEYS) if mode != "write" else pending == 4
+        assert pinned == len(KEYS) if mode.endswith("pin") else pending == 4
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
