@@ -162,6 +162,12 @@ class AsyncClient:
         """Copy blocks into caller buffers (numpy, torch CPU tensors, bytearrays); per-key hit flags."""
         return await self._run(self._core.get_into(keys, out))
 
+    async def prefetch(self, keys: Sequence[bytes], wait: bool = False) -> int:
+        """Have blocks whose only copy is on NVMe read into DRAM now, before a get needs them (a decode
+        node warming a prefix). Nothing stays pinned. ``wait``: return once they are in DRAM. Returns how
+        many of the keys the daemon holds."""
+        return await self._run(self._core.prefetch(keys, wait))
+
     async def delete(self, keys: Sequence[bytes]) -> int:
         codes, _, _ = await self._run(self._core.keys_op("delete", P.Delete, keys))
         return sum(1 for c in codes if c == 0)

@@ -177,6 +177,12 @@ class Client:
         """Copy blocks into caller buffers (numpy, torch CPU tensors, bytearrays); per-key hit flags."""
         return self._run(self._core.get_into(keys, out))
 
+    def prefetch(self, keys: Sequence[bytes], wait: bool = False) -> int:
+        """Have blocks whose only copy is on NVMe read into DRAM now, before a get needs them (a decode
+        node warming a prefix). Nothing stays pinned. ``wait``: return once they are in DRAM. Returns how
+        many of the keys the daemon holds."""
+        return self._run(self._core.prefetch(keys, wait))
+
     def delete(self, keys: Sequence[bytes]) -> int:
         """Remove blocks; returns how many existed."""
         codes, _, _ = self._run(self._core.keys_op("delete", P.Delete, keys))

@@ -274,6 +274,15 @@ class ClientCore:
             message = reply.message or message
         return codes, descriptors, message
 
+    def prefetch(self, keys: Sequence[bytes], wait: bool) -> Step:
+        """Ask for blocks on lower tiers to come up into DRAM; how many keys the daemon holds."""
+        found = 0
+        for start in self._chunks(len(keys)):
+            reply, _ = yield "prefetch", P.Prefetch(id=self._id(), keys=list(keys[start : start + self.max_batch]),
+                                                    wait=wait)
+            found += sum(1 for c in reply.codes if c == _OK)
+        return found
+
     def release_soon(self, keys: Sequence[bytes]) -> Step:
         """End pins without waiting for the reply (``post``): the next request's reply comes after it."""
         for start in self._chunks(len(keys)):

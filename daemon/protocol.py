@@ -168,6 +168,16 @@ class Stats(msgspec.Struct, tag="stats", **_REQ):  # type: ignore[call-arg]
     id: int
 
 
+class Prefetch(msgspec.Struct, tag="prefetch", **_REQ):  # type: ignore[call-arg]
+    """Bring blocks whose only copy is on a lower tier up into DRAM before they are needed.
+
+    Pins nothing the caller must release. ``wait``: reply once they are in DRAM (else at once)."""
+
+    id: int
+    keys: list[bytes]
+    wait: bool = False
+
+
 class Read(msgspec.Struct, tag="read", **_REQ):  # type: ignore[call-arg]
     """TCP data path: the reply is followed by the bytes of every hit, in key order."""
 
@@ -184,9 +194,10 @@ class Write(msgspec.Struct, tag="write", **_REQ):  # type: ignore[call-arg]
     sizes: list[int]
 
 
-Request = Hello | Lookup | Reserve | Commit | Abort | Acquire | Release | Delete | MapSegments | Stats | Read | Write
+Request = (Hello | Lookup | Reserve | Commit | Abort | Acquire | Release | Delete | MapSegments | Stats | Read | Write
+           | Prefetch)
 OPS = ("hello", "lookup", "reserve", "commit", "abort", "acquire", "release", "delete", "map", "stats", "read",
-       "write")
+       "write", "prefetch")
 
 
 class Envelope(msgspec.Struct):
@@ -275,6 +286,7 @@ REPLY_TYPES: dict[str, type[Reply]] = {
     "stats": StatsReply,
     "read": ReadReply,
     "write": KeysReply,
+    "prefetch": KeysReply,
 }
 
 

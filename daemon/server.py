@@ -329,6 +329,7 @@ class ControlServer:
             P.Hello: self._hello, P.Lookup: self._lookup, P.Reserve: self._reserve, P.Commit: self._commit,
             P.Abort: self._abort, P.Acquire: self._acquire, P.Release: self._release, P.Delete: self._delete,
             P.MapSegments: self._map, P.Stats: self._stats, P.Read: self._read, P.Write: self._write,
+            P.Prefetch: self._prefetch,
         }
 
     # ------------------------------------------------------------ lifecycle
@@ -612,6 +613,38 @@ class ControlServer:
         await self.store.mover.promote(conn.session, req.keys, res, res.promote)
         return self._keys_reply(req.id, res)
 
+    def _prefetch(self, conn: Connection, req: P.Prefetch) -> Any:
+        """Start reading NVMe-only blocks into DRAM; OK per key that is (or is becoming) a DRAM block."""
+        session = conn.session
+        store = self.store
+        res = store.acquire(session, req.keys)  # the pins last only as long as the promotion
+        store.counters.get_keys -= len(req.keys)  # a prefetch is not a get
+        store.counters.get_hits -= sum(1 for c in res.codes if c == P.ErrorCode.OK)
+        store.counters.prefetch_keys += len(req.keys)
+        in_dram = [k for k, d in zip(req.keys, res.descriptors) if d is not None]
+        if in_dram:
+            store.release(session, in_dram)
+        codes = list(res.codes)
+        if not res.promote:
+            return P.KeysReply(id=req.id, codes=codes, message=res.message), ()
+        store.counters.prefetched_blocks += len(res.promote)
+        work = self._promote_and_release(session, req.id, req.keys, res)
+        if req.wait:
+            return work
+        task = self.loop.create_task(work)
+        self.deferred.add(task)
+        task.add_done_callback(self.deferred.discard)
+        return P.KeysReply(id=req.id, codes=codes), ()
+
+    async def _promote_and_release(self, session: Session, rid: int, keys: list[bytes], res: KeysResult
+                                   ) -> tuple[P.Reply, tuple[int, ...]]:
+        assert self.store.mover is not None
+        try:
+            await self.store.mover.promote(session, keys, res, res.promote)
+        finally:  # the mover released the keys it could not bring up; these are ours to release
+            self.store.release(session, [keys[i] for i, _e in res.promote if res.descriptors[i] is not None])
+        return P.KeysReply(id=rid, codes=res.codes, message=res.message), ()
+
     def _release(self, conn: Connection, req: P.Release) -> tuple[P.Reply, tuple[int, ...]]:
         return self._keys_reply(req.id, self.store.release(conn.session, req.keys))
 
@@ -708,6 +741,18 @@ class ControlServer:
         conn.expect_payload(targets, landed)
         return None
 
+    def _moves(self) -> dict[str, dict[str, int]]:
+        """Blocks and bytes moved between tiers, per direction."""
+        moves: dict[str, dict[str, int]] = {}
+        mover = self.store.mover
+        if mover is not None:
+            c = mover.counters
+            moves["dram_to_nvme"] = {"blocks": c.written_blocks, "bytes": c.written_bytes}
+            moves["nvme_to_dram"] = {"blocks": c.promoted_blocks, "bytes": c.promoted_bytes}
+        if self.cxl is not None:
+            moves["dram_to_cxl"] = {"blocks": self.cxl.copied, "bytes": self.cxl.copied_bytes}
+        return moves
+
     def _stats(self, conn: Connection, req: P.Stats) -> tuple[P.Reply, tuple[int, ...]]:
         stats = self.store.stats()
         ns = conn.session.namespace
@@ -716,6 +761,7 @@ class ControlServer:
         stats["server"] = {"sessions": len(self.connections), "requests": self.requests}
         if self.cxl is not None:
             stats["tiers"].append(self.cxl.stats(ns.name))  # type: ignore[union-attr]
+        stats["moves"] = self._moves()
         if self.stats_extra is not None:
             stats.update(self.stats_extra())
         return P.StatsReply(id=req.id, stats=stats), ()

@@ -49,7 +49,8 @@ class Counters(SlotCounters):
     """Operation counters; the single source that stats views read."""
 
     __slots__ = ("lookup_keys", "lookup_hits", "get_keys", "get_hits", "puts", "put_bytes", "evictions",
-                 "evicted_bytes", "expired_reservations", "expired_pins", "aborted", "deleted", "no_space")
+                 "evicted_bytes", "expired_reservations", "expired_pins", "aborted", "deleted", "no_space",
+                 "prefetch_keys", "prefetched_blocks")
 
 
 class Store:

@@ -186,3 +186,25 @@ def test_status_shows_both_tiers_and_an_unavailable_one(tmp_path):
                                  capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
             assert out.returncode == 0, out.stderr
             assert "dram" in out.stdout and expect in out.stdout
+
+
+def test_prefetch_brings_nvme_only_blocks_up_before_a_get(tmp_path):
+    keys, data = blocks(48, 7)
+    with DaemonProcess(settings(tmp_path)) as d, Client.connect(d.socket_path) as c:
+        put_persisted(c, keys, data)
+        cold = keys[:8]
+        assert c.lookup(cold).tiers == bytes([TierId.NVME]) * 8
+        assert c.prefetch(cold + [b"\x01" * 32], wait=True) == 8  # the unknown key is not counted
+        assert c.lookup(cold).tiers == bytes([TierId.DRAM]) * 8
+        stats = c.stats()
+        assert stats["tiers"][0]["pinned_blocks"] == 0, "a prefetch leaves nothing pinned"
+        assert stats["ops"]["prefetched_blocks"] == 8 and stats["ops"]["get_keys"] == 0
+        assert stats["moves"]["nvme_to_dram"]["blocks"] == 8
+        assert stats["moves"]["dram_to_nvme"]["blocks"] == 48
+        # without wait: the reply comes at once, the blocks follow
+        colder = [k for k, t in zip(keys, c.lookup(keys).tiers) if t == TierId.NVME][:4]
+        assert c.prefetch(colder) == 4
+        assert eventually(lambda: c.lookup(colder).tiers == bytes([TierId.DRAM]) * 4)
+        hits, outs = read_all(c, cold + colder)
+        assert all(hits) and all(np.array_equal(o, data[keys.index(k)]) for o, k in zip(outs, cold + colder))
+        assert eventually(lambda: c.stats()["tiers"][0]["pinned_blocks"] == 0)
