@@ -247,6 +247,33 @@ def bench_remote(json_path: JsonOpt = None,
     write_json(json_path, result)
 
 
+@bench_app.command("overwrite")
+def bench_overwrite(json_path: JsonOpt = None,
+                    capacity: Annotated[str, typer.Option(help="DRAM tier of the daemon under test")] = "256MiB",
+                    block: Annotated[str, typer.Option(help="bytes per block")] = "256KiB",
+                    fills: Annotated[float, typer.Option(min=1.0, max=100.0, help="bytes written, in DRAM "
+                                                                                 "capacities")] = 4.0,
+                    ) -> None:
+    """Put latency under sustained overwrite (DRAM full), with and without the background evictor."""
+    from kvrack.clients import bench_overwrite as bo
+
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("bench", total=2)
+        result = bo.run(parse_size(capacity), parse_size(block), fills,
+                        progress=lambda label: progress.update(task, description=label, advance=1))
+    table = Table(title=f"kvrack bench overwrite ({result['puts']} puts of {_fmt_bytes(result['block_bytes'])} "
+                        f"through {_fmt_bytes(result['capacity_bytes'])} of DRAM)")
+    for col in ("eviction", "p50", "p90", "p99", "p99.9", "max", "p99 / p50", "target"):
+        table.add_column(col, justify="left" if col == "eviction" else "right")
+    for name, label, target in (("background", "background evictor (watermarks)", "≤ 2"),
+                                ("inline", "each put evicts for itself", "")):
+        r = result[name]
+        table.add_row(label, *(f"{r[k]:.0f} µs" for k in ("p50_us", "p90_us", "p99_us", "p999_us", "max_us")),
+                      f"{r['p99_vs_p50']:.2f}", target)
+    console.print(table)
+    write_json(json_path, result)
+
+
 @app.command()
 def sim(json_path: JsonOpt = None,
         trace: Annotated[Path | None, typer.Option("--trace", help="a recorded trace (JSONL); default: the shipped "

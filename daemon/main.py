@@ -209,9 +209,25 @@ class Daemon:
                  f" and {self.server.tcp.address}" if self.server.tcp else "", names)
         _notify("READY=1\nSTATUS=serving")
         sweeper = asyncio.create_task(self._sweep_leases())
+        evictor = asyncio.create_task(self._evict_in_background())
         await self.stop_event.wait()
         sweeper.cancel()
+        evictor.cancel()
         await self.drain()
+
+    async def _evict_in_background(self) -> None:
+        """Above the high watermark, evict in small batches down to the low one, yielding to requests
+        between batches: a put then finds a free slot instead of evicting on its own path."""
+        assert self.store is not None
+        store = self.store
+        store.set_watermarks(self.config["dram.evict_high_watermark"], self.config["dram.evict_low_watermark"])
+        pressure = asyncio.Event()
+        store.pressure = pressure.set
+        while True:
+            await pressure.wait()
+            pressure.clear()
+            while store.evict_background(16):
+                await asyncio.sleep(0)
 
     def _on_signal(self, sig: int) -> None:
         log.info("%s received: shutting down", signal.Signals(sig).name)

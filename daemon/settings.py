@@ -162,6 +162,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dram.policy", "choice", "lru",
             "Eviction order of the DRAM tier (see docs/policies.md and `kvrack sim` to pick one for a workload).",
             choices=("lru", "chain", "s3fifo", "sieve", "lfu")),
+    Setting("dram.evict_high_watermark", "float", 0.95,
+            "When more than this share of DRAM is in use, a background evictor frees blocks down to "
+            "dram.evict_low_watermark, so a put rarely has to evict on its own path (1.0 turns it off).",
+            min=0.1, max=1.0, runtime=True),
+    Setting("dram.evict_low_watermark", "float", 0.90, "Where the background evictor stops (share of DRAM in use).",
+            min=0.05, max=1.0, runtime=True),
     Setting("nvme.enabled", "bool", True,
             "Keep every committed block on the NVMe tier too (written behind the commit), so blocks outlive DRAM "
             "eviction and daemon restarts."),

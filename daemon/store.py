@@ -50,7 +50,7 @@ class Counters(SlotCounters):
 
     __slots__ = ("lookup_keys", "lookup_hits", "get_keys", "get_hits", "puts", "put_bytes", "evictions",
                  "evicted_bytes", "expired_reservations", "expired_pins", "aborted", "deleted", "no_space",
-                 "prefetch_keys", "prefetched_blocks")
+                 "prefetch_keys", "prefetched_blocks", "background_evictions")
 
 
 class Store:
@@ -85,6 +85,11 @@ class Store:
         self.nvme_unavailable: str | None = None  # why a configured NVMe tier could not open
         self.dram_blocks = 0  # committed blocks with a DRAM copy
         self.dram_bytes = 0
+        # background eviction: above ``high_water`` bytes in use, ``pressure`` is called (once per episode)
+        # and ``evict_background`` frees down to ``low_water``
+        self.high_water = tier.capacity
+        self.low_water = tier.capacity
+        self.pressure: Callable[[], None] | None = None
         # called with each entry as it is committed / deleted by a client (e.g. to copy it into CXL)
         self.commit_hooks: list[Callable[[Entry], None]] = []
         self.delete_hooks: list[Callable[[Entry], None]] = []
@@ -237,6 +242,25 @@ class Store:
                 return None
             self._evict(victim)
 
+    def set_watermarks(self, high: float, low: float) -> None:
+        """Shares of the DRAM capacity between which the background evictor works (high 1.0: off)."""
+        cap = self.tier.capacity
+        self.high_water = int(cap * high) if high < 1.0 else cap
+        self.low_water = min(int(cap * low), self.high_water)
+
+    def evict_background(self, limit: int) -> int:
+        """Evict up to ``limit`` unpinned blocks, least valuable first, while DRAM is above the low watermark."""
+        allocator = self.tier.allocator
+        n = 0
+        while n < limit and allocator.used_bytes > self.low_water:
+            victim = self.lru.lru()
+            if victim is None:
+                break
+            self._evict(victim)
+            n += 1
+        self.counters.background_evictions += n
+        return n
+
     def _evict(self, e: Entry) -> None:
         """Drop a block's DRAM copy; a block with no NVMe copy leaves the index."""
         self.lru.unlink(e)
@@ -297,6 +321,8 @@ class Store:
                 self.lru.push_mru(e)
             for hook in self.commit_hooks:
                 hook(e)
+        if self.pressure is not None and self.tier.allocator.used_bytes > self.high_water:
+            self.pressure()
         return res
 
     def abort(self, session: Session, keys: Sequence[bytes]) -> KeysResult:

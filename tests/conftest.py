@@ -14,7 +14,9 @@ from kvrack.clients.spawn import DaemonProcess
 from kvrack.daemon import protocol as P
 
 # DRAM-only: these tests pin down DRAM-tier semantics; tests/test_nvme_daemon.py runs both tiers
-SMALL = {"dram.capacity_bytes": "8MiB", "dram.segment_bytes": "1MiB", "nvme.enabled": "false"}
+# (and no background eviction: these tests count on the whole capacity holding blocks)
+SMALL = {"dram.capacity_bytes": "8MiB", "dram.segment_bytes": "1MiB", "nvme.enabled": "false",
+         "dram.evict_high_watermark": "1.0"}
 
 
 @pytest.fixture

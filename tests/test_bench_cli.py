@@ -65,3 +65,16 @@ def test_bench_remote_writes_the_contracted_json(tmp_path):
         assert data["sizes"]["2MiB"]["kvrack_nixl_put_gbs"] > 0
     else:  # null, with the reason beside it
         assert data["nixl_get_vs_raw_nixl"] is None and data["nixl_unavailable"]
+
+
+def test_bench_overwrite_writes_the_contracted_json(tmp_path):
+    out = tmp_path / "overwrite.json"
+    res = subprocess.run([sys.executable, "-m", "kvrack.clients.cli", "bench", "overwrite", "--json", str(out),
+                          "--capacity", "16MiB", "--block", "256KiB", "--fills", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    data = json.loads(out.read_text())
+    for key in ("put_p50_us", "put_p99_us", "put_p99_vs_p50"):
+        assert isinstance(data[key], float) and data[key] > 0, key
+    assert data["background"]["background_evictions"] > 0 and data["inline"]["background_evictions"] == 0
+    assert data["inline"]["evictions"] >= data["puts"] - 64  # every measured put displaced a block

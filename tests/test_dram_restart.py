@@ -30,7 +30,7 @@ def shm_dir():
 def settings(shm_dir: str, tmp_path, nvme: bool = False, **extra) -> dict:
     s = {"dram.capacity_bytes": "8MiB", "dram.segment_bytes": "1MiB", "dram.shm_dir": shm_dir,
          "nvme.enabled": str(nvme).lower(), "nvme.dir": str(tmp_path / "nvme"), "nvme.capacity_bytes": "64MiB",
-         "nvme.region_bytes": "1MiB"}
+         "nvme.region_bytes": "1MiB", "dram.evict_high_watermark": "1.0"}  # exact LRU order, full capacity
     s.update(extra)
     return s
 

@@ -257,3 +257,23 @@ def test_more_segments_than_one_message_can_carry_fds_for():
             outs = [bytearray(65536) for _ in keys]
             assert reader.get_into(keys, outs) == [True] * 300
             assert all(o == b for o, b in zip(outs, data))
+
+
+def test_background_eviction_keeps_dram_below_the_high_watermark():
+    from kvrack.clients.spawn import DaemonProcess
+
+    from .conftest import eventually
+
+    settings = {"dram.capacity_bytes": "8MiB", "dram.segment_bytes": "1MiB", "nvme.enabled": "false",
+                "dram.evict_high_watermark": "0.75", "dram.evict_low_watermark": "0.5"}
+    with DaemonProcess(settings) as d, Client.connect(d.socket_path) as c:
+        for _ in range(4):  # 4 × 4 MiB of fresh blocks through an 8 MiB tier
+            c.put([os.urandom(32) for _ in range(128)], blocks(128))
+        cap = 8 << 20
+
+        def below_high() -> bool:
+            s = c.stats()
+            return s["tiers"][0]["used_bytes"] <= 0.75 * cap and s["ops"]["background_evictions"] > 0
+        assert eventually(below_high)
+        stats = c.stats()
+        assert stats["ops"]["evictions"] >= stats["ops"]["background_evictions"] > 0

@@ -60,6 +60,7 @@ class SlotAllocator:
         self._open: dict[tuple[str, int], dict[Segment, None]] = {}  # segments with a free slot
         self._empty: dict[Segment, None] = {}  # assigned, no live slot
         self.retired = 0
+        self.used_bytes = 0  # bytes of slots handed out (size classes, so at least the blocks' bytes)
 
     # ---------------------------------------------------------------- setup
     def prefill(self) -> None:
@@ -89,6 +90,7 @@ class SlotAllocator:
                 return None
         slot = seg.take_slot()
         assert slot is not None
+        self.used_bytes += seg.slot_size
         self._empty.pop(seg, None)
         if seg.full:
             self._open[(owner, cls)].pop(seg, None)
@@ -112,6 +114,7 @@ class SlotAllocator:
         """Give a slot back; an emptied segment stays assigned until capacity is needed."""
         was_full = seg.full
         seg.give_slot(slot)
+        self.used_bytes -= seg.slot_size
         if was_full:
             self._open.setdefault((seg.owner, seg.slot_size), {})[seg] = None  # type: ignore[index]
         if seg.live == 0:
@@ -164,6 +167,7 @@ class SlotAllocator:
             seg.next_unused = top
             seg.free = [i for i in range(top) if i not in slots]
             seg.live = len(slots)
+            self.used_bytes += len(slots) * seg.slot_size
             if not seg.full:
                 self._open.setdefault((seg.owner, seg.slot_size), {})[seg] = None  # type: ignore[index]
         return by_handle
