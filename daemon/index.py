@@ -23,7 +23,7 @@ class Entry:
     """One block. ~100 bytes; the key's bytes object is shared with the index dict."""
 
     __slots__ = ("key", "ns", "seg", "slot", "nbytes", "state", "pins", "prev", "next", "parent", "nseg", "nslot",
-                 "nflags")
+                 "nflags", "kids")
 
     def __init__(self, key: bytes, ns: Namespace, seg: Any, slot: int, nbytes: int, parent: bytes | None) -> None:
         self.key = key
@@ -39,6 +39,32 @@ class Entry:
         self.nseg: Any = None  # NVMe copy, once durable
         self.nslot = 0
         self.nflags = 0  # the NVMe tier's CLOCK bits (mover.NVME_QUEUED, mover.NVME_REFERENCED)
+        # children with a DRAM copy: None, the one child (chains are mostly linear), or a set of them
+        self.kids: Entry | set[Entry] | None = None
+
+    def add_kid(self, kid: Entry) -> None:
+        kids = self.kids
+        if kids is None:
+            self.kids = kid
+        elif isinstance(kids, set):
+            kids.add(kid)
+        elif kids is not kid:
+            self.kids = {kids, kid}
+
+    def drop_kid(self, kid: Entry) -> None:
+        kids = self.kids
+        if kids is kid:
+            self.kids = None
+        elif isinstance(kids, set):
+            kids.discard(kid)
+            if len(kids) == 1:
+                self.kids = next(iter(kids))
+            elif not kids:
+                self.kids = None
+
+    def each_kid(self) -> tuple[Entry, ...] | set[Entry]:
+        kids = self.kids
+        return () if kids is None else kids if isinstance(kids, set) else (kids,)
 
     @property
     def offset(self) -> int:

@@ -237,7 +237,7 @@ class Store:
             placement = self.tier.allocate(owner, size)
             if placement is not None:
                 return placement
-            victim = self.lru.lru()
+            victim = self._victim()
             if victim is None:
                 return None
             self._evict(victim)
@@ -253,13 +253,26 @@ class Store:
         allocator = self.tier.allocator
         n = 0
         while n < limit and allocator.used_bytes > self.low_water:
-            victim = self.lru.lru()
+            victim = self._victim()
             if victim is None:
                 break
             self._evict(victim)
             n += 1
         self.counters.background_evictions += n
         return n
+
+    def _victim(self) -> Entry | None:
+        """The policy's victim, leaf first: a block whose descendants still have DRAM copies goes after
+        them (deepest first), so chains shrink from their tails and shared heads stay (O(chain depth))."""
+        v = self.lru.lru()
+        while v is not None and v.kids is not None:
+            for kid in v.each_kid():
+                if kid.prev is not None:  # evictable: committed, unpinned, in DRAM
+                    v = kid
+                    break
+            else:  # every cached descendant is pinned or still being copied: the block itself goes
+                break
+        return v
 
     def _evict(self, e: Entry) -> None:
         """Drop a block's DRAM copy; a block with no NVMe copy leaves the index."""
@@ -276,12 +289,20 @@ class Store:
         e.slot = slot
         self.dram_blocks += 1
         self.dram_bytes += e.nbytes
+        if e.parent is not None:
+            pe = e.ns.entries.get(e.parent)
+            if pe is not None:
+                pe.add_kid(e)
 
     def _free_dram_copy(self, e: Entry) -> None:
         self.tier.free(e.seg, e.slot)
         e.seg = None
         self.dram_blocks -= 1
         self.dram_bytes -= e.nbytes
+        if e.parent is not None:
+            pe = e.ns.entries.get(e.parent)
+            if pe is not None:
+                pe.drop_kid(e)
 
     def forget(self, e: Entry) -> None:
         """A committed block with no copy left: out of its namespace (pinned holders keep the entry)."""

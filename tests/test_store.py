@@ -188,3 +188,33 @@ def test_reservations_receiving_a_write_do_not_expire_mid_payload(store, clock):
     assert store.sweep() == (0, 0), "the slot stays this session's while its bytes arrive"
     s.receiving = False
     assert store.sweep() == (1, 0)
+
+
+@pytest.mark.parametrize("policy", ["lru", "chain", "s3fifo"])
+def test_eviction_is_leaf_first(clock, policy):
+    tier = MemoryTier(TierId.DRAM, 2 * SEG, SEG, HeapBacking())  # room for 8 blocks
+    store = Store(tier, [NamespaceConfig("a")], clock=clock, policy=policy, typical_block_bytes=BLOCK)
+    s = session(store)
+    chain = [key(i) for i in range(1, 7)]  # a chain of 6: key(1) is its head and the oldest block
+    put(store, s, chain, parents=[None] + chain[:-1])
+    put(store, s, [key(100), key(101)])  # two one-block chains after it: the tier is full
+    put(store, s, [key(200), key(201)])  # room for two more: what goes?
+    present = store.lookup(s.namespace, chain)[1]
+    assert present[:4] == bytes([TierId.DRAM]) * 4, "the chain's head stays"
+    # the policy named old blocks of the chain; its tail went instead of its head
+    gone = [k for k in chain + [key(100), key(101)] if s.namespace.entries.get(k) is None]
+    assert len(gone) == 2 and all(k in chain[4:] or k in (key(100), key(101)) for k in gone)
+    if policy == "lru":
+        assert gone == chain[4:], "LRU named key(1) twice; leaf first took the two deepest blocks"
+
+
+def test_kids_are_tracked_through_eviction_and_delete(store):
+    s = session(store)
+    chain = [key(i) for i in range(1, 4)]
+    put(store, s, chain, parents=[None] + chain[:-1])
+    head, mid, tail = (s.namespace.entries[k] for k in chain)
+    assert head.kids is mid and mid.kids is tail and tail.kids is None
+    store.delete(s, [tail.key])
+    assert mid.kids is None
+    put(store, s, [key(10), key(11)], parents=[head.key, head.key])  # a fork under the head
+    assert isinstance(head.kids, set) and len(head.kids) == 3
