@@ -144,6 +144,7 @@ class Daemon:
         if c["nvme.region_bytes"] < c["dram.segment_bytes"]:
             log.warning("nvme.region_bytes (%s) < dram.segment_bytes (%s): blocks larger than a region stay in DRAM only",
                         format_size(c["nvme.region_bytes"]), format_size(c["dram.segment_bytes"]))
+        self.store.set_admission(c["nvme.admission"])
         mover = Mover(self.store, nvme, c["nvme.write_batch_bytes"])
         mover.adopt(report, blocks)
         self.store.attach(mover)

@@ -46,7 +46,7 @@ MAX_BATCH_BLOCKS = 4096
 
 class MoverCounters(SlotCounters):
     __slots__ = ("written_blocks", "written_bytes", "write_errors", "not_persisted", "promoted_blocks",
-                 "promoted_bytes", "read_errors", "evictions", "evicted_bytes", "unindexed")
+                 "promoted_bytes", "read_errors", "evictions", "evicted_bytes", "unindexed", "demoted_blocks")
 
 
 class Mover:
@@ -80,6 +80,8 @@ class Mover:
         self.counters = MoverCounters()
         self.closed = False
         self._progress: asyncio.Future[None] | None = None  # resolved when a write batch finishes
+        self.demoting: set[Entry] = set()  # queued because DRAM evicts them (write-back admission)
+        self.demoting_bytes = 0
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -122,6 +124,22 @@ class Mover:
         self._kick()
         return True
 
+    def demote(self, e: Entry) -> bool:
+        """Write a block DRAM is evicting (admission said it is worth it); its DRAM copy goes once the
+        write is durable. False when the NVMe tier cannot take it now."""
+        if not self.enqueue(e):
+            return False
+        self.demoting.add(e)
+        self.demoting_bytes += e.nbytes
+        return True
+
+    def _undemote(self, e: Entry) -> bool:
+        if e not in self.demoting:
+            return False
+        self.demoting.discard(e)
+        self.demoting_bytes -= e.nbytes
+        return True
+
     def _kick(self) -> None:
         if not self.writing and (self.queue or self._unindex) and self.loop is not None:
             self.writing = True
@@ -138,11 +156,13 @@ class Mover:
                 not batch or nbytes + self.queue[0].nbytes <= self.write_batch_bytes):
             e = self.queue.popleft()
             if e.state != COMMITTED or e.seg is None:  # deleted while queued
+                self._undemote(e)
                 store.unpin(e)
                 continue
             placement = self._place(e, unindex)
             if placement is None:
                 self.counters.not_persisted += 1
+                self._undemote(e)
                 store.unpin(e)
                 continue
             batch.append((e, placement[0], placement[1]))
@@ -185,7 +205,11 @@ class Mover:
             else:
                 failed += 1
                 self.nvme.free(seg, slot)
+            demoted = self._undemote(e)
             self.store.unpin(e)  # a block deleted meanwhile now loses its copies
+            if demoted and err is None:
+                self.counters.demoted_blocks += 1
+                self.store.drop_dram_copy(e)  # it was on its way out of DRAM: now it may go
         if failed:
             self.counters.write_errors += failed
             self._retry_at = time.monotonic() + self.retry_s

@@ -183,6 +183,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("nvme.index_dir", "str", "", "LMDB index directory; empty = nvme.dir/index. Must be on durable local storage."),
     Setting("nvme.region_bytes", "size", 64 * MiB, "Allocation region of the data files; also the largest block kept "
             "on NVMe (keep it >= dram.segment_bytes).", min=64 * KiB, max=4 * GiB),
+    Setting("nvme.admission", "choice", "all",
+            "Which blocks reach NVMe: all = every commit is written through (each block survives DRAM eviction "
+            "and restarts); reused = written only when DRAM evicts a block that was read or seen twice (far fewer "
+            "flash writes; one-time blocks are simply dropped); demote = every block DRAM evicts.",
+            choices=("all", "reused", "demote")),
     Setting("nvme.io_threads", "int", 8, "Reads and writes in flight at once (the device's queue depth).", min=1, max=256),
     Setting("nvme.write_batch_bytes", "size", 64 * MiB, "Most bytes per durable write batch (one fdatasync and one "
             "index commit each).", min=64 * KiB, max=16 * GiB),

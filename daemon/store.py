@@ -16,6 +16,7 @@ import blake3
 
 from kvrack.daemon.counters import SlotCounters
 from kvrack.daemon.index import COMMITTED, DELETED, RESERVED, Entry, LruList, Namespace, PolicyOrder
+from kvrack.daemon.policies.admission import Admission, make_admission
 from kvrack.daemon.protocol import KEY_BYTES, Descriptor, ErrorCode, TierId
 from kvrack.daemon.session import Session
 from kvrack.daemon.settings import NamespaceConfig
@@ -75,6 +76,7 @@ class Store:
         # queues in blocks, estimated from the capacity and a typical block size
         self.lru: LruList | PolicyOrder = LruList() if policy == "lru" else \
             PolicyOrder(policy, tier.capacity // max(1, typical_block_bytes))
+        self._typical_block = typical_block_bytes
         self.pinned_blocks = 0  # blocks with at least one pin, deleted-but-pinned included
         self.counters = Counters()
         self._sizes: dict[int, int] = {}  # interned block sizes: one int object per size, not per entry
@@ -90,9 +92,17 @@ class Store:
         self.high_water = tier.capacity
         self.low_water = tier.capacity
         self.pressure: Callable[[], None] | None = None
+        # NVMe admission: "all" writes every commit through; the others write a block only when DRAM
+        # evicts it and the rule accepts it (kvrack.daemon.policies.admission)
+        self.admission: Admission = make_admission("all", 1)
+        self.write_through = True
         # called with each entry as it is committed / deleted by a client (e.g. to copy it into CXL)
         self.commit_hooks: list[Callable[[Entry], None]] = []
         self.delete_hooks: list[Callable[[Entry], None]] = []
+
+    def set_admission(self, name: str) -> None:
+        self.admission = make_admission(name, max(1, self.tier.capacity // max(1, self._typical_block)))
+        self.write_through = name == "all"
 
     def attach(self, mover: Mover) -> None:
         """Add the NVMe tier (through its mover): committed blocks get a durable copy there."""
@@ -232,15 +242,37 @@ class Store:
         return res
 
     def make_room(self, owner: str, size: int) -> tuple[Segment, int] | None:
-        """A slot, evicting least-recently-used unpinned blocks until one frees up (O(1) each)."""
+        """A slot, evicting the policy's victims until one frees up (O(1) each). Victims the NVMe admission
+        wants are written there first (demotion): up to a few times ``size`` of them are queued, then None
+        says to wait for those writes."""
+        demoting = 0
         while True:
             placement = self.tier.allocate(owner, size)
             if placement is not None:
                 return placement
             victim = self._victim()
-            if victim is None:
+            if victim is None or demoting > 4 * size:
                 return None
-            self._evict(victim)
+            if not self._evict_or_demote(victim):
+                demoting += victim.nbytes
+
+    def _evict_or_demote(self, v: Entry) -> bool:
+        """Drop the victim's DRAM copy now (True), or queue its write to NVMe first (False): it has no
+        NVMe copy yet and the admission rule says it is worth one."""
+        mover = self.mover
+        if (v.nseg is None and not self.write_through and mover is not None
+                and self.admission.admit_on_eviction(v.key) and mover.demote(v)):
+            return False
+        self._evict(v)
+        return True
+
+    def drop_dram_copy(self, e: Entry) -> None:
+        """A demoted block is on NVMe now: free its DRAM copy unless someone pinned it meanwhile."""
+        if e.state == COMMITTED and e.seg is not None and e.nseg is not None and e.pins == 0:
+            self.lru.unlink(e)
+            self.counters.evictions += 1
+            self.counters.evicted_bytes += e.nbytes
+            self._free_dram_copy(e)
 
     def set_watermarks(self, high: float, low: float) -> None:
         """Shares of the DRAM capacity between which the background evictor works (high 1.0: off)."""
@@ -252,11 +284,14 @@ class Store:
         """Evict up to ``limit`` unpinned blocks, least valuable first, while DRAM is above the low watermark."""
         allocator = self.tier.allocator
         n = 0
+        window = self.high_water - self.low_water
         while n < limit and allocator.used_bytes > self.low_water:
+            if self.mover is not None and self.mover.demoting_bytes > window:
+                break  # enough on its way to NVMe; their DRAM copies go when the writes land
             victim = self._victim()
             if victim is None:
                 break
-            self._evict(victim)
+            self._evict_or_demote(victim)
             n += 1
         self.counters.background_evictions += n
         return n
@@ -338,7 +373,9 @@ class Store:
             counters.puts += 1
             counters.put_bytes += e.nbytes
             self.add_dram_copy(e, e.seg, e.slot)
-            if self.mover is None or not self.mover.enqueue(e):
+            if not self.write_through:
+                self.admission.record(key)
+            if not (self.write_through and self.mover is not None and self.mover.enqueue(e)):
                 self.lru.push_mru(e)
             for hook in self.commit_hooks:
                 hook(e)
@@ -380,7 +417,10 @@ class Store:
         deadline = self.clock() + self.pin_timeout_s
         pins = session.pins
         hits = 0
+        record = None if self.write_through else self.admission.record  # a request counts as a sighting
         for i, key in enumerate(keys):
+            if record is not None:
+                record(key)
             e = ns.entries.get(key)
             if e is None or e.state != COMMITTED:
                 if len(key) != KEY_BYTES:
@@ -388,6 +428,8 @@ class Store:
                 else:
                     res.codes[i] = ErrorCode.IN_PROGRESS if e is not None else ErrorCode.NOT_FOUND
                 continue
+            if not self.write_through and e.seg is not None:
+                self.admission.hit_in_dram(key)
             self.pin(e)
             pin = pins.get(key)
             if pin is None:

@@ -208,3 +208,36 @@ def test_prefetch_brings_nvme_only_blocks_up_before_a_get(tmp_path):
         hits, outs = read_all(c, cold + colder)
         assert all(hits) and all(np.array_equal(o, data[keys.index(k)]) for o, k in zip(outs, cold + colder))
         assert eventually(lambda: c.stats()["tiers"][0]["pinned_blocks"] == 0)
+
+
+@pytest.mark.parametrize("high_watermark", ["1.0", "0.9"])  # evicting inline only, and in the background too
+def test_reused_admission_demotes_read_blocks_and_drops_one_time_ones(tmp_path, high_watermark):
+    """nvme.admission = reused: nothing is written at commit; DRAM's eviction writes the blocks that were
+    read back to NVMe (demotion) and drops the ones nobody asked for again."""
+    s = settings(tmp_path, **{"nvme.admission": "reused", "dram.evict_high_watermark": high_watermark,
+                              "dram.evict_low_watermark": "0.8"})
+    hot_keys, hot = blocks(8, 11)
+    cold_keys, cold = blocks(24, 12)
+    with DaemonProcess(s) as d, Client.connect(d.socket_path) as c:
+        c.put(hot_keys, hot)
+        assert nvme_stats(c)["written_blocks"] == 0, "no write-through under this rule"
+        hits, _ = read_all(c, hot_keys)  # reused: these earn a place on NVMe
+        assert all(hits)
+        c.put(cold_keys[:16], cold[:16])
+        for i in range(16, 24, 4):  # DRAM (32 blocks) overflows: the oldest are evicted
+            c.put(cold_keys[i:i + 4], cold[i:i + 4])
+        more_keys, more = blocks(24, 13)
+        for i in range(0, 24, 4):
+            c.put(more_keys[i:i + 4], more[i:i + 4])
+        assert eventually(lambda: nvme_stats(c)["pending_writes"] == 0)
+        n = nvme_stats(c)
+        assert n["demoted_blocks"] >= 8 and n["written_blocks"] == n["demoted_blocks"]
+        tiers = c.lookup(hot_keys).tiers
+        assert set(tiers) == {TierId.NVME}, "the read blocks left DRAM for NVMe"
+        hits, outs = read_all(c, hot_keys)  # promoted back, bytes identical
+        assert all(hits) and all(np.array_equal(o, x) for o, x in zip(outs, hot))
+        # one-time blocks that were evicted are gone, not written
+        dropped = [k for k, t in zip(cold_keys, c.lookup(cold_keys).tiers) if t == 0]
+        assert dropped, "some one-time blocks were evicted"
+        assert n["written_blocks"] < 8 + len(cold_keys) + len(more_keys) - 32
+        assert c.stats()["tiers"][0]["pinned_blocks"] == 0
