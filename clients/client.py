@@ -198,13 +198,7 @@ class Client:
 
     def close(self) -> None:
         self._channel.close()
-        self._core.segments.close()
-        if self._core.cxl is not None:
-            self._core.cxl.close()
-            self._core.cxl = None
-        if self._core.nixl is not None:
-            self._core.nixl.close()
-            self._core.nixl = None
+        self._core.close()
 
     def __enter__(self) -> Client:
         return self

@@ -149,6 +149,16 @@ class ClientCore:
         self.max_frame_bytes = P.DEFAULT_MAX_FRAME_BYTES
         self._next_id = 1
 
+    def close(self) -> None:
+        """Unmap the segments and the CXL region, drop the NIXL agent's connection."""
+        self.segments.close()
+        if self.cxl is not None:
+            self.cxl.close()
+            self.cxl = None
+        if self.nixl is not None:
+            self.nixl.close()
+            self.nixl = None
+
     def _id(self) -> int:
         rid = self._next_id
         self._next_id += 1
@@ -307,10 +317,8 @@ class ClientCore:
         message = ""
         step = self.max_batch
         for start in range(0, len(keys), step):
-            end = start + step
-            chunk = list(keys[start:end])
-            reply, _ = yield "reserve", P.Reserve(id=self._id(), keys=chunk, sizes=[v.nbytes for v in views[start:end]],
-                                                  parents=list(parents[start:end]) if parents is not None else None)
+            chunk = list(keys[start : start + step])
+            reply = yield from self._reserve(chunk, views, parents, start)
             message = reply.message or message
             yield from self.map_segments(reply.descriptors)
             ready = []
@@ -337,6 +345,14 @@ class ClientCore:
             codes += batch_codes
         return PutResult(codes), message
 
+    def _reserve(self, chunk: list[bytes], views: Sequence[memoryview], parents: Sequence[bytes | None] | None,
+                 start: int) -> Step:
+        """One reserve for ``chunk``, the keys from ``start`` on, sized by their views."""
+        end = start + len(chunk)
+        reply, _ = yield "reserve", P.Reserve(id=self._id(), keys=chunk, sizes=[v.nbytes for v in views[start:end]],
+                                              parents=list(parents[start:end]) if parents is not None else None)
+        return reply
+
     def _put_stream(self, keys: Sequence[bytes], views: list[memoryview],
                     parents: Sequence[bytes | None] | None) -> Step:
         """TCP byte stream: reserve, then one ``write`` carrying the reserved keys' bytes (committed on arrival)."""
@@ -344,10 +360,8 @@ class ClientCore:
         message = ""
         step = self.max_batch
         for start in range(0, len(keys), step):
-            end = start + step
-            chunk = list(keys[start:end])
-            reply, _ = yield "reserve", P.Reserve(id=self._id(), keys=chunk, sizes=[v.nbytes for v in views[start:end]],
-                                                  parents=list(parents[start:end]) if parents is not None else None)
+            chunk = list(keys[start : start + step])
+            reply = yield from self._reserve(chunk, views, parents, start)
             message = reply.message or message
             batch_codes = list(reply.codes)
             todo = [i for i, d in enumerate(reply.descriptors) if d is not None and reply.codes[i] == _OK]

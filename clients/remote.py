@@ -14,12 +14,12 @@ import os
 import secrets
 import socket
 import ssl
-import struct
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from kvrack.clients.errors import KvrackError
+from kvrack.clients.transport import kernel_timeouts
 from kvrack.daemon import protocol as P
 
 DEFAULT_TCP_PORT = 7433
@@ -84,11 +84,7 @@ def tcp_socket(host: str, port: int, timeout: float | None, tls: ssl.SSLContext 
             raise ConnectionError(f"TLS with {host}:{port} failed: {exc}") from None
         sock.settimeout(timeout)  # SO_RCVTIMEO does not mix with the ssl module's own blocking
         return sock
-    sock.settimeout(None)
-    if timeout:
-        tv = struct.pack("ll", int(timeout), int((timeout % 1) * 1_000_000))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+    kernel_timeouts(sock, timeout)
     return sock
 
 

@@ -55,6 +55,14 @@ class FrameBuffer:
         del buf[:end]
         return body
 
+    def take_into(self, view: memoryview) -> int:
+        """Move already received bytes (block bytes that came in with a frame) into ``view``; how many."""
+        got = min(len(view), len(self.buf))
+        if got:
+            view[:got] = self.buf[:got]
+            del self.buf[:got]
+        return got
+
     def take_fds(self) -> list[int]:
         fds, self.fds = self.fds, []
         return fds
@@ -93,12 +101,17 @@ def unix_socket(path: str, timeout: float | None) -> socket.socket:
     except (FileNotFoundError, ConnectionRefusedError) as exc:
         sock.close()
         raise ConnectionError(f"no kvrackd listening on {path} ({exc.strerror}); start one with `kvrackd` or `make run`") from None
+    kernel_timeouts(sock, timeout)
+    return sock
+
+
+def kernel_timeouts(sock: socket.socket, timeout: float | None) -> None:
+    """Blocking mode, each send and receive bounded by ``timeout`` in the kernel (SO_RCVTIMEO/SO_SNDTIMEO)."""
     sock.settimeout(None)
     if timeout:
         tv = struct.pack("ll", int(timeout), int((timeout % 1) * 1_000_000))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-    return sock
 
 
 def is_listening(path: str, timeout: float = 1.0) -> bool:
@@ -189,12 +202,8 @@ class SyncChannel:
         try:
             self.sock.sendall(frame)
             reply, fds = self._reply(op)
-            buffered = self.frames.buf
             for view in sinks(reply):
-                got = min(len(view), len(buffered))
-                if got:
-                    view[:got] = buffered[:got]
-                    del buffered[:got]
+                got = self.frames.take_into(view)
                 while got < len(view):
                     n = self.sock.recv_into(view[got:])
                     if not n:
@@ -329,12 +338,8 @@ class AsyncChannel:
         async with self.lock:
             await self._send_all([memoryview(frame)])
             reply, fds = await self._reply(op)
-            buffered = self.frames.buf
             for view in sinks(reply):
-                got = min(len(view), len(buffered))
-                if got:
-                    view[:got] = buffered[:got]
-                    del buffered[:got]
+                got = self.frames.take_into(view)
                 while got < len(view):
                     n = await self.when_ready(lambda view=view, got=got: self.sock.recv_into(view[got:]))
                     if not n:

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from kvrack.daemon.index import COMMITTED, Entry
+from kvrack.daemon.progress import ProgressSignal
 from kvrack.tiers.cxl import CxlFull, CxlRegion
 
 if TYPE_CHECKING:
@@ -71,7 +72,7 @@ class CxlPool:
         self.skipped = 0  # larger than a chunk, or the region had no room
         self.in_flight = 0
         self._next_reclaim = time.monotonic() + _RECLAIM_EVERY_S
-        self._progress: asyncio.Future[None] | None = None  # resolved when a copy finishes
+        self._progress = ProgressSignal()  # fired when a copy finishes
         store.commit_hooks.append(self._committed)
         store.delete_hooks.append(self._deleted)
 
@@ -109,9 +110,7 @@ class CxlPool:
     def _copied(self, e: Entry, fut: concurrent.futures.Future[bool]) -> None:
         self.in_flight -= 1
         self.store.unpin(e)
-        if self._progress is not None:
-            self._progress.set_result(None)
-            self._progress = None
+        self._progress.fire()
         exc = fut.exception()
         if exc is not None:
             log.error("cxl: copying a block of namespace %r failed: %s", e.ns.name, exc)
@@ -140,13 +139,7 @@ class CxlPool:
         """Wait until a copy finishes (its DRAM block becomes evictable again); False if none is running."""
         if not self.in_flight or self.loop is None:
             return False
-        if self._progress is None:
-            self._progress = self.loop.create_future()
-        try:
-            await asyncio.wait_for(asyncio.shield(self._progress), timeout)
-        except TimeoutError:
-            return False
-        return True
+        return await self._progress.wait(self.loop, timeout)
 
     # ----------------------------------------------------------- upkeep
     def tick(self) -> None:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvrack.daemon.counters import SlotCounters
 from kvrack.daemon.index import COMMITTED, Entry
+from kvrack.daemon.progress import ProgressSignal
 from kvrack.daemon.protocol import ErrorCode
 from kvrack.daemon.session import Session
 from kvrack.tiers.base import Segment
@@ -79,7 +80,7 @@ class Mover:
         self.orphans = 0
         self.counters = MoverCounters()
         self.closed = False
-        self._progress: asyncio.Future[None] | None = None  # resolved when a write batch finishes
+        self._progress = ProgressSignal()  # fired when a write batch finishes
         self.demoting: set[Entry] = set()  # queued because DRAM evicts them (write-back admission)
         self.demoting_bytes = 0
 
@@ -223,22 +224,14 @@ class Mover:
     def _batch_done(self) -> None:
         """Wake whoever waits for room or for the queue to drain, then start the next batch."""
         self.writing = False
-        if self._progress is not None:
-            self._progress.set_result(None)
-            self._progress = None
+        self._progress.fire()
         self._kick()
 
     async def wait_for_progress(self, timeout: float) -> bool:
         """Wait until the batch being written finishes (its blocks become evictable); False if none is."""
         if not (self.writing or self.queue) or self.loop is None:
             return False
-        if self._progress is None:
-            self._progress = self.loop.create_future()
-        try:
-            await asyncio.wait_for(asyncio.shield(self._progress), timeout)
-        except TimeoutError:
-            return False
-        return True
+        return await self._progress.wait(self.loop, timeout)
 
     def _place(self, e: Entry, unindex: list[tuple[str, bytes]]) -> tuple[Segment, int] | None:
         """An NVMe slot, evicting the least recently used unpinned NVMe copies until one frees up."""
