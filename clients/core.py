@@ -311,8 +311,6 @@ class ClientCore:
             for i, code in zip(todo, result.codes):
                 codes[i] = code
             return PutResult(codes), message
-        if self.transport == P.TRANSPORT_TCP:
-            return (yield from self._put_stream(keys, views, parents))
         codes: list[int] = []
         message = ""
         step = self.max_batch
@@ -320,30 +318,48 @@ class ClientCore:
             chunk = list(keys[start : start + step])
             reply = yield from self._reserve(chunk, views, parents, start)
             message = reply.message or message
-            yield from self.map_segments(reply.descriptors)
-            ready = []
-            maps = self.segments.maps
-            try:
-                todo = [i for i, d in enumerate(reply.descriptors) if d is not None and reply.codes[i] == _OK]
-                if self.nixl is not None:
-                    yield "transfer", ("WRITE", [reply.descriptors[i] for i in todo], [views[start + i] for i in todo])
-                    ready = [chunk[i] for i in todo]
-                for i in todo if self.nixl is None else ():
-                    d = reply.descriptors[i]
-                    copy(maps[d.segment], d.offset, views[start + i], 0, d.length)
-                    ready.append(chunk[i])
-            except BaseException:
-                aborted = [chunk[i] for i, d in enumerate(reply.descriptors) if d is not None and reply.codes[i] == _OK]
-                yield "abort", P.Abort(id=self._id(), keys=aborted)
-                raise
-            batch_codes = list(reply.codes)
-            if ready:
-                creply, _ = yield "commit", P.Commit(id=self._id(), keys=ready)
-                failed = {k: c for k, c in zip(ready, creply.codes) if c != _OK}
-                if failed:  # e.g. the reservation's lease ran out before the copy finished
-                    batch_codes = [failed.get(k, c) for k, c in zip(chunk, batch_codes)]
-            codes += batch_codes
+            todo = [i for i, d in enumerate(reply.descriptors) if d is not None and reply.codes[i] == _OK]
+            if self.transport == P.TRANSPORT_TCP:
+                codes += yield from self._write_stream(chunk, reply, todo, views, start)
+            else:
+                codes += yield from self._fill_and_commit(chunk, reply, todo, views, start)
         return PutResult(codes), message
+
+    def _fill_and_commit(self, chunk: list[bytes], reply: Any, todo: list[int], views: Sequence[memoryview],
+                         start: int) -> Step:
+        """Copy into the reserved slots (mapped, or one NIXL WRITE), then commit; the batch's codes."""
+        yield from self.map_segments(reply.descriptors)
+        ready = []
+        try:
+            if self.nixl is not None:
+                yield "transfer", ("WRITE", [reply.descriptors[i] for i in todo], [views[start + i] for i in todo])
+                ready = [chunk[i] for i in todo]
+            maps = self.segments.maps
+            for i in todo if self.nixl is None else ():
+                d = reply.descriptors[i]
+                copy(maps[d.segment], d.offset, views[start + i], 0, d.length)
+                ready.append(chunk[i])
+        except BaseException:
+            yield "abort", P.Abort(id=self._id(), keys=[chunk[i] for i in todo])
+            raise
+        batch_codes = list(reply.codes)
+        if ready:
+            creply, _ = yield "commit", P.Commit(id=self._id(), keys=ready)
+            failed = {k: c for k, c in zip(ready, creply.codes) if c != _OK}
+            if failed:  # e.g. the reservation's lease ran out before the copy finished
+                batch_codes = [failed.get(k, c) for k, c in zip(chunk, batch_codes)]
+        return batch_codes
+
+    def _write_stream(self, chunk: list[bytes], reply: Any, todo: list[int], views: Sequence[memoryview],
+                      start: int) -> Step:
+        """TCP byte stream: one ``write`` carrying the reserved keys' bytes, committed on arrival."""
+        batch_codes = list(reply.codes)
+        if todo:
+            req = P.Write(id=self._id(), keys=[chunk[i] for i in todo], sizes=[views[start + i].nbytes for i in todo])
+            wreply, _ = yield "write", (req, [views[start + i] for i in todo])
+            for i, code in zip(todo, wreply.codes):
+                batch_codes[i] = code
+        return batch_codes
 
     def _reserve(self, chunk: list[bytes], views: Sequence[memoryview], parents: Sequence[bytes | None] | None,
                  start: int) -> Step:
@@ -352,26 +368,6 @@ class ClientCore:
         reply, _ = yield "reserve", P.Reserve(id=self._id(), keys=chunk, sizes=[v.nbytes for v in views[start:end]],
                                               parents=list(parents[start:end]) if parents is not None else None)
         return reply
-
-    def _put_stream(self, keys: Sequence[bytes], views: list[memoryview],
-                    parents: Sequence[bytes | None] | None) -> Step:
-        """TCP byte stream: reserve, then one ``write`` carrying the reserved keys' bytes (committed on arrival)."""
-        codes: list[int] = []
-        message = ""
-        step = self.max_batch
-        for start in range(0, len(keys), step):
-            chunk = list(keys[start : start + step])
-            reply = yield from self._reserve(chunk, views, parents, start)
-            message = reply.message or message
-            batch_codes = list(reply.codes)
-            todo = [i for i, d in enumerate(reply.descriptors) if d is not None and reply.codes[i] == _OK]
-            if todo:
-                req = P.Write(id=self._id(), keys=[chunk[i] for i in todo], sizes=[views[start + i].nbytes for i in todo])
-                wreply, _ = yield "write", (req, [views[start + i] for i in todo])
-                for i, code in zip(todo, wreply.codes):
-                    batch_codes[i] = code
-            codes += batch_codes
-        return PutResult(codes), message
 
     def wait_for_writers(self, keys: Sequence[bytes], result: PutResult, timeout: float) -> Step:
         """Poll, with backoff and a deadline, until keys another client was writing are committed.

@@ -153,21 +153,24 @@ class SyncChannel:
             raise TimeoutError(f"kvrackd did not take {op} in time") from None
         self.posted.append(op)
 
+    def _recv_once(self, flags: int) -> tuple[int, list[tuple[int, int, bytes]]]:
+        n, anc, _flags, _addr = self.sock.recvmsg_into([self.rbuf], _ANC_BYTES, flags)
+        return n, anc
+
     def _receive(self) -> None:
-        sock, rbuf = self.sock, self.rbuf
         if self.spin_ns:
             deadline = time.perf_counter_ns() + self.spin_ns
             while True:
                 try:
-                    n, anc, _flags, _addr = sock.recvmsg_into([rbuf], _ANC_BYTES, socket.MSG_DONTWAIT)
+                    n, anc = self._recv_once(socket.MSG_DONTWAIT)
                 except BlockingIOError:
                     if time.perf_counter_ns() < deadline:
                         continue
                     break
-                self.frames.received(rbuf, n, anc)
+                self.frames.received(self.rbuf, n, anc)
                 return
-        n, anc, _flags, _addr = sock.recvmsg_into([rbuf], _ANC_BYTES)
-        self.frames.received(rbuf, n, anc)
+        n, anc = self._recv_once(0)
+        self.frames.received(self.rbuf, n, anc)
 
     def call(self, op: str, frame: bytes) -> tuple[P.Reply, list[int]]:
         try:
@@ -243,20 +246,8 @@ class StreamChannel(SyncChannel):
         super().__init__(sock, 0.0 if tls else spin_us)  # a TLS socket cannot poll with MSG_DONTWAIT
         self.tls = tls
 
-    def _receive(self) -> None:
-        sock, rbuf = self.sock, self.rbuf
-        if self.spin_ns:
-            deadline = time.perf_counter_ns() + self.spin_ns
-            while True:
-                try:
-                    n = sock.recv_into(rbuf, 0, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    if time.perf_counter_ns() < deadline:
-                        continue
-                    break
-                self.frames.received(rbuf, n, [])
-                return
-        self.frames.received(rbuf, sock.recv_into(rbuf), [])
+    def _recv_once(self, flags: int) -> tuple[int, list[tuple[int, int, bytes]]]:
+        return self.sock.recv_into(self.rbuf, 0, flags), []  # no ancillary data on TCP
 
 
 class AsyncChannel:
