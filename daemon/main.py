@@ -145,7 +145,7 @@ class Daemon:
             log.warning("nvme.region_bytes (%s) < dram.segment_bytes (%s): blocks larger than a region stay in DRAM only",
                         format_size(c["nvme.region_bytes"]), format_size(c["dram.segment_bytes"]))
         self.store.set_admission(c["nvme.admission"])
-        mover = Mover(self.store, nvme, c["nvme.write_batch_bytes"])
+        mover = Mover(self.store, nvme, c["nvme.write_batch_bytes"], policy=c["nvme.policy"])
         mover.adopt(report, blocks)
         self.store.attach(mover)
         log.info("nvme tier ready: %s on %s, index %s; recovered %d block(s), %s, in %.2fs (%d dropped); opened in %.2fs",

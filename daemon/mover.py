@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvrack.daemon.counters import SlotCounters
 from kvrack.daemon.index import COMMITTED, Entry
+from kvrack.daemon.policies import EvictionPolicy, make_policy
 from kvrack.daemon.progress import ProgressSignal
 from kvrack.daemon.protocol import ErrorCode
 from kvrack.daemon.session import Session
@@ -45,6 +46,10 @@ NVME_REFERENCED = 2  # read since the hand last passed it
 MAX_BATCH_BLOCKS = 4096
 
 
+def _unpinned(e: Entry) -> bool:  # type: ignore[misc]
+    return not e.pins
+
+
 class MoverCounters(SlotCounters):
     __slots__ = ("written_blocks", "written_bytes", "write_errors", "not_persisted", "promoted_blocks",
                  "promoted_bytes", "read_errors", "evictions", "evicted_bytes", "unindexed", "demoted_blocks")
@@ -54,7 +59,7 @@ class Mover:
     """Owns the NVMe tier's copies: write-through, promotion, removal, NVMe eviction."""
 
     def __init__(self, store: Store, nvme: NvmeTier, write_batch_bytes: int = 64 << 20,
-                 retry_s: float = 30.0) -> None:
+                 retry_s: float = 30.0, policy: str = "clock", typical_block_bytes: int = 2 << 20) -> None:
         self.store = store
         self.nvme = nvme
         self.dram = store.tier
@@ -70,6 +75,9 @@ class Mover:
         # are skipped when the hand reaches them and compacted away when they pile up.
         self.ring: collections.deque[Entry] = collections.deque()
         self.stale = 0
+        # or a named policy (nvme.policy), which costs its per-block bookkeeping instead
+        self.policy: EvictionPolicy | None = None if policy == "clock" else \
+            make_policy(policy, max(1, nvme.capacity // max(1, typical_block_bytes)))
         self.promoting: dict[Entry, asyncio.Future[str | None]] = {}
         self.writing = False
         self._unindex: list[tuple[Entry, Segment, int]] = []
@@ -252,12 +260,19 @@ class Mover:
             self._forget_copy(victim)
 
     def _track(self, e: Entry) -> None:
+        if self.policy is not None:
+            if e not in self.policy:
+                self.policy.insert(e, None)
+            return
         if not e.nflags & NVME_QUEUED:
             e.nflags = NVME_QUEUED
             self.ring.append(e)
 
     def _victim(self) -> Entry | None:
-        """The CLOCK hand: skip pinned and recently read copies (clearing their bit), take the first other."""
+        """The CLOCK hand: skip pinned and recently read copies (clearing their bit), take the first other.
+        With a named policy: its victim among the unpinned copies."""
+        if self.policy is not None:
+            return self.policy.victim(_unpinned)  # type: ignore[return-value]
         ring = self.ring
         for _ in range(2 * len(ring) + 1):
             if not ring:
@@ -288,6 +303,8 @@ class Mover:
     def _forget_copy(self, e: Entry) -> None:
         """The entry no longer has an NVMe copy; an entry with no copy left leaves the index."""
         e.nseg = None
+        if self.policy is not None:
+            self.policy.remove(e)
         if e.nflags & NVME_QUEUED:
             self.stale += 1
             if self.stale > 4096 and self.stale * 2 > len(self.ring):
@@ -313,6 +330,10 @@ class Mover:
 
     # -------------------------------------------------------------- promotion
     def touch(self, e: Entry) -> None:
+        if self.policy is not None:
+            if e in self.policy:
+                self.policy.hit(e)
+            return
         e.nflags |= NVME_REFERENCED
 
     async def promote(self, session: Session, keys: list[bytes], res: KeysResult,

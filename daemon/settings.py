@@ -183,6 +183,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("nvme.index_dir", "str", "", "LMDB index directory; empty = nvme.dir/index. Must be on durable local storage."),
     Setting("nvme.region_bytes", "size", 64 * MiB, "Allocation region of the data files; also the largest block kept "
             "on NVMe (keep it >= dram.segment_bytes).", min=64 * KiB, max=4 * GiB),
+    Setting("nvme.policy", "choice", "clock",
+            "Eviction order of the NVMe tier: clock (second chance; 8 bytes a block) or a named policy as for "
+            "dram.policy (its per-block bookkeeping, ~100 bytes a block).",
+            choices=("clock", "lru", "chain", "s3fifo", "sieve", "lfu")),
     Setting("nvme.admission", "choice", "all",
             "Which blocks reach NVMe: all = every commit is written through (each block survives DRAM eviction "
             "and restarts); reused = written only when DRAM evicts a block that was read or seen twice (far fewer "

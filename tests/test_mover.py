@@ -31,7 +31,8 @@ def payload(i: int) -> bytes:
 class Rig:
     """A store with 8 DRAM slots and 16 NVMe slots, driven on a private event loop."""
 
-    def __init__(self, tmp_path, plan: FaultPlan | None = None, nvme_bytes: int = 4 * SEG) -> None:
+    def __init__(self, tmp_path, plan: FaultPlan | None = None, nvme_bytes: int = 4 * SEG,
+                 nvme_policy: str = "clock") -> None:
         self.loop = asyncio.new_event_loop()
         self.dram = MemoryTier(TierId.DRAM, 2 * SEG, SEG, HeapBacking())
         self.store = Store(self.dram, [NamespaceConfig("a")])
@@ -39,7 +40,8 @@ class Rig:
         self.nvme = NvmeTier([BackingPath(str(tmp_path / "data"), nvme_bytes)], str(tmp_path / "index"),
                              region_bytes=SEG, io_threads=2, open_file=opener, map_size=16 << 20)
         report, recovered = self.nvme.recover()
-        self.mover = Mover(self.store, self.nvme, write_batch_bytes=4 * BLOCK, retry_s=0.0)
+        self.mover = Mover(self.store, self.nvme, write_batch_bytes=4 * BLOCK, retry_s=0.0, policy=nvme_policy,
+                           typical_block_bytes=BLOCK)
         self.mover.adopt(report, recovered)
         self.store.attach(self.mover)
         self.mover.start(self.loop)
@@ -210,3 +212,25 @@ def test_the_clock_ring_drops_copies_that_went_away(rig):
     assert [e.key for e in mover.ring] == [key(4)] and mover.stale == 0
     assert all(e.nflags == 0 for e in gone)
     assert mover._victim().key == key(4) and not mover.ring
+
+
+@pytest.mark.parametrize("policy", ["lru", "chain", "s3fifo", "sieve", "lfu"])
+def test_nvme_tier_evicts_by_a_named_policy(tmp_path, policy):
+    rig = Rig(tmp_path, nvme_policy=policy)
+    try:
+        for i in range(0, 24, 4):  # 24 blocks through 16 NVMe slots
+            rig.put(list(range(i, i + 4)))
+            rig.settle()
+            if i == 8:
+                assert rig.get([8, 9]) == [payload(8), payload(9)]  # read: the policy hears of it
+        assert rig.mover.blocks == 16 and rig.mover.counters.evictions == 8
+        assert len(rig.mover.policy) == 16 and not rig.mover.ring
+        ns = rig.store.namespaces["a"]
+        assert ns.blocks == len(ns.entries)
+        present = rig.tiers(list(range(24)))
+        assert sum(1 for t in present if t) == len(ns.entries) >= 16
+        for i in [j for j in range(24) if present[j]]:  # every block still indexed reads back intact
+            assert rig.get([i]) == [payload(i)]
+        assert rig.store.pinned_blocks == 0
+    finally:
+        rig.close()
