@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from kvrack.clients.client import Client
-from kvrack.clients.spawn import DaemonProcess, rss_anon_bytes
+from kvrack.clients.spawn import DaemonProcess, rss_anon_bytes, wait_until_paged_in
 from kvrack.clients.transport import is_listening
 from kvrack.daemon.settings import default_socket_path
 
@@ -197,6 +197,7 @@ def run(socket_path: str | None, sizes: list[str], repeats: int, index_blocks: i
                            "repeats": repeats, "cpu_count": os.cpu_count()}
     try:
         with Client.connect(socket_path, client_name="kvrack-bench") as client:
+            wait_until_paged_in(client)
             for name in sizes:
                 progress(f"bandwidth {name}")
                 out["sizes"][name] = bench_bandwidth(client, SIZES[name], repeats, working_set)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from kvrack.clients.client import Client
-from kvrack.clients.spawn import DaemonProcess
+from kvrack.clients.spawn import DaemonProcess, wait_until_paged_in
 from kvrack.tiers.blockio import DirectFile, aligned_buffer
 from kvrack.tiers.nvme import BackingPath, NvmeTier
 
@@ -221,6 +221,7 @@ def daemon_io(directory: str, size: int, n: int, batch: int, repeats: int) -> di
 
     put_gbs = 0.0
     with DaemonProcess(settings) as d, Client.connect(d.socket_path) as c:
+        wait_until_paged_in(c)
         for attempt in range(repeats):
             if attempt:
                 c.delete(keys)

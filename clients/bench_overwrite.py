@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from kvrack.clients.client import Client
-from kvrack.clients.spawn import DaemonProcess
+from kvrack.clients.spawn import DaemonProcess, wait_until_paged_in
 
 MiB = 1 << 20
 
@@ -33,6 +33,7 @@ def _percentiles(samples: list[float]) -> dict[str, float]:
 def _run_one(settings: dict[str, Any], capacity: int, block: int, puts: int) -> dict[str, Any]:
     blob = np.random.default_rng(1).integers(0, 256, block, dtype=np.uint8)
     with DaemonProcess(settings) as d, Client.connect(d.socket_path) as c:
+        wait_until_paged_in(c)
         for _ in range(capacity // block):  # the first fill (maps every segment); the overwrite starts after it
             c.put([os.urandom(32)], [blob])
         lat = []

@@ -42,7 +42,7 @@ import numpy as np
 from kvrack import nixl_agent
 from kvrack.clients.client import Client
 from kvrack.clients.remote import tcp_socket
-from kvrack.clients.spawn import DaemonProcess
+from kvrack.clients.spawn import DaemonProcess, wait_until_paged_in
 
 MiB = 1 << 20
 SIZES = {"2MiB": 2 * MiB, "64KiB": 64 * 1024}
@@ -255,6 +255,7 @@ def _measure(names: list[str], counts: dict[str, int], repeats: int, host: str, 
     clients = {"tcp": Client.connect(address, "bench", token=TOKEN, transport="tcp", timeout=120)}
     if nixl_missing is None:
         clients["nixl"] = Client.connect(address, "bench", token=TOKEN, transport="nixl", timeout=120)
+    wait_until_paged_in(clients["tcp"])
     out: dict[str, Any] = {}
     try:
         for name in names:

@@ -12,6 +12,7 @@ import time
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from kvrack.clients.transport import is_listening
 
@@ -101,6 +102,14 @@ class DaemonProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def wait_until_paged_in(client: Any, timeout: float = 120.0) -> None:
+    """Wait until a fresh daemon has touched all its DRAM (it does so in the background after start-up),
+    so a benchmark measures the steady state rather than first-touch page zeroing."""
+    deadline = time.monotonic() + timeout
+    while not client.stats()["tiers"][0].get("paged_in", True) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def rss_anon_bytes(pid: int) -> int:

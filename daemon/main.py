@@ -72,6 +72,7 @@ class Daemon:
         tier, adoption = open_dram_tier(c["dram.capacity_bytes"], c["dram.segment_bytes"], c["dram.hugepages"],
                                         c["dram.prefault"], c["dram.shm_dir"])
         log.info("dram tier ready: %s in %.2fs", format_size(tier.capacity), time.perf_counter() - t0)
+        tier.warm_in_background()
         self.store = Store(tier, c.namespaces, c["leases.reserve_timeout_s"], c["leases.pin_timeout_s"],
                            policy=c["dram.policy"])
         if c["nvme.enabled"]:

@@ -176,6 +176,10 @@ class SlotAllocator:
     def segment(self, seg_id: int) -> Segment | None:
         return self._segments.get(seg_id)
 
+    def segments(self) -> list[Segment]:
+        """Every live segment (a snapshot)."""
+        return list(self._segments.values())
+
     def segments_of(self, owner: str) -> list[Segment]:
         return [s for s in self._segments.values() if s.owner == owner]
 
