@@ -228,7 +228,7 @@ class Daemon:
         while True:
             await pressure.wait()
             pressure.clear()
-            while store.evict_background(16):
+            while store.evict_background(4):
                 await asyncio.sleep(0)
 
     def _on_signal(self, sig: int) -> None:
