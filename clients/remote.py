@@ -18,6 +18,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
+from kvrack import _native
 from kvrack.clients.errors import KvrackError
 from kvrack.clients.transport import kernel_timeouts
 from kvrack.daemon import protocol as P
@@ -121,33 +124,41 @@ class NixlData:
             self._registered.append((pinned.addr, pinned.addr + pinned.nbytes, reg, pinned))
 
     def _covered(self, addr: int, nbytes: int) -> bool:
-        return any(start <= addr and addr + nbytes <= end for start, end, _r, _p in self._registered)
+        for start, end, _r, _p in self._registered:
+            if start <= addr and addr + nbytes <= end:
+                return True
+        return False
 
     def transfer(self, op: str, descriptors: Sequence[P.Descriptor | None], views: Sequence[memoryview | None]) -> None:
         """READ into or WRITE from ``views`` for every descriptor, as one transfer request."""
-        local: list[tuple[int, int, int]] = []
-        remote: list[tuple[int, int, int]] = []
+        pairs = [(d, v) for d, v in zip(descriptors, views) if d is not None and v is not None]
+        if not pairs:
+            return
+        n = len(pairs)
+        local = np.empty((n, 3), dtype=np.uint64)
+        remote = np.empty((n, 3), dtype=np.uint64)
+        local[:, 2] = 0
+        remote[:, 2] = 0
+        address = _native.address
+        segments = self.segments
+        for j, (d, view) in enumerate(pairs):
+            local[j, 0] = address(view)
+            remote[j, 0] = segments[d.segment].addr + d.offset
+        local[:, 1] = remote[:, 1] = [d.length for d, _v in pairs]
         temporary: list[tuple[Any, Any]] = []
         agent = self.agent
         try:
-            for d, view in zip(descriptors, views):
-                if d is None or view is None:
-                    continue
-                pinned = self._nixl.Pinned(view)
-                if not self._covered(pinned.addr, d.length):
-                    reg = agent.register_memory([(pinned.addr, pinned.nbytes, 0, "")], "DRAM")
-                    temporary.append((reg, pinned))
-                seg = self.segments[d.segment]
-                local.append((pinned.addr, d.length, 0))
-                remote.append((seg.addr + d.offset, d.length, 0))
-            if local:
-                self._run(op, local, remote)
+            for j, (d, view) in enumerate(pairs):
+                if not self._covered(int(local[j, 0]), d.length):
+                    pinned = self._nixl.Pinned(view)
+                    temporary.append((agent.register_memory([(pinned.addr, pinned.nbytes, 0, "")], "DRAM"), pinned))
+            self._run(op, local, remote)
         finally:
             for reg, pinned in temporary:
                 agent.deregister_memory(reg)
                 pinned.release()
 
-    def _run(self, op: str, local: list[tuple[int, int, int]], remote: list[tuple[int, int, int]]) -> None:
+    def _run(self, op: str, local: np.ndarray, remote: np.ndarray) -> None:
         agent = self.agent
         handle = agent.initialize_xfer(op, agent.get_xfer_descs(local, "DRAM"), agent.get_xfer_descs(remote, "DRAM"),
                                        self.remote_agent)

@@ -326,7 +326,19 @@ static PyObject *native_primitives(PyObject *self, PyObject *noargs) {
     );
 }
 
+/* The address of a contiguous buffer's first byte, for transfer engines (NIXL) that take addresses.
+ * Valid while the caller keeps the buffer (or a view of it) alive. */
+static PyObject *native_address(PyObject *self, PyObject *arg) {
+    Py_buffer b;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0) return NULL;
+    PyObject *r = PyLong_FromVoidPtr(b.buf);
+    PyBuffer_Release(&b);
+    return r;
+}
+
 static PyMethodDef methods[] = {
+    {"address", native_address, METH_O,
+     "address(buffer) -> int; where a contiguous buffer's bytes start (valid while the buffer lives)."},
     {"copy", native_copy, METH_VARARGS,
      "copy(dst, dst_offset, src, src_offset, nbytes) -> nbytes; bounds-checked, releases the GIL for large copies."},
     {"nt_store", native_nt_store, METH_VARARGS,

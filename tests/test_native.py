@@ -161,3 +161,16 @@ def test_cxl_index_calls_reject_bad_geometry_and_keys():
     assert _native.cxl_lookup(m, 0, 4, bytes(64), np.empty(2, dtype=np.int64), True) == 0
     assert _native.cxl_read(m, 0, 4, 4096, 4096, bytes(32), bytearray(10), 0, True, 3) == -1
     m.close()
+
+
+def test_address_is_where_the_buffer_starts():
+    import numpy as np
+
+    a = np.zeros(4096, np.uint8)
+    assert _native.address(a) == a.ctypes.data
+    assert _native.address(memoryview(a)[100:]) == a.ctypes.data + 100
+    assert _native.address(b"read-only is fine") > 0
+    with pytest.raises((BufferError, ValueError)):
+        _native.address(np.zeros((8, 8), np.uint8)[:, ::2])  # not contiguous
+    with pytest.raises(TypeError):
+        _native.address(12345)
