@@ -114,7 +114,7 @@ class Daemon:
                 tls = tls_context(c["tcp.tls_cert"], c["tcp.tls_key"], c["tcp.tls_client_ca"])
             except (OSError, ssl.SSLError) as exc:
                 raise ValueError(f"cannot load the TLS certificate or key: {exc}") from None
-        self.server.tcp = TcpListener(self.server, c["tcp.host"], c["tcp.port"], tls)
+        self.server.tcp = TcpListener(self.server, c["tcp.host"], c["tcp.port"], tls, c["tcp.hello_timeout_s"])
         if c["tcp.nixl"] != "off":
             try:
                 self.server.nixl = NixlExport(self.store.tier, c["tcp.nixl_progress_delay_us"])

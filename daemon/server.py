@@ -400,17 +400,19 @@ class ControlServer:
                 peer = None
             self.adopt(sock, peer, None)
 
-    def adopt(self, sock: socket.socket, peer: PeerCredentials | None, remote: str | None, tls: bool = False) -> None:
+    def adopt(self, sock: socket.socket, peer: PeerCredentials | None, remote: str | None,
+              tls: bool = False) -> Connection | None:
         """Serve a connected socket: local (peer credentials) or remote (its address; token in hello)."""
         if self.draining:
             sock.close()
-            return
+            return None
         session = Session(self._next_session, peer, remote)
         self._next_session += 1
         conn = Connection(self, sock, session, tls)
         self.connections.add(conn)
         self.loop.add_reader(conn.fileno, conn.on_readable)
         log.debug("session %d connected: %s", session.id, remote or peer)
+        return conn
 
     def forget(self, conn: Connection) -> None:
         self.connections.discard(conn)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from kvrack.daemon import protocol as P
 
 if TYPE_CHECKING:
     from kvrack.daemon.server import ControlServer
@@ -45,8 +47,10 @@ def tune(sock: socket.socket) -> None:
 class TcpListener:
     """Listens on host:port and feeds accepted (and, with TLS, handshaken) sockets to the server."""
 
-    def __init__(self, server: ControlServer, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(self, server: ControlServer, host: str, port: int, tls: ssl.SSLContext | None = None,
+                 hello_timeout_s: float = 10.0) -> None:
         self.server = server
+        self.hello_timeout_s = hello_timeout_s
         self.host = host
         self.port = port
         self.tls = tls
@@ -92,7 +96,7 @@ class TcpListener:
             sock.setblocking(False)
             remote = f"{addr[0]}:{addr[1]}"
             if self.tls is None:
-                self.server.adopt(sock, None, remote)
+                self._serve(sock, remote)
                 continue
             try:
                 tls_sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
@@ -126,7 +130,17 @@ class TcpListener:
             sock.close()
             return
         self._done(timer)
-        self.server.adopt(sock, None, remote, tls=True)
+        self._serve(sock, remote, tls=True)
+
+    def _serve(self, sock: socket.socket, remote: str, tls: bool = False) -> None:
+        """Hand the socket to the server; it must authenticate within tcp.hello_timeout_s."""
+        conn = self.server.adopt(sock, None, remote, tls)
+        if conn is not None:
+            self.server.loop.call_later(self.hello_timeout_s, self._hello_deadline, conn)
+
+    def _hello_deadline(self, conn: Any) -> None:
+        if not conn.closed and not conn.closing and conn.session.namespace is None:
+            conn.fail(P.ErrorCode.UNAUTHENTICATED, f"no hello with a valid token within {self.hello_timeout_s:g}s")
 
     def _done(self, timer: object) -> None:
         self.handshakes -= 1

@@ -408,3 +408,18 @@ def test_async_client_over_tls(tmp_path):
         assert asyncio.run(_async_round_trip(tls_address, "auto", client_tls_context(cert))) == "tcp"
     finally:
         d.stop()
+
+
+def test_a_connection_that_never_authenticates_is_closed(tmp_path):
+    d, address = start_daemon(tmp_path, **{"tcp.hello_timeout_s": "0.5", "tcp.nixl": "off"})
+    try:
+        s = raw_tcp(address)
+        reply = recv(s)  # nothing sent: the daemon says why, then hangs up
+        assert reply["code"] == P.ErrorCode.UNAUTHENTICATED and "no hello" in reply["message"]
+        assert recv(s) is None
+        s.close()
+        with Client.connect(address, namespace="a", token=TOKEN_A) as c:  # an authenticated one stays
+            time.sleep(0.8)
+            assert c.lookup([b"\x00" * 32]).prefix == 0
+    finally:
+        d.stop()
