@@ -70,6 +70,7 @@ class CxlPool:
         self.copied = 0
         self.copied_bytes = 0
         self.skipped = 0  # larger than a chunk, or the region had no room
+        self.promoted = 0  # blocks copied back up into DRAM for clients that cannot read the region
         self.in_flight = 0
         self._next_reclaim = time.monotonic() + _RECLAIM_EVERY_S
         self._progress = ProgressSignal()  # fired when a copy finishes
@@ -141,6 +142,47 @@ class CxlPool:
             return False
         return await self._progress.wait(self.loop, timeout)
 
+    # ------------------------------------------------- serving from CXL
+    def holds(self, namespace: str, keys: list[bytes]) -> list[bool]:
+        """Which keys the namespace's region holds (its shared index, no copy)."""
+        region = self.regions.get(namespace)
+        if region is None or not keys:
+            return [False] * len(keys)
+        _leading, slots = region.lookup(keys)
+        return [int(s) >= 0 for s in slots]
+
+    def promote(self, ns: Any, keys: list[bytes]) -> int:
+        """Copy blocks that only the region holds back into DRAM, for clients that cannot map it
+        (remote hosts off the fabric, the TCP byte stream): they become ordinary DRAM blocks.
+        Returns how many came up."""
+        region = self.regions.get(ns.name)
+        store = self.store
+        if region is None:
+            return 0
+        up = 0
+        for key in keys:
+            if key in ns.entries or len(key) != 32:
+                continue
+            nbytes = region.size_of(key)
+            if nbytes is None:
+                continue
+            placement = store.make_room(ns.name, nbytes)
+            if placement is None:
+                break
+            seg, slot = placement
+            view = store.tier.view(seg, slot, nbytes)
+            try:
+                got = region.read(key, view)
+            finally:
+                view.release()
+            if got != nbytes:  # evicted or replaced meanwhile
+                store.tier.free(seg, slot)
+                continue
+            store.adopt_block(ns, key, seg, slot, nbytes)
+            self.promoted += 1
+            up += 1
+        return up
+
     # ----------------------------------------------------------- upkeep
     def tick(self) -> None:
         """Beat every host line; now and then reclaim what dead writer hosts left (on the worker)."""
@@ -161,6 +203,7 @@ class CxlPool:
         """The tier's figures; with ``namespace``, its region only (what a client of it may see)."""
         regions = {ns: r.stats() for ns, r in self.regions.items() if namespace in (None, ns)}
         return {"tier": "cxl", "tier_id": 2, "coherent": self.coherent, "copied_blocks": self.copied,
+                "promoted_blocks": self.promoted,
                 "copied_bytes": self.copied_bytes, "skipped_blocks": self.skipped, "copies_in_flight": self.in_flight,
                 "blocks": sum(r["blocks"] for r in regions.values()),
                 "used_bytes": sum(r["bytes"] for r in regions.values()),

@@ -554,7 +554,26 @@ class ControlServer:
         out = self.store.lookup(conn.session.namespace, req.keys)  # type: ignore[arg-type]
         if isinstance(out, str):
             return P.ErrorReply(id=req.id, code=int(P.ErrorCode.INVALID_KEY), message=out), ()
-        return P.LookupReply(id=req.id, prefix=out[0], tiers=out[1]), ()
+        prefix, tiers = out
+        if self.cxl is not None and prefix < len(req.keys):  # blocks only the CXL region still holds
+            missing = [i for i, t in enumerate(tiers) if not t]
+            held = self.cxl.holds(conn.session.namespace.name, [req.keys[i] for i in missing])  # type: ignore[union-attr]
+            if any(held):
+                found = bytearray(tiers)
+                for i, h in zip(missing, held):
+                    if h:
+                        found[i] = P.TierId.CXL
+                tiers = bytes(found)
+                prefix = next((i for i, t in enumerate(tiers) if not t), len(tiers))
+        return P.LookupReply(id=req.id, prefix=prefix, tiers=tiers), ()
+
+    def _from_cxl(self, conn: Connection, keys: list[bytes]) -> None:
+        """Before a get: blocks the daemon's index lost but the CXL region holds come back into DRAM."""
+        if self.cxl is not None:
+            ns = conn.session.namespace
+            absent = [k for k in keys if k not in ns.entries]  # type: ignore[union-attr]
+            if absent:
+                self.cxl.promote(ns, absent)
 
     def _keys_reply(self, rid: int, res: KeysResult) -> tuple[P.Reply, tuple[int, ...]]:
         return P.KeysReply(id=rid, codes=res.codes, descriptors=res.descriptors, message=res.message), ()
@@ -604,6 +623,7 @@ class ControlServer:
         return self._keys_reply(req.id, self.store.abort(conn.session, req.keys))
 
     def _acquire(self, conn: Connection, req: P.Acquire) -> Any:
+        self._from_cxl(conn, req.keys)
         res = self.store.acquire(conn.session, req.keys)
         if res.promote:
             return self._promote_then_reply(conn, req, res)
@@ -619,6 +639,7 @@ class ControlServer:
         """Start reading NVMe-only blocks into DRAM; OK per key that is (or is becoming) a DRAM block."""
         session = conn.session
         store = self.store
+        self._from_cxl(conn, req.keys)
         res = store.acquire(session, req.keys)  # the pins last only as long as the promotion
         store.counters.get_keys -= len(req.keys)  # a prefetch is not a get
         store.counters.get_hits -= sum(1 for c in res.codes if c == P.ErrorCode.OK)
@@ -687,6 +708,7 @@ class ControlServer:
     # ------------------------------------------------- TCP byte-stream data
     def _read(self, conn: Connection, req: P.Read) -> Any:
         """Pin the hits, send their bytes after the reply from the daemon's mapping, then unpin."""
+        self._from_cxl(conn, req.keys)
         res = self.store.acquire(conn.session, req.keys)
         if res.promote:
             return self._promote_then_read(conn, req, res)

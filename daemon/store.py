@@ -140,6 +140,19 @@ class Store:
             adopted += 1
         return adopted
 
+    def adopt_block(self, ns: Namespace, key: bytes, seg: Segment, slot: int, nbytes: int) -> Entry:
+        """A block whose bytes were just placed in a DRAM slot from another tier (CXL): committed as is,
+        kept on NVMe as the admission says, and not copied back into the tier it came from."""
+        e = Entry(bytes(key), ns, None, 0, self.intern_size(nbytes), None)
+        e.state = COMMITTED
+        ns.entries[e.key] = e
+        ns.blocks += 1
+        ns.bytes += nbytes
+        self.add_dram_copy(e, seg, slot)
+        if not (self.write_through and self.mover is not None and self.mover.enqueue(e)):
+            self.lru.push_mru(e)
+        return e
+
     def dram_copies(self) -> Iterator[Entry]:
         """Committed blocks with a DRAM copy, nearest eviction first (for the clean-shutdown state)."""
         yield from self.lru

@@ -196,3 +196,56 @@ def test_remote_client_on_the_same_fabric_opens_the_region_by_path(region_dir, t
             assert requests(r) == before + 1
     finally:
         d.stop()
+
+
+def test_clients_that_cannot_map_the_region_are_served_from_it(region_dir):
+    """A block DRAM evicted lives on in CXL: a client without the region (the TCP byte stream, a host off
+    the fabric) still finds it (lookup says CXL) and gets it (the daemon copies it back up into DRAM)."""
+    import socket as _socket
+
+    import msgspec
+
+    from kvrack.daemon import protocol as P
+
+    def send(s, obj):
+        body = msgspec.msgpack.encode(obj)
+        s.sendall(len(body).to_bytes(4, "little") + body)
+
+    def exact(s, n):
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = s.recv(n - len(buf))
+            assert chunk
+            buf += chunk
+        return bytes(buf)
+
+    def recv(s):
+        return msgspec.msgpack.decode(exact(s, int.from_bytes(exact(s, 4), "little")))
+
+    d = start(region_dir)
+    try:
+        keys, data = blocks(24)
+        with Client.connect(d.socket_path) as c:
+            for i in range(0, 24, 8):
+                c.put(keys[i:i + 8], data[i:i + 8])
+            settle(c, 24)
+        gone = keys[:4]  # the oldest blocks left DRAM (16 MiB holds 16)
+        s = _socket.socket(_socket.AF_UNIX)
+        s.connect(d.socket_path)
+        send(s, {"op": "hello", "id": 1, "version": P.PROTOCOL_VERSION})
+        recv(s)
+        send(s, {"op": "lookup", "id": 2, "keys": keys})
+        found = recv(s)
+        assert found["prefix"] == 24 and set(found["tiers"][:4]) == {P.TierId.CXL}
+        send(s, {"op": "read", "id": 3, "keys": gone})
+        reply = recv(s)
+        assert reply["codes"] == [0] * 4 and reply["lengths"] == [BLOCK] * 4
+        for i in range(4):
+            assert exact(s, BLOCK) == data[i].tobytes()
+        send(s, {"op": "lookup", "id": 4, "keys": gone})
+        assert set(recv(s)["tiers"]) == {P.TierId.DRAM}, "copied back up into DRAM"
+        s.close()
+        with Client.connect(d.socket_path) as c:
+            assert next(t for t in c.stats()["tiers"] if t["tier"] == "cxl")["promoted_blocks"] == 4
+    finally:
+        d.stop()

@@ -208,6 +208,14 @@ class CxlRegion:
             raise TimeoutError(f"cxl: block {key.hex()[:16]} kept changing during {READ_RETRIES} reads")
         return None if n < 0 else n
 
+    def size_of(self, key: bytes) -> int | None:
+        """The block's length, or None when it is not here (a snapshot: it may go right after)."""
+        found, slots = self.lookup(key)
+        if not found:
+            return None
+        _v, meta, stored, loc, _c = self._entry(int(slots[0]))
+        return loc_nbytes(loc) if meta_state(meta) == READY and stored == key else None
+
     def get(self, key: bytes) -> bytes | None:
         """The block's bytes (a copy), or None."""
         buf = bytearray(self.g.chunk_bytes)
