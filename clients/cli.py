@@ -22,7 +22,9 @@ bench_app = typer.Typer(help="Benchmarks; each figure is a ratio to a baseline m
 app.add_typer(bench_app, name="bench")
 console = Console()
 
-SocketOpt = Annotated[str | None, typer.Option("--socket", "-s", help="daemon socket (default: the default socket)")]
+SocketOpt = Annotated[str | None, typer.Option("--socket", "-s", help="daemon socket (default: the default socket), "
+                                                                       "or tcp://HOST:PORT / tls://HOST:PORT "
+                                                                       "(token from $KVRACK_TOKEN)")]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="write the results as JSON to this path")]
 
 
@@ -53,8 +55,9 @@ def status(socket: SocketOpt = None, namespace: str = "default",
     try:
         with Client.connect(socket, namespace=namespace, client_name="kvrack-status", timeout=5.0) as client:
             stats = client.stats()
-    except (ConnectionError, KvrackError, OSError) as exc:
-        console.print(f"[red]cannot reach kvrackd at {socket_path_of(socket)}: {exc}")
+    except (ConnectionError, KvrackError, OSError, ValueError) as exc:
+        where = socket if socket and "://" in socket else socket_path_of(socket)
+        console.print(f"[red]cannot reach kvrackd at {where}: {exc}")
         raise typer.Exit(1) from None
     if as_json:
         sys.stdout.write(json.dumps(stats, indent=2) + "\n")
@@ -73,11 +76,13 @@ def status(socket: SocketOpt = None, namespace: str = "default",
         if t.get("available") is False:
             table.add_row(t["tier"], "-", "-", "-", "-", "-", "unavailable")
             continue
-        used = t["used_bytes"]
-        pct = f" ({100 * used / t['capacity_bytes']:.1f}%)" if t["capacity_bytes"] else ""
+        used = t.get("used_bytes", 0)
+        cap = t.get("capacity_bytes", t.get("capacity", 0))
+        pct = f" ({100 * used / cap:.1f}%)" if cap else ""
         hit = t.get("hit_ratio")
-        table.add_row(t["tier"], _fmt_bytes(t["capacity_bytes"]), f"{used}{pct}", str(t["blocks"]),
-                      f"{t['segments_assigned']}/{t['segments_total']}", f"{t['fragmentation']:.3f}",
+        segments = f"{t['segments_assigned']}/{t['segments_total']}" if "segments_total" in t else "-"
+        frag = f"{t['fragmentation']:.3f}" if "fragmentation" in t else "-"
+        table.add_row(t["tier"], _fmt_bytes(cap), f"{used}{pct}", str(t.get("blocks", "-")), segments, frag,
                       "-" if hit is None else f"{hit:.3f}")
     console.print(table)
     for note in notes:

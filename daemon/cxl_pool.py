@@ -207,7 +207,7 @@ class CxlPool:
                 "copied_bytes": self.copied_bytes, "skipped_blocks": self.skipped, "copies_in_flight": self.in_flight,
                 "blocks": sum(r["blocks"] for r in regions.values()),
                 "used_bytes": sum(r["bytes"] for r in regions.values()),
-                "capacity": sum(r["capacity"] for r in regions.values()), "regions": regions}
+                "capacity_bytes": sum(r["capacity"] for r in regions.values()), "regions": regions}
 
     def flush(self) -> None:
         """Wait for the copies and deletions queued so far."""

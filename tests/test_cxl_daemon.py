@@ -249,3 +249,14 @@ def test_clients_that_cannot_map_the_region_are_served_from_it(region_dir):
             assert next(t for t in c.stats()["tiers"] if t["tier"] == "cxl")["promoted_blocks"] == 4
     finally:
         d.stop()
+
+
+def test_status_shows_the_cxl_tier(region_dir):
+    d = start(region_dir)
+    try:
+        res = subprocess.run([sys.executable, "-m", "kvrack.clients.cli", "status", "--socket", d.socket_path],
+                             capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "cxl" in res.stdout and "dram" in res.stdout
+    finally:
+        d.stop()

@@ -423,3 +423,15 @@ def test_a_connection_that_never_authenticates_is_closed(tmp_path):
             assert c.lookup([b"\x00" * 32]).prefix == 0
     finally:
         d.stop()
+
+
+def test_status_over_tcp(remote):
+    d, address = remote
+    env = {**os.environ, "KVRACK_TOKEN": TOKEN_A}
+    res = subprocess.run([sys.executable, "-m", "kvrack.clients.cli", "status", "--socket", address, "--namespace",
+                          "a"], capture_output=True, text=True, timeout=60, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "dram" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "kvrack.clients.cli", "status", "--socket", address, "--namespace",
+                          "a"], capture_output=True, text=True, timeout=60, env={**env, "KVRACK_TOKEN": "x" * 20})
+    assert res.returncode == 1 and "UNAUTHENTICATED" in res.stdout
