@@ -435,3 +435,36 @@ def test_status_over_tcp(remote):
     res = subprocess.run([sys.executable, "-m", "kvrack.clients.cli", "status", "--socket", address, "--namespace",
                           "a"], capture_output=True, text=True, timeout=60, env={**env, "KVRACK_TOKEN": "x" * 20})
     assert res.returncode == 1 and "UNAUTHENTICATED" in res.stdout
+
+
+def test_byte_stream_survives_a_slow_writer_and_a_slow_reader(remote):
+    """Payload bytes trickling in (many partial receives into the slots) and a reader that drains slowly
+    (the daemon's send queue filling up) still land bit-identical."""
+    d, address = remote
+    rng = np.random.default_rng(5)
+    keys = [rng.bytes(32) for _ in range(3)]
+    data = [rng.bytes(n) for n in (100_001, 7, 3 << 20)]
+    s = raw_tcp(address)
+    send(s, {"op": "hello", "id": 1, "version": P.PROTOCOL_VERSION, "namespace": "a", "token": TOKEN_A})
+    assert recv(s)["code"] == 0
+    send(s, {"op": "reserve", "id": 2, "keys": keys, "sizes": [len(x) for x in data]})
+    assert recv(s)["codes"] == [0, 0, 0]
+    send(s, {"op": "write", "id": 3, "keys": keys, "sizes": [len(x) for x in data]})
+    payload = b"".join(data)
+    for off in range(0, 300_000, 7_001):  # the first part in small pieces, slowly
+        s.sendall(payload[off: min(off + 7_001, 300_000)])
+        time.sleep(0.0005)
+    s.sendall(payload[300_000:])
+    assert recv(s)["codes"] == [0, 0, 0]
+    send(s, {"op": "read", "id": 4, "keys": keys})
+    reply = recv(s)
+    assert reply["lengths"] == [len(x) for x in data]
+    got = bytearray()
+    while len(got) < len(payload):  # drain in small reads with pauses: the daemon's queue backs up
+        got += s.recv(65536)
+        if len(got) < 1 << 20:
+            time.sleep(0.001)
+    assert bytes(got) == payload
+    send(s, {"op": "lookup", "id": 5, "keys": keys})  # and the connection is still in step
+    assert recv(s)["prefix"] == 3
+    s.close()
