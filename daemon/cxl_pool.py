@@ -151,31 +151,44 @@ class CxlPool:
         _leading, slots = region.lookup(keys)
         return [int(s) >= 0 for s in slots]
 
-    def promote(self, ns: Any, keys: list[bytes]) -> int:
+    def promotable(self, ns: Any, keys: list[bytes]) -> list[bytes]:
+        """The keys the daemon's index lacks but the namespace's region holds."""
+        absent = [k for k in keys if k not in ns.entries and len(k) == 32]
+        return [k for k, held in zip(absent, self.holds(ns.name, absent)) if held]
+
+    async def promote(self, ns: Any, keys: list[bytes]) -> int:
         """Copy blocks that only the region holds back into DRAM, for clients that cannot map it
-        (remote hosts off the fabric, the TCP byte stream): they become ordinary DRAM blocks.
-        Returns how many came up."""
+        (remote hosts off the fabric, the TCP byte stream, zero-copy leases): they become ordinary
+        DRAM blocks. Slots are taken on the event loop, the copies run on the worker. Returns how
+        many came up."""
         region = self.regions.get(ns.name)
         store = self.store
-        if region is None:
+        if region is None or self.loop is None:
             return 0
-        up = 0
-        for key in keys:
-            if key in ns.entries or len(key) != 32:
-                continue
+        todo: list[tuple[bytes, Any, int, int]] = []
+        for key in dict.fromkeys(keys):
             nbytes = region.size_of(key)
             if nbytes is None:
                 continue
             placement = store.make_room(ns.name, nbytes)
             if placement is None:
                 break
-            seg, slot = placement
-            view = store.tier.view(seg, slot, nbytes)
+            todo.append((key, placement[0], placement[1], nbytes))
+        if not todo:
+            return 0
+        views = [store.tier.view(seg, slot, n) for _k, seg, slot, n in todo]
+
+        def copy_all() -> list[int | None]:
             try:
-                got = region.read(key, view)
+                return [region.read(key, view) for (key, _s, _l, _n), view in zip(todo, views)]
             finally:
-                view.release()
-            if got != nbytes:  # evicted or replaced meanwhile
+                for view in views:
+                    view.release()
+
+        got = await self.loop.run_in_executor(self.worker, copy_all)
+        up = 0
+        for (key, seg, slot, nbytes), n in zip(todo, got):
+            if n != nbytes or key in ns.entries:  # evicted or replaced meanwhile, or stored again by a client
                 store.tier.free(seg, slot)
                 continue
             store.adopt_block(ns, key, seg, slot, nbytes)

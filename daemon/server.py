@@ -567,13 +567,21 @@ class ControlServer:
                 prefix = next((i for i, t in enumerate(tiers) if not t), len(tiers))
         return P.LookupReply(id=req.id, prefix=prefix, tiers=tiers), ()
 
-    def _from_cxl(self, conn: Connection, keys: list[bytes]) -> None:
-        """Before a get: blocks the daemon's index lost but the CXL region holds come back into DRAM."""
+    def _from_cxl(self, conn: Connection, keys: list[bytes], then: Callable[[], Any]) -> Any:
+        """``then()``, after blocks the daemon's index lost but the CXL region holds are back in DRAM
+        (copied off the event loop: the reply is deferred only when there is something to copy)."""
         if self.cxl is not None:
             ns = conn.session.namespace
-            absent = [k for k in keys if k not in ns.entries]  # type: ignore[union-attr]
-            if absent:
-                self.cxl.promote(ns, absent)
+            todo = self.cxl.promotable(ns, keys)
+            if todo:
+                return self._promoted_then(self.cxl.promote(ns, todo), then)
+        return then()
+
+    @staticmethod
+    async def _promoted_then(work: Coroutine[Any, Any, int], then: Callable[[], Any]) -> Any:
+        await work
+        out = then()
+        return out if isinstance(out, tuple) else await out
 
     def _keys_reply(self, rid: int, res: KeysResult) -> tuple[P.Reply, tuple[int, ...]]:
         return P.KeysReply(id=rid, codes=res.codes, descriptors=res.descriptors, message=res.message), ()
@@ -623,7 +631,9 @@ class ControlServer:
         return self._keys_reply(req.id, self.store.abort(conn.session, req.keys))
 
     def _acquire(self, conn: Connection, req: P.Acquire) -> Any:
-        self._from_cxl(conn, req.keys)
+        return self._from_cxl(conn, req.keys, lambda: self._acquire_now(conn, req))
+
+    def _acquire_now(self, conn: Connection, req: P.Acquire) -> Any:
         res = self.store.acquire(conn.session, req.keys)
         if res.promote:
             return self._promote_then_reply(conn, req, res)
@@ -636,10 +646,13 @@ class ControlServer:
         return self._keys_reply(req.id, res)
 
     def _prefetch(self, conn: Connection, req: P.Prefetch) -> Any:
-        """Start reading NVMe-only blocks into DRAM; OK per key that is (or is becoming) a DRAM block."""
+        """Start reading NVMe-only (or CXL-only) blocks into DRAM; OK per key that is, or is becoming,
+        a DRAM block."""
+        return self._from_cxl(conn, req.keys, lambda: self._prefetch_now(conn, req))
+
+    def _prefetch_now(self, conn: Connection, req: P.Prefetch) -> Any:
         session = conn.session
         store = self.store
-        self._from_cxl(conn, req.keys)
         res = store.acquire(session, req.keys)  # the pins last only as long as the promotion
         store.counters.get_keys -= len(req.keys)  # a prefetch is not a get
         store.counters.get_hits -= sum(1 for c in res.codes if c == P.ErrorCode.OK)
@@ -708,7 +721,9 @@ class ControlServer:
     # ------------------------------------------------- TCP byte-stream data
     def _read(self, conn: Connection, req: P.Read) -> Any:
         """Pin the hits, send their bytes after the reply from the daemon's mapping, then unpin."""
-        self._from_cxl(conn, req.keys)
+        return self._from_cxl(conn, req.keys, lambda: self._read_now(conn, req))
+
+    def _read_now(self, conn: Connection, req: P.Read) -> Any:
         res = self.store.acquire(conn.session, req.keys)
         if res.promote:
             return self._promote_then_read(conn, req, res)
