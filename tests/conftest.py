@@ -19,6 +19,32 @@ SMALL = {"dram.capacity_bytes": "8MiB", "dram.segment_bytes": "1MiB", "nvme.enab
          "dram.evict_high_watermark": "1.0"}
 
 
+def send_frame(sock: socket.socket, obj) -> None:
+    """One request by hand (any map, well-formed or not), length-prefixed."""
+    body = msgspec.msgpack.encode(obj)
+    sock.sendall(struct.pack("<I", len(body)) + body)
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    """Exactly n bytes, or None when the daemon hung up first."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_frame(sock: socket.socket) -> dict | None:
+    """One reply as a dict, or None when the daemon closed the connection."""
+    head = recv_exact(sock, 4)
+    if head is None:
+        return None
+    body = recv_exact(sock, struct.unpack("<I", head)[0])
+    return None if body is None else msgspec.msgpack.decode(body)
+
+
 @pytest.fixture
 def daemon():
     d = DaemonProcess(SMALL)

@@ -49,6 +49,16 @@ def settle(client: Client, want_blocks: int, timeout: float = 10.0) -> dict:
         time.sleep(0.02)
 
 
+def fill(d: DaemonProcess, n: int) -> tuple[list[bytes], list[np.ndarray]]:
+    """Store n blocks in batches that fit DRAM while they are written, and wait for their CXL copies."""
+    keys, data = blocks(n)
+    with Client.connect(d.socket_path) as c:
+        for i in range(0, n, 8):
+            c.put(keys[i:i + 8], data[i:i + 8])
+        settle(c, n)
+    return keys, data
+
+
 def requests(client: Client) -> int:
     """Requests this client has sent (the stats call that asks included)."""
     return client.stats()["client"]["requests"]
@@ -80,11 +90,8 @@ def test_hits_in_cxl_are_read_without_asking_the_daemon(region_dir):
 def test_delete_removes_the_cxl_copy_too(region_dir):
     d = start(region_dir)
     try:
-        keys, data = blocks(24)
+        keys, data = fill(d, 24)
         with Client.connect(d.socket_path) as c:
-            for i in range(0, 24, 8):
-                c.put(keys[i:i + 8], data[i:i + 8])
-            settle(c, 24)
             # the first keys left DRAM (16 MiB); the last are in both tiers
             assert c.delete(keys[:3] + keys[-3:]) == 6
             assert c.lookup(keys[:3]).prefix == 0 and c.lookup(keys[-3:]).prefix == 0
@@ -203,32 +210,14 @@ def test_clients_that_cannot_map_the_region_are_served_from_it(region_dir):
     the fabric) still finds it (lookup says CXL) and gets it (the daemon copies it back up into DRAM)."""
     import socket as _socket
 
-    import msgspec
-
     from kvrack.daemon import protocol as P
-
-    def send(s, obj):
-        body = msgspec.msgpack.encode(obj)
-        s.sendall(len(body).to_bytes(4, "little") + body)
-
-    def exact(s, n):
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = s.recv(n - len(buf))
-            assert chunk
-            buf += chunk
-        return bytes(buf)
-
-    def recv(s):
-        return msgspec.msgpack.decode(exact(s, int.from_bytes(exact(s, 4), "little")))
+    from tests.conftest import recv_exact as exact
+    from tests.conftest import recv_frame as recv
+    from tests.conftest import send_frame as send
 
     d = start(region_dir)
     try:
-        keys, data = blocks(24)
-        with Client.connect(d.socket_path) as c:
-            for i in range(0, 24, 8):
-                c.put(keys[i:i + 8], data[i:i + 8])
-            settle(c, 24)
+        keys, data = fill(d, 24)
         gone = keys[:4]  # the oldest blocks left DRAM (16 MiB holds 16)
         s = _socket.socket(_socket.AF_UNIX)
         s.connect(d.socket_path)

@@ -12,7 +12,6 @@ import textwrap
 import time
 import uuid
 
-import msgspec
 import numpy as np
 import pytest
 
@@ -21,6 +20,8 @@ from kvrack.clients import Client, KvrackError
 from kvrack.clients.remote import client_tls_context, parse_address
 from kvrack.clients.spawn import DaemonProcess
 from kvrack.daemon import protocol as P
+from tests.conftest import recv_frame as recv
+from tests.conftest import send_frame as send
 from tests.remote_child import BLOCK, KEYS
 
 TOKEN_A = "token-for-namespace-a-0123456789"
@@ -153,25 +154,6 @@ def raw_tcp(address: str) -> socket.socket:
     where = parse_address(address, "")
     s = socket.create_connection((where.host, where.port), timeout=10)
     return s
-
-
-def send(sock: socket.socket, obj: dict) -> None:
-    body = msgspec.msgpack.encode(obj)
-    sock.sendall(len(body).to_bytes(4, "little") + body)
-
-
-def recv(sock: socket.socket) -> dict | None:
-    head = b""
-    while len(head) < 4:
-        chunk = sock.recv(4 - len(head))
-        if not chunk:
-            return None
-        head += chunk
-    n = int.from_bytes(head, "little")
-    body = b""
-    while len(body) < n:
-        body += sock.recv(n - len(body))
-    return msgspec.msgpack.decode(body)
 
 
 def test_requests_before_hello_touch_nothing(remote):
