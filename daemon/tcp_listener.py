@@ -35,7 +35,7 @@ def tls_context(cert: str, key: str, client_ca: str = "") -> ssl.SSLContext:
 
 def tune(sock: socket.socket) -> None:
     """No Nagle delay for small frames, keepalive to find dead hosts. Socket buffers are left to the
-    kernel's autotuning: fixing them (even at 4 MiB) halved loopback throughput here."""
+    kernel's autotuning: fixed at 4 MiB, loopback measured 1.3-1.5 GB/s here against 1.5-3.5 autotuned."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for opt, value in ((getattr(socket, "TCP_KEEPIDLE", None), 30), (getattr(socket, "TCP_KEEPINTVL", None), 10),
