@@ -606,15 +606,16 @@ class ControlServer:
         while not conn.closed and not self.draining:
             todo = [i for i, c in enumerate(res.codes) if c == P.ErrorCode.NO_SPACE]
             left = deadline - self.loop.time()
+            if not todo or left <= 0:
+                break
             copiers = self._copiers()
-            if not todo or left <= 0 or not copiers:
-                break
-            waits = [asyncio.ensure_future(c.wait_for_progress(left)) for c in copiers]
-            done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            for w in pending:
-                w.cancel()
-            if not any(w.result() for w in done):
-                break
+            if copiers:
+                waits = [asyncio.ensure_future(c.wait_for_progress(left)) for c in copiers]
+                _done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                for w in pending:
+                    w.cancel()
+            # retry even when the wait said "nothing running": the copies may have finished between the
+            # check and the wait; a retry with nothing running is the last one
             retry = self.store.reserve(conn.session, [req.keys[i] for i in todo], [req.sizes[i] for i in todo],
                                        [req.parents[i] for i in todo] if req.parents is not None else None)
             for i, code, desc in zip(todo, retry.codes, retry.descriptors):
@@ -622,6 +623,8 @@ class ControlServer:
                 res.descriptors[i] = desc
             self.store.counters.no_space -= len(todo) - retry.codes.count(P.ErrorCode.NO_SPACE)
             res.message = retry.message
+            if not copiers:
+                break
         return self._keys_reply(req.id, res)
 
     def _commit(self, conn: Connection, req: P.Commit) -> tuple[P.Reply, tuple[int, ...]]:
