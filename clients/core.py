@@ -209,19 +209,6 @@ class ClientCore:
             return None
         return self.cxl.lookup(keys)
 
-    @staticmethod
-    def with_cxl(found: LookupResult, slots: Any) -> LookupResult:
-        """A daemon lookup completed by what the CXL index holds: blocks only in CXL are hits too."""
-        tiers = bytearray(found.tiers)
-        prefix = len(tiers)
-        for i, tier in enumerate(tiers):
-            if not tier:
-                if slots[i] >= 0:
-                    tiers[i] = TierId.CXL
-                elif prefix == len(tiers):
-                    prefix = i
-        return LookupResult(prefix, bytes(tiers))
-
     def _pick_transport(self, offered: list[str]) -> str:
         """The wanted transport if the daemon offers it (and, for NIXL, it loads here), else the best offered."""
         why_not_nixl = None
@@ -259,7 +246,9 @@ class ClientCore:
         if cxl is not None and cxl[0] == len(keys):  # every key in CXL: no request at all
             return LookupResult(len(keys), bytes([TierId.CXL]) * len(keys))
         found = yield from self._lookup_daemon(keys)
-        return found if cxl is None else self.with_cxl(found, cxl[1])
+        if cxl is None:
+            return found
+        return LookupResult(*P.with_extra_hits(found.tiers, cxl[1] >= 0, TierId.CXL))  # blocks only in CXL
 
     def _lookup_daemon(self, keys: Sequence[bytes]) -> Step:
         tiers = bytearray()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -288,6 +289,18 @@ REPLY_TYPES: dict[str, type[Reply]] = {
     "write": KeysReply,
     "prefetch": KeysReply,
 }
+
+
+def with_extra_hits(tiers: bytes, held: Sequence[bool], tier: int) -> tuple[int, bytes]:
+    """A lookup's per-key tiers with the misses ``held`` marks (one flag per key) filled in as ``tier``,
+    and the length of the cached prefix that results (the daemon adds its CXL region's hits, and so does
+    a client that reads the region itself)."""
+    found = bytearray(tiers)
+    for i, t in enumerate(found):
+        if not t and held[i]:
+            found[i] = tier
+    prefix = next((i for i, t in enumerate(found) if not t), len(found))
+    return prefix, bytes(found)
 
 
 # ---------------------------------------------------------------- framing

@@ -25,7 +25,7 @@ import os
 import socket
 import ssl
 import struct
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -46,6 +46,20 @@ _RECV_BYTES = 1 << 20
 # how long a reserve may wait for write-behind copies to NVMe to free DRAM before it says NO_SPACE
 _WAIT_FOR_ROOM_S = 10.0
 _IOV_MAX = 512  # buffers per gathering sendmsg (the kernel allows 1024)
+
+
+def accepted(listener: socket.socket, what: str) -> Iterator[tuple[socket.socket, Any]]:
+    """The connections a non-blocking listener has ready (64 at most per readiness event), non-blocking."""
+    for _ in range(64):
+        try:
+            sock, addr = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.error("%s accept failed: %s", what, exc)
+            return
+        sock.setblocking(False)
+        yield sock, addr
 
 
 class Connection:
@@ -110,13 +124,9 @@ class Connection:
         sink = self.sink
         assert sink is not None
         head = sink[0]
-        if isinstance(head, int):
-            left = head - n
-        else:
-            left = len(head) - n
-            head = head[n:]
-        if left:
-            sink[0] = left if isinstance(head, int) else head
+        rest = head - n if isinstance(head, int) else head[n:]
+        if rest if isinstance(rest, int) else len(rest):
+            sink[0] = rest
         else:
             sink.popleft()
             if not sink:
@@ -384,15 +394,7 @@ class ControlServer:
 
     def _accept(self) -> None:
         assert self.listener is not None
-        for _ in range(64):
-            try:
-                sock, _addr = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.error("accept failed: %s", exc)
-                return
-            sock.setblocking(False)
+        for sock, _addr in accepted(self.listener, "unix"):
             try:
                 pid, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
                 peer = PeerCredentials(pid, uid, gid)
@@ -498,18 +500,19 @@ class ControlServer:
         s.client_name = req.client_name[:128]
         # a first batch of the namespace's segments; the client maps the rest on first use (map)
         infos, fds = self._segment_infos(self.store.tier.segments_of(ns.name)[: P.MAX_FDS_PER_FRAME - 1])
-        extra = self._cxl_hello(ns.name)
-        if extra:  # the region's fd rides after the segments' fds
-            fds += (extra.pop("fd"),)
+        extra, cxl_fd = self._cxl_hello(ns.name)
+        if cxl_fd is not None:  # the region's fd rides after the segments' fds
+            fds += (cxl_fd,)
         log.info("session %d: hello from pid %s (%s) for namespace %r", s.id, peer.pid, s.client_name or "-", ns.name)
         return self._hello_reply(req.id, ns, s, [P.TRANSPORT_SHM, P.TRANSPORT_TCP], segments=infos, **extra), fds
 
-    def _cxl_hello(self, namespace: str) -> dict[str, Any]:
+    def _cxl_hello(self, namespace: str) -> tuple[dict[str, Any], int | None]:
+        """The hello fields naming the namespace's CXL region, and its fd (for the Unix socket)."""
         info = self.cxl.hello_info(namespace) if self.cxl is not None else None
         if info is None:
-            return {}
+            return {}, None
         path, size, fd = info
-        return {"cxl_path": path, "cxl_bytes": size, "cxl_coherent": self.cxl.coherent, "fd": fd}  # type: ignore[union-attr]
+        return {"cxl_path": path, "cxl_bytes": size, "cxl_coherent": self.cxl.coherent}, fd  # type: ignore[union-attr]
 
     def _hello_reply(self, rid: int, ns: Any, s: Session, transports: list[str], **extra: Any) -> P.HelloReply:
         return P.HelloReply(id=rid, namespace=ns.name, salt=ns.salt, session=s.id, transports=transports,
@@ -533,10 +536,7 @@ class ControlServer:
         if self.nixl is not None:
             transports.insert(0, P.TRANSPORT_NIXL)
             extra["remote_segments"], extra["nixl_metadata"] = self.nixl.export(self.store.tier.segments_of(ns.name))
-        cxl = self._cxl_hello(ns.name)
-        if cxl:  # hosts on the same CXL fabric open the region by path; no fd crosses TCP
-            del cxl["fd"]
-            extra.update(cxl)
+        extra.update(self._cxl_hello(ns.name)[0])  # hosts on the CXL fabric open it by path: no fd over TCP
         log.info("session %d: hello from %s (%s) for namespace %r over %s", s.id, s.remote, s.client_name or "-",
                  ns.name, "TLS" if conn.tls else "TCP")
         return self._hello_reply(req.id, ns, s, transports, **extra), ()
@@ -557,14 +557,11 @@ class ControlServer:
         prefix, tiers = out
         if self.cxl is not None and prefix < len(req.keys):  # blocks only the CXL region still holds
             missing = [i for i, t in enumerate(tiers) if not t]
-            held = self.cxl.holds(conn.session.namespace.name, [req.keys[i] for i in missing])  # type: ignore[union-attr]
-            if any(held):
-                found = bytearray(tiers)
-                for i, h in zip(missing, held):
-                    if h:
-                        found[i] = P.TierId.CXL
-                tiers = bytes(found)
-                prefix = next((i for i, t in enumerate(tiers) if not t), len(tiers))
+            held = [False] * len(tiers)
+            for i, h in zip(missing, self.cxl.holds(conn.session.namespace.name,  # type: ignore[union-attr]
+                                                     [req.keys[i] for i in missing])):
+                held[i] = h
+            prefix, tiers = P.with_extra_hits(tiers, held, P.TierId.CXL)
         return P.LookupReply(id=req.id, prefix=prefix, tiers=tiers), ()
 
     def _from_cxl(self, conn: Connection, keys: list[bytes], then: Callable[[], Any]) -> Any:

@@ -125,14 +125,7 @@ class Store:
                 pe = ns.entries.get(parent)
                 parent = pe.key if pe is not None else parent
             if e is None:
-                e = Entry(key, ns, None, 0, self.intern_size(nbytes), parent)
-                e.state = COMMITTED
-                ns.entries[key] = e
-                ns.blocks += 1
-                ns.bytes += nbytes
-                self.add_dram_copy(e, seg, slot)
-                if self.mover is None or not self.mover.enqueue(e):
-                    self.lru.push_mru(e)
+                self.adopt_block(ns, key, seg, slot, nbytes, parent)
             else:
                 e.parent = parent
                 self.add_dram_copy(e, seg, slot)
@@ -140,18 +133,23 @@ class Store:
             adopted += 1
         return adopted
 
-    def adopt_block(self, ns: Namespace, key: bytes, seg: Segment, slot: int, nbytes: int) -> Entry:
-        """A block whose bytes were just placed in a DRAM slot from another tier (CXL): committed as is,
-        kept on NVMe as the admission says, and not copied back into the tier it came from."""
-        e = Entry(bytes(key), ns, None, 0, self.intern_size(nbytes), None)
+    def adopt_block(self, ns: Namespace, key: bytes, seg: Segment, slot: int, nbytes: int,
+                    parent: bytes | None = None) -> Entry:
+        """Index a committed block whose bytes are already in a DRAM slot (kept over a restart, or copied
+        up from CXL): NVMe gets it as the admission rule says; it is not copied back where it came from."""
+        e = Entry(bytes(key), ns, None, 0, self.intern_size(nbytes), parent)
         e.state = COMMITTED
         ns.entries[e.key] = e
         ns.blocks += 1
         ns.bytes += nbytes
         self.add_dram_copy(e, seg, slot)
+        self._settle(e)
+        return e
+
+    def _settle(self, e: Entry) -> None:
+        """A block newly committed in DRAM: queued for its NVMe copy when written through, else evictable."""
         if not (self.write_through and self.mover is not None and self.mover.enqueue(e)):
             self.lru.push_mru(e)
-        return e
 
     def dram_copies(self) -> Iterator[Entry]:
         """Committed blocks with a DRAM copy, nearest eviction first (for the clean-shutdown state)."""
@@ -388,8 +386,7 @@ class Store:
             self.add_dram_copy(e, e.seg, e.slot)
             if not self.write_through:
                 self.admission.record(key)
-            if not (self.write_through and self.mover is not None and self.mover.enqueue(e)):
-                self.lru.push_mru(e)
+            self._settle(e)
             for hook in self.commit_hooks:
                 hook(e)
         if self.pressure is not None and self.tier.allocator.used_bytes > self.high_water:

@@ -11,12 +11,10 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kvrack.daemon import protocol as P
-
-if TYPE_CHECKING:
-    from kvrack.daemon.server import ControlServer
+from kvrack.daemon.server import ControlServer, accepted
 
 log = logging.getLogger("kvrack.tcp")
 _HANDSHAKE_TIMEOUT_S = 10.0
@@ -84,16 +82,8 @@ class TcpListener:
 
     def _accept(self) -> None:
         assert self.sock is not None
-        for _ in range(64):
-            try:
-                sock, addr = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.error("tcp accept failed: %s", exc)
-                return
+        for sock, addr in accepted(self.sock, "tcp"):
             tune(sock)
-            sock.setblocking(False)
             remote = f"{addr[0]}:{addr[1]}"
             if self.tls is None:
                 self._serve(sock, remote)
