@@ -176,7 +176,8 @@ class AsyncClient:
         reply, _ = await self._channel.call("stats", P.encode_frame(P.Stats(id=self._core._id())))
         stats = reply.stats
         stats["client"] = {"transport": self._core.transport, "session": self._core.session,
-                           "requests": self._channel.requests, "cxl_region": getattr(self._core.cxl, "path", None)}
+                           "requests": self._channel.requests, "cxl_region": getattr(self._core.cxl, "path", None),
+                           "hbm_segments": len(self._core.hbm.handles), "hbm_reads": self._core.hbm_reads}
         return stats
 
     def close(self) -> None:

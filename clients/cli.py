@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
@@ -75,6 +76,10 @@ def status(socket: SocketOpt = None, namespace: str = "default",
                          f"{t['degraded']}")
         if t.get("available") is False:
             table.add_row(t["tier"], "-", "-", "-", "-", "-", "unavailable")
+            continue
+        if t.get("present") is False:  # the HBM tier when it is off or there is no GPU
+            table.add_row(t["tier"], "-", "-", "-", "-", "-", "absent")
+            notes.append(f"[dim]{t['tier']} tier absent: {escape(t.get('reason', ''))}")
             continue
         used = t.get("used_bytes", 0)
         cap = t.get("capacity_bytes", t.get("capacity", 0))
@@ -248,6 +253,34 @@ def bench_remote(json_path: JsonOpt = None,
         table.add_row(f"put {name} over the TCP byte stream", f"{s['kvrack_tcp_put_gbs']:.2f} GB/s", "", "", "")
     if result["nixl_unavailable"]:
         table.add_row("NIXL", "-", "", "", result["nixl_unavailable"])
+    console.print(table)
+    write_json(json_path, result)
+
+
+@bench_app.command("hbm")
+def bench_hbm(json_path: JsonOpt = None,
+              sizes: Annotated[str, typer.Option(help="block sizes, comma-separated")] = "2MiB,256KiB",
+              working_set: Annotated[str, typer.Option(help="bytes read per pass and block size")] = "256MiB",
+              repeats: Annotated[int, typer.Option(min=1, max=20, help="passes per figure (best kept)")] = 5,
+              device: Annotated[int, typer.Option(min=0, help="CUDA device")] = 0,
+              ) -> None:
+    """GPU client reads from the daemon's HBM arena (CUDA IPC, device to device) vs a D2D memcpy, in one run."""
+    from kvrack.clients import bench_hbm as bh
+
+    names = size_names(sizes, bh.SIZES)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("bench", total=len(names))
+        result = bh.run(names, parse_size(working_set), repeats, device,
+                        progress=lambda label: progress.update(task, description=label, advance=1))
+    table = Table(title=f"kvrack bench hbm (CUDA device {device})")
+    for col in ("figure", "kvrack", "baseline", "ratio"):
+        table.add_column(col, justify="left" if col == "figure" else "right")
+    for name, s in result["sizes"].items():
+        table.add_row(f"get {name} into GPU buffers from HBM (acquire, D2D, release)", f"{s['hbm_get_gbs']:.2f} GB/s",
+                      f"D2D memcpy {s['d2d_memcpy_gbs']:.2f} GB/s", f"{s['hbm_get_vs_d2d_memcpy']:.2f}")
+        table.add_row(f"get {name} into GPU buffers from DRAM (H2D)", f"{s['dram_to_gpu_get_gbs']:.2f} GB/s", "", "")
+    if result["hbm_unavailable"]:
+        table.add_row("HBM tier", "-", "", escape(result["hbm_unavailable"]))
     console.print(table)
     write_json(json_path, result)
 

@@ -193,7 +193,8 @@ class Client:
         reply = self._channel.call("stats", P.encode_frame(P.Stats(id=self._core._id())))
         stats = reply[0].stats
         stats["client"] = {"transport": self._core.transport, "session": self._core.session,
-                           "requests": self._channel.requests, "cxl_region": getattr(self._core.cxl, "path", None)}
+                           "requests": self._channel.requests, "cxl_region": getattr(self._core.cxl, "path", None),
+                           "hbm_segments": len(self._core.hbm.handles), "hbm_reads": self._core.hbm_reads}
         return stats
 
     def close(self) -> None:

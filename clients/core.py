@@ -16,6 +16,7 @@ from typing import Any
 
 from kvrack.clients.buffers import byte_view, copy
 from kvrack.clients.errors import KvrackError
+from kvrack.clients.gpu import DeviceSpan, GpuCopier, IpcMaps, any_device, device_span
 from kvrack.daemon import protocol as P
 from kvrack.daemon.protocol import ErrorCode, TierId
 
@@ -142,16 +143,19 @@ class ClientCore:
         self.transport = P.TRANSPORT_SHM
         self.nixl: Any = None  # NixlData when the transport is nixl
         self.cxl: Any = None  # the namespace's CxlRegion, read directly (no request to the daemon)
+        self.hbm = IpcMaps()  # the namespace's HBM arena, opened by CUDA IPC on first device read
         self.segments = SegmentMaps()
         self.salt = b""
         self.session = 0
         self.max_batch_keys = 1024
         self.max_frame_bytes = P.DEFAULT_MAX_FRAME_BYTES
         self._next_id = 1
+        self.hbm_reads = 0  # blocks copied device to device from the daemon's HBM arena
 
     def close(self) -> None:
         """Unmap the segments and the CXL region, drop the NIXL agent's connection."""
         self.segments.close()
+        self.hbm.close()
         if self.cxl is not None:
             self.cxl.close()
             self.cxl = None
@@ -185,6 +189,7 @@ class ClientCore:
         elif reply.cxl_path and self.remote:
             self._open_cxl(reply, None)
         self.segments.add(reply.segments, fds)
+        self.hbm.add([(s.segment, s.size, s.ipc_handle) for s in reply.hbm_segments])
         self.transport = self._pick_transport(reply.transports or [P.TRANSPORT_SHM])
         if self.transport == P.TRANSPORT_NIXL:
             self.nixl.add(reply.remote_segments, reply.nixl_metadata)
@@ -290,7 +295,9 @@ class ClientCore:
     def put(self, keys: Sequence[bytes], buffers: Sequence[Any], parents: Sequence[bytes | None] | None) -> Step:
         if len(buffers) != len(keys) or (parents is not None and len(parents) != len(keys)):
             raise ValueError("put: keys, buffers and parents must have the same length")
-        views = [byte_view(b) for b in buffers]
+        views: list[Any] = [device_span(b) or byte_view(b) for b in buffers]
+        if self.transport != P.TRANSPORT_SHM and any(isinstance(v, DeviceSpan) for v in views):
+            raise ValueError(f"put: GPU buffers need a same-host client (transport shm), this one uses {self.transport}")
         cxl = self.cxl_lookup(keys)
         if cxl is not None and (cxl[1] >= 0).any():  # already in the CXL region: nothing to send
             todo = [i for i, slot in enumerate(cxl[1]) if slot < 0]
@@ -324,10 +331,18 @@ class ClientCore:
                 yield "transfer", ("WRITE", [reply.descriptors[i] for i in todo], [views[start + i] for i in todo])
                 ready = [chunk[i] for i in todo]
             maps = self.segments.maps
+            gpu = None
             for i in todo if self.nixl is None else ():
                 d = reply.descriptors[i]
-                copy(maps[d.segment], d.offset, views[start + i], 0, d.length)
+                view = views[start + i]
+                if isinstance(view, DeviceSpan):  # device to host, straight into the reserved slot
+                    gpu = gpu or GpuCopier(view.device)
+                    gpu.device_to_host(maps[d.segment], d.offset, view, d.length)
+                else:
+                    copy(maps[d.segment], d.offset, view, 0, d.length)
                 ready.append(chunk[i])
+            if gpu is not None:
+                gpu.wait()  # the bytes are in DRAM before the commit publishes them
         except BaseException:
             yield "abort", P.Abort(id=self._id(), keys=[chunk[i] for i in todo])
             raise
@@ -385,7 +400,10 @@ class ClientCore:
         return codes, descriptors
 
     def get_into(self, keys: Sequence[bytes], outs: Sequence[Any]) -> Step:
-        """CXL hits are read from the region directly; the rest from the daemon's tiers."""
+        """CXL hits are read from the region directly; the rest from the daemon's tiers. GPU buffers are
+        filled from HBM copies (device to device) or mapped DRAM slots (host to device)."""
+        if any_device(outs):
+            return (yield from self._get_into_device(keys, outs))
         if self.cxl is None:
             return (yield from self._get_into_daemon(keys, outs))
         if len(outs) != len(keys):
@@ -426,6 +444,48 @@ class ClientCore:
             if not any(got):
                 break
             todo = [i for i, code in zip(todo, codes) if code == P.ErrorCode.NO_SPACE]
+        return hits
+
+    def _get_into_device(self, keys: Sequence[bytes], outs: Sequence[Any]) -> Step:
+        """Acquire (the reply names HBM copies), copy on the GPU's stream, wait, release."""
+        if len(outs) != len(keys):
+            raise ValueError("get_into: keys and out must have the same length")
+        if self.transport != P.TRANSPORT_SHM:
+            raise ValueError(f"get_into: GPU buffers need a same-host client (transport shm), this one uses "
+                             f"{self.transport}")
+        spans = [device_span(o) for o in outs]
+        if any(s is None for s in spans):
+            raise ValueError("get_into: pass all GPU buffers or all host buffers in one call")
+        hits = [False] * len(keys)
+        for start in self._chunks(len(keys)):
+            sub = list(keys[start: start + self.max_batch])
+            reply, _ = yield "acquire", P.Acquire(id=self._id(), keys=sub)
+            descriptors = reply.descriptors
+            pinned = [k for k, d in zip(sub, descriptors) if d is not None]
+            try:
+                yield from self.map_segments(descriptors)
+                hbm = reply.hbm or [None] * len(sub)
+                gpu = None
+                for j, (d, h) in enumerate(zip(descriptors, hbm)):
+                    if d is None:
+                        continue
+                    span = spans[start + j]
+                    assert span is not None
+                    if span.nbytes < d.length:
+                        raise ValueError(f"get_into: buffer of {span.nbytes} bytes is smaller than the "
+                                         f"{d.length}-byte block")
+                    gpu = gpu or GpuCopier(span.device)
+                    if h is not None and h.segment in self.hbm.handles:
+                        gpu.device_to_device(span, self.hbm.pointer(h.segment) + h.offset, d.length)
+                        self.hbm_reads += 1
+                    else:
+                        gpu.host_to_device(span, self.segments.maps[d.segment], d.offset, d.length)
+                    hits[start + j] = True
+                if gpu is not None:
+                    gpu.wait()  # the pins end only once the copies are done
+            finally:
+                if pinned:
+                    yield from self.release_soon(pinned)
         return hits
 
     def _get_stream(self, keys: Sequence[bytes], outs: Sequence[memoryview | None], allocate: bool) -> Step:

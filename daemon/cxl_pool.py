@@ -12,7 +12,6 @@ read a block that is in CXL.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import logging
 import os
@@ -20,6 +19,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from kvrack.daemon.copy_worker import CopyWorker
 from kvrack.daemon.index import COMMITTED, Entry
 from kvrack.daemon.progress import ProgressSignal
 from kvrack.tiers.cxl import CxlFull, CxlRegion
@@ -44,7 +44,7 @@ def region_paths(namespaces: Sequence[str], directory: str, paths: Sequence[str]
     return {ns: named.get(ns) or os.path.join(directory, f"kvrack-cxl-{ns}") for ns in namespaces}
 
 
-class CxlPool:
+class CxlPool(CopyWorker):
     """Regions by namespace, and the copies into them (event-loop thread, plus one worker)."""
 
     def __init__(self, store: Store, paths: dict[str, str], capacity: int, chunk_bytes: int, coherent: bool,
@@ -65,8 +65,7 @@ class CxlPool:
         except BaseException:
             self.close()
             raise
-        self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvrack-cxl")
-        self.loop: asyncio.AbstractEventLoop | None = None
+        super().__init__("kvrack-cxl")
         self.copied = 0
         self.copied_bytes = 0
         self.skipped = 0  # larger than a chunk, or the region had no room
@@ -76,9 +75,6 @@ class CxlPool:
         self._progress = ProgressSignal()  # fired when a copy finishes
         store.commit_hooks.append(self._committed)
         store.delete_hooks.append(self._deleted)
-
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
 
     # ------------------------------------------------------------- copies
     def _committed(self, e: Entry) -> None:
@@ -93,12 +89,6 @@ class CxlPool:
         view = self.store.tier.view(e.seg, e.slot, e.nbytes)
         fut = self.worker.submit(self._copy, region, e.key, view)
         fut.add_done_callback(lambda f, e=e: self._on_loop(self._copied, e, f))
-
-    def _on_loop(self, fn: Any, *args: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(fn, *args)  # type: ignore[union-attr]
-        except RuntimeError:  # the loop is gone (shutdown): pins no longer matter
-            pass
 
     def _copy(self, region: CxlRegion, key: bytes, view: memoryview) -> bool:
         try:
@@ -222,14 +212,8 @@ class CxlPool:
                 "used_bytes": sum(r["bytes"] for r in regions.values()),
                 "capacity_bytes": sum(r["capacity"] for r in regions.values()), "regions": regions}
 
-    def flush(self) -> None:
-        """Wait for the copies and deletions queued so far."""
-        self.worker.submit(lambda: None).result()
-
     def close(self) -> None:
-        worker = getattr(self, "worker", None)
-        if worker is not None:
-            worker.shutdown(wait=True)
+        self.stop_worker()
         for region in self.regions.values():
             region.close()
         self.regions.clear()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from kvrack import __version__, nixl_agent
 from kvrack.daemon.cxl_pool import CxlPool, region_paths
+from kvrack.daemon.hbm_pool import HbmPool
 from kvrack.daemon.mover import Mover
 from kvrack.daemon.nixl_export import NixlExport
 from kvrack.daemon.server import ControlServer
@@ -26,6 +27,7 @@ from kvrack.daemon.store import Store
 from kvrack.daemon.tcp_listener import TcpListener, tls_context
 from kvrack.tiers.dram import DramAdoption, open_dram_tier
 from kvrack.tiers.dram_state import ShmDirBacking, save_state
+from kvrack.tiers.hbm import probe as hbm_probe
 from kvrack.tiers.nvme import open_nvme_tier
 from kvrack.tiers.nvme_index import GeometryMismatch
 
@@ -85,6 +87,7 @@ class Daemon:
                                     c["server.max_batch_keys"], c["server.socket_mode"], self._stats_extra)
         if c["cxl.enabled"]:
             self._open_cxl()
+        self._open_hbm()
         if c["tcp.enabled"]:
             self._open_tcp()
 
@@ -98,6 +101,25 @@ class Daemon:
                                   c["cxl.host_timeout_s"])
         log.info("cxl tier ready: %d region(s) (%s) in %.2fs; blocks up to %s are copied in behind each commit",
                  len(paths), ", ".join(paths.values()), time.perf_counter() - t0, format_size(c["cxl.chunk_bytes"]))
+
+    def _open_hbm(self) -> None:
+        """The HBM tier when it is enabled and a GPU is there; the log says which, and why not."""
+        c = self.config
+        assert self.server is not None and self.store is not None
+        if not c["hbm.enabled"]:
+            log.info("hbm tier off (hbm.enabled = false)")
+            return
+        present, why = hbm_probe(c["hbm.device"])
+        if not present:
+            self.server.hbm_absent = why
+            log.warning("hbm tier absent: %s; serving from the other tiers", why)
+            return
+        t0 = time.perf_counter()
+        self.server.hbm = HbmPool(self.store, [ns.name for ns in c.namespaces], c["hbm.device"],
+                                  c["hbm.capacity_bytes"], c["hbm.segment_bytes"], c["hbm.promote_after_hits"])
+        log.info("hbm tier ready: %s on CUDA device %d in %.2fs; blocks read %d time(s) are copied up",
+                 format_size(c["hbm.capacity_bytes"]), c["hbm.device"], time.perf_counter() - t0,
+                 c["hbm.promote_after_hits"])
 
     def _open_tcp(self) -> None:
         """The TCP listener for remote clients, with TLS and NIXL as configured."""
@@ -205,6 +227,8 @@ class Daemon:
             self.store.mover.start(loop)
         if self.server.cxl is not None:
             self.server.cxl.start(loop)
+        if self.server.hbm is not None:
+            self.server.hbm.start(loop)
         gc.freeze()  # start-up objects (config, tiers, modules) never need collecting
         names = ", ".join(self.store.namespaces)
         log.info("kvrackd %s listening on unix:%s%s (namespaces: %s)", __version__, self.config["server.socket_path"],
@@ -282,6 +306,8 @@ class Daemon:
     def close(self) -> None:
         if self.server is not None and self.server.cxl is not None:
             self.server.cxl.close()
+        if self.server is not None and self.server.hbm is not None:
+            self.server.hbm.close()
         if self.server is not None and self.server.nixl is not None:
             self.server.nixl.close()
         if self.store is not None:

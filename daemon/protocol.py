@@ -98,6 +98,15 @@ class SegmentInfo(msgspec.Struct, array_like=True, frozen=True):
 _REQ = {"tag_field": "op", "forbid_unknown_fields": True}
 
 
+class HbmSegment(msgspec.Struct, array_like=True, frozen=True):
+    """A segment of GPU memory a same-host client opens by its CUDA IPC handle."""
+
+    segment: int
+    size: int
+    device: int
+    ipc_handle: bytes
+
+
 class RemoteSegment(msgspec.Struct, array_like=True, frozen=True):
     """A segment a remote client reaches by NIXL: its address in the daemon's registered memory."""
 
@@ -238,6 +247,8 @@ class HelloReply(Reply):
     # NIXL (TCP sessions): the daemon agent's metadata limited to this namespace's segments
     nixl_metadata: bytes = b""
     remote_segments: list[RemoteSegment] = []
+    # the namespace's HBM arena (Unix socket sessions, when the daemon has the tier)
+    hbm_segments: list[HbmSegment] = []
     # the namespace's CXL region: read it directly (Unix socket: its fd follows the segments' fds)
     cxl_path: str = ""
     cxl_bytes: int = 0
@@ -255,6 +266,8 @@ class KeysReply(Reply):
 
     codes: list[int] = []
     descriptors: list[Descriptor | None] = []
+    # acquire on a session with HBM: where each block's complete HBM copy is (None: DRAM only)
+    hbm: list[Descriptor | None] = []
 
 
 class MapReply(Reply):

@@ -31,11 +31,13 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from kvrack.daemon import protocol as P
+from kvrack.daemon.hbm_pool import absent_stats
 from kvrack.daemon.session import PeerCredentials, Session
 from kvrack.daemon.store import KeysResult, Store
 
 if TYPE_CHECKING:
     from kvrack.daemon.cxl_pool import CxlPool
+    from kvrack.daemon.hbm_pool import HbmPool
     from kvrack.daemon.nixl_export import NixlExport
     from kvrack.daemon.tcp_listener import TcpListener
 
@@ -320,6 +322,8 @@ class ControlServer:
         self.store = store
         self.nixl = nixl  # remote one-sided access to the DRAM segments, when NIXL loaded
         self.cxl: CxlPool | None = None  # the CXL tier, when cxl.enabled
+        self.hbm: HbmPool | None = None  # the HBM tier, when hbm.enabled and a GPU is there
+        self.hbm_absent = "hbm.enabled is false"  # why there is no HBM tier, for stats
         self.tcp: TcpListener | None = None
         self.socket_path = socket_path
         self.max_frame_bytes = max_frame_bytes
@@ -503,6 +507,8 @@ class ControlServer:
         extra, cxl_fd = self._cxl_hello(ns.name)
         if cxl_fd is not None:  # the region's fd rides after the segments' fds
             fds += (cxl_fd,)
+        if self.hbm is not None:  # same host: the arena's CUDA IPC handles
+            extra["hbm_segments"] = self.hbm.hello_segments(ns.name)
         log.info("session %d: hello from pid %s (%s) for namespace %r", s.id, peer.pid, s.client_name or "-", ns.name)
         return self._hello_reply(req.id, ns, s, [P.TRANSPORT_SHM, P.TRANSPORT_TCP], segments=infos, **extra), fds
 
@@ -637,7 +643,20 @@ class ControlServer:
         res = self.store.acquire(conn.session, req.keys)
         if res.promote:
             return self._promote_then_reply(conn, req, res)
+        if self.hbm is not None and conn.session.remote is None:
+            return self._acquire_reply_hbm(conn, req, res)
         return self._keys_reply(req.id, res)
+
+    def _acquire_reply_hbm(self, conn: Connection, req: P.Acquire, res: KeysResult) -> tuple[P.Reply, tuple[int, ...]]:
+        """Count the reads toward promotion into HBM, and name the HBM copies the reader may use."""
+        hbm = self.hbm
+        assert hbm is not None
+        ns = conn.session.namespace
+        entries = ns.entries  # type: ignore[union-attr]
+        hbm.read([e for e in (entries.get(k) for k, d in zip(req.keys, res.descriptors) if d is not None)
+                  if e is not None])
+        return P.KeysReply(id=req.id, codes=res.codes, descriptors=res.descriptors, message=res.message,
+                           hbm=hbm.descriptors(ns.name, req.keys, res.descriptors)), ()  # type: ignore[union-attr]
 
     async def _promote_then_reply(self, conn: Connection, req: P.Acquire, res: KeysResult
                                   ) -> tuple[P.Reply, tuple[int, ...]]:
@@ -790,6 +809,8 @@ class ControlServer:
             moves["nvme_to_dram"] = {"blocks": c.promoted_blocks, "bytes": c.promoted_bytes}
         if self.cxl is not None:
             moves["dram_to_cxl"] = {"blocks": self.cxl.copied, "bytes": self.cxl.copied_bytes}
+        if self.hbm is not None:
+            moves["dram_to_hbm"] = {"blocks": self.hbm.promoted, "bytes": self.hbm.promoted_bytes}
         return moves
 
     def _stats(self, conn: Connection, req: P.Stats) -> tuple[P.Reply, tuple[int, ...]]:
@@ -800,6 +821,8 @@ class ControlServer:
         stats["server"] = {"sessions": len(self.connections), "requests": self.requests}
         if self.cxl is not None:
             stats["tiers"].append(self.cxl.stats(ns.name))  # type: ignore[union-attr]
+        stats["tiers"].append(self.hbm.stats(ns.name) if self.hbm is not None  # type: ignore[union-attr]
+                              else absent_stats(self.hbm_absent))
         stats["moves"] = self._moves()
         if self.stats_extra is not None:
             stats.update(self.stats_extra())

@@ -213,6 +213,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cxl.host_timeout_s", "float", 30.0,
             "A writer host of another machine silent for this long is presumed dead: its half-written blocks and "
             "unused chunks are reclaimed.", min=1.0, max=86400.0),
+    Setting("hbm.enabled", "bool", False,
+            "HBM tier: blocks read often are copied from DRAM into a per-namespace GPU arena that same-host clients "
+            "read device to device (CUDA IPC). Needs kvrack[gpu] and a CUDA device; without them the daemon says "
+            "so at start-up and runs without the tier. See docs/hbm.md."),
+    Setting("hbm.device", "int", 0, "CUDA device of the arenas.", min=0, max=63),
+    Setting("hbm.capacity_bytes", "size", 4 * GiB,
+            "GPU memory for the tier, split evenly between the namespaces and allocated at start-up.", min=16 * MiB),
+    Setting("hbm.segment_bytes", "size", 256 * MiB,
+            "Allocation unit of an arena (one cudaMalloc and one IPC handle each; the largest block kept in HBM).",
+            min=1 * MiB, max=16 * GiB),
+    Setting("hbm.promote_after_hits", "int", 2,
+            "A DRAM block is copied into HBM at its Nth read by a same-host client (1: at the first).", min=1,
+            max=1000),
     Setting("tcp.enabled", "bool", False,
             "Serve remote clients: the control protocol on TCP, every connection authenticated by its namespace's "
             "token (namespaces without a token cannot be used over TCP). See docs/remote.md."),

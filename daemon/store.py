@@ -99,6 +99,8 @@ class Store:
         # called with each entry as it is committed / deleted by a client (e.g. to copy it into CXL)
         self.commit_hooks: list[Callable[[Entry], None]] = []
         self.delete_hooks: list[Callable[[Entry], None]] = []
+        # called with each entry whose DRAM copy is about to be freed (evicted, deleted, demoted)
+        self.dram_free_hooks: list[Callable[[Entry], None]] = []
 
     def set_admission(self, name: str) -> None:
         self.admission = make_admission(name, max(1, self.tier.capacity // max(1, self._typical_block)))
@@ -341,6 +343,8 @@ class Store:
                 pe.add_kid(e)
 
     def _free_dram_copy(self, e: Entry) -> None:
+        for hook in self.dram_free_hooks:
+            hook(e)
         self.tier.free(e.seg, e.slot)
         e.seg = None
         self.dram_blocks -= 1

@@ -78,3 +78,19 @@ def test_bench_overwrite_writes_the_contracted_json(tmp_path):
         assert isinstance(data[key], float) and data[key] > 0, key
     assert data["background"]["background_evictions"] > 0 and data["inline"]["background_evictions"] == 0
     assert data["inline"]["evictions"] >= data["puts"] - 64  # every measured put displaced a block
+
+
+def test_bench_hbm_writes_the_contracted_json(tmp_path):
+    """With a GPU the figures; without one, null figures and the reason (the run still succeeds)."""
+    from kvrack.tiers.hbm import probe
+
+    out = tmp_path / "hbm.json"
+    res = subprocess.run([sys.executable, "-m", "kvrack.clients.cli", "bench", "hbm", "--json", str(out),
+                          "--working-set", "64MiB", "--repeats", "1"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    data = json.loads(out.read_text())
+    present, why = probe(0)
+    if present:
+        assert data["hbm_get_vs_d2d_memcpy"] > 0 and not data["hbm_unavailable"]
+    else:
+        assert data["hbm_get_vs_d2d_memcpy"] is None and data["hbm_unavailable"] == why

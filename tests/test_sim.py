@@ -118,6 +118,17 @@ def test_report_names_best_policy_and_margin() -> None:
         report.policy_names("lru,nope")
 
 
+def test_max_hit_ratio_caps_every_policy_and_the_margin() -> None:
+    """The no-eviction hit ratio bounds what any policy can reach, so it bounds the margin over LRU."""
+    reqs = traces.chat(sessions=200)
+    r = report.hit_ratios(reqs, 0.05, ["lru", "chain", "s3fifo"])
+    assert all(h <= r["max_hit_ratio"] + 1e-9 for h in r["hit_ratio_by_policy"].values())
+    assert r["belady_hit_ratio"] <= r["max_hit_ratio"] + 1e-9
+    assert r["best_vs_lru_hit_points"] <= r["max_vs_lru_hit_points"] + 1e-6
+    big = report.hit_ratios(reqs, 1.0, ["lru"])  # room for every block: LRU reaches the cap
+    assert big["hit_ratio_by_policy"]["lru"] == pytest.approx(big["max_hit_ratio"], abs=1e-6)
+
+
 def test_sim_cli_on_a_mooncake_trace(tmp_path: Path) -> None:
     rows = []
     for i in range(200):  # 20 conversations, 10 turns each, behind one shared head

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.perf
 
 @pytest.fixture(scope="module")
 def result():
-    return bench_cxl.run(None, ["2MiB"], 256 << 20, repeats=3)
+    return bench_cxl.run(None, ["2MiB"], 256 << 20, repeats=5)
 
 
 def test_get_with_the_full_non_coherent_protocol_vs_memcpy(result):

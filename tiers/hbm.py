@@ -1,0 +1,191 @@
+"""The HBM tier: per-namespace arenas of GPU memory, exported to same-host clients by CUDA IPC handles.
+
+A namespace's arena is allocated once with ``cudaMalloc`` (through cupy's
+runtime bindings, never its memory pool: an IPC handle names a whole
+allocation) in segments of ``segment_bytes``, and carved into slots by the
+same ``SlotAllocator`` as the DRAM tier. A client that opens a segment's
+handle copies device to device, with no host round trip.
+
+An imported IPC mapping stays valid in the client until the client closes
+it, and freeing the allocation first is undefined behaviour. So HBM segments
+are never freed or handed to another namespace while the daemon runs: each
+namespace has its own allocator over its own share of the capacity, all
+segments are allocated at start-up (``hello`` lists every handle, and ids
+never change), and an empty segment wanted by another block size is
+re-carved in place. Everything is freed at close.
+
+cupy is optional (``pip install kvrack[gpu]``); ``probe()`` says why the tier
+is absent on a machine without it or without a CUDA device.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from kvrack.daemon.protocol import TierId
+from kvrack.tiers.allocator import PAGE_ALIGN, SlotAllocator
+from kvrack.tiers.base import Segment
+
+
+def _runtime() -> Any:
+    import cupy.cuda.runtime as rt  # optional dependency: kvrack[gpu]
+
+    return rt
+
+
+def probe(device: int = 0) -> tuple[bool, str]:
+    """(present, why not): whether cupy loads and CUDA device ``device`` exists."""
+    try:
+        rt = _runtime()
+    except ImportError as exc:
+        return False, f"cupy is not installed (pip install 'kvrack[gpu]'): {exc}"
+    except Exception as exc:  # a broken CUDA install raises at import
+        return False, f"cupy failed to load: {exc}"
+    try:
+        count = rt.getDeviceCount()
+    except Exception as exc:  # CUDARuntimeError: no driver, insufficient driver, no device
+        return False, f"no usable CUDA device: {exc}"
+    if device >= count:
+        return False, f"CUDA device {device} requested, {count} present"
+    return True, ""
+
+
+class DeviceBacking:
+    """Segments of device memory on one GPU: one ``cudaMalloc`` and one IPC handle each."""
+
+    kind = "hbm"
+
+    def __init__(self, device: int) -> None:
+        self.device = device
+        self.rt = _runtime()
+
+    def create(self, seg_id: int, size: int) -> tuple[int, bytes]:
+        """(device pointer, IPC handle) of a segment's memory."""
+        self.rt.setDevice(self.device)
+        ptr = self.rt.malloc(size)
+        return ptr, bytes(self.rt.ipcGetMemHandle(ptr))
+
+    def destroy(self, handle: tuple[int, bytes]) -> None:
+        self.rt.setDevice(self.device)
+        self.rt.free(handle[0])
+
+
+class ArenaAllocator(SlotAllocator):
+    """A ``SlotAllocator`` that never frees a segment while it runs: an empty segment needed by another
+    size class is re-carved in place (same id, same memory, same IPC handle), which is safe because an
+    arena belongs to one namespace."""
+
+    def _new_segment(self, owner: str, cls: int) -> Segment | None:
+        if self._fresh or len(self._segments) < self.max_segments or not self._empty:
+            return super()._new_segment(owner, cls)
+        seg = next(iter(self._empty))
+        del self._empty[seg]
+        pool = self._open.get((seg.owner, seg.slot_size))  # type: ignore[arg-type]
+        if pool is not None:
+            pool.pop(seg, None)
+        seg.assign(owner, cls)
+        self._open.setdefault((owner, cls), {})[seg] = None
+        return seg
+
+
+class HbmArena:
+    """One namespace's HBM: slots in segments of device memory, and copies between host and device.
+
+    Copies run on the caller's thread on the arena's own stream; the daemon calls them from its
+    HBM worker thread only.
+    """
+
+    def __init__(self, namespace: str, device: int, capacity: int, segment_bytes: int) -> None:
+        self.namespace = namespace
+        self.device = device
+        self.backing = DeviceBacking(device)
+        self.rt = self.backing.rt
+        self.allocator = ArenaAllocator(TierId.HBM, capacity, segment_bytes, self.backing, min_align=PAGE_ALIGN)
+        self.allocator.prefill()  # every handle exists from start-up: hello lists them all
+        self._local = threading.local()
+
+    @property
+    def capacity(self) -> int:
+        return self.allocator.capacity
+
+    def allocate(self, nbytes: int) -> tuple[Segment, int] | None:
+        return self.allocator.allocate(self.namespace, nbytes)
+
+    def free(self, seg: Segment, slot: int) -> None:
+        self.allocator.free(seg, slot)
+
+    def has_room_for(self, nbytes: int) -> bool:
+        return self.allocator.has_room_for(self.namespace, nbytes)
+
+    def address(self, seg: Segment, slot: int) -> int:
+        return int(seg.handle[0]) + slot * seg.slot_size
+
+    def segments(self) -> list[tuple[int, int, bytes]]:
+        """(segment id, size, IPC handle) of every segment, for ``hello``."""
+        return [(s.id, s.size, s.handle[1]) for s in self.allocator.segments()]
+
+    def _stream(self) -> int:
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            self.rt.setDevice(self.device)
+            stream = self._local.stream = self.rt.streamCreate()
+        return int(stream)
+
+    def upload(self, seg: Segment, slot: int, host_addr: int, nbytes: int) -> None:
+        """Host memory (a DRAM slot) into an HBM slot; returns when the bytes are on the device."""
+        stream = self._stream()
+        self.rt.memcpyAsync(self.address(seg, slot), host_addr, nbytes, self.rt.memcpyHostToDevice, stream)
+        self.rt.streamSynchronize(stream)
+
+    def download(self, seg: Segment, slot: int, host_addr: int, nbytes: int) -> None:
+        """An HBM slot into host memory; returns when the bytes are there."""
+        stream = self._stream()
+        self.rt.memcpyAsync(host_addr, self.address(seg, slot), nbytes, self.rt.memcpyDeviceToHost, stream)
+        self.rt.streamSynchronize(stream)
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.allocator.stats(), "used_bytes": self.allocator.used_bytes}
+
+    def close(self) -> None:
+        streams = getattr(self._local, "stream", None)
+        if streams is not None:
+            self.rt.streamDestroy(streams)
+        self.allocator.close()
+
+
+class IpcMaps:
+    """A client's view of HBM segments: handles opened once, pointers by segment id."""
+
+    def __init__(self) -> None:
+        self.handles: dict[int, bytes] = {}
+        self._by_handle: dict[bytes, int] = {}
+        self.pointers: dict[int, int] = {}
+
+    def add(self, segments: list[tuple[int, int, bytes]]) -> None:
+        for seg_id, _size, handle in segments:
+            self.handles[seg_id] = handle
+
+    def pointer(self, seg_id: int) -> int:
+        """The device address of a segment in this process (opened on first use)."""
+        ptr = self.pointers.get(seg_id)
+        if ptr is None:
+            handle = self.handles[seg_id]
+            ptr = self._by_handle.get(handle)
+            if ptr is None:
+                rt = _runtime()
+                ptr = int(rt.ipcOpenMemHandle(handle, rt.cudaIpcMemLazyEnablePeerAccess))
+                self._by_handle[handle] = ptr
+            self.pointers[seg_id] = ptr
+        return ptr
+
+    def close(self) -> None:
+        if self._by_handle:
+            rt = _runtime()
+            for ptr in self._by_handle.values():
+                try:
+                    rt.ipcCloseMemHandle(ptr)
+                except Exception:  # the context may already be gone at interpreter exit
+                    pass
+        self._by_handle.clear()
+        self.pointers.clear()
