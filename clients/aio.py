@@ -175,9 +175,7 @@ class AsyncClient:
     async def stats(self) -> dict[str, Any]:
         reply, _ = await self._channel.call("stats", P.encode_frame(P.Stats(id=self._core._id())))
         stats = reply.stats
-        stats["client"] = {"transport": self._core.transport, "session": self._core.session,
-                           "requests": self._channel.requests, "cxl_region": getattr(self._core.cxl, "path", None),
-                           "hbm_segments": len(self._core.hbm.handles), "hbm_reads": self._core.hbm_reads}
+        stats["client"] = self._core.client_stats(self._channel.requests)
         return stats
 
     def close(self) -> None:

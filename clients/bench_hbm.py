@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from kvrack.clients.client import Client
-from kvrack.clients.gpu import DeviceSpan, GpuCopier, device_span
+from kvrack.clients.gpu import Copier, device_span
 from kvrack.clients.spawn import DaemonProcess
 from kvrack.tiers.hbm import probe
 
@@ -69,11 +69,11 @@ def _one_size(c: Client, name: str, working_set: int, repeats: int) -> dict[str,
     assert s is not None and d is not None
 
     def d2d_pass() -> float:
-        copier = GpuCopier(d.device)
+        copier = Copier(d.device)
         t = time.perf_counter()
         for i in range(0, n, per_batch):
             for j in range(min(per_batch, n - i)):
-                copier.device_to_device(DeviceSpan(d.ptr + j * size, size, d.device), s.ptr + j * size, size)
+                copier.device_to_device(d.ptr + j * size, s.ptr + j * size, size)
             copier.wait()
         return size * n / (time.perf_counter() - t) / 1e9
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from kvrack.clients.buffers import byte_view, copy
 from kvrack.clients.errors import KvrackError
-from kvrack.clients.gpu import DeviceSpan, GpuCopier, IpcMaps, any_device, device_span
+from kvrack.clients.gpu import Copier, DeviceSpan, IpcMaps, any_device, device_span, host_address
 from kvrack.daemon import protocol as P
 from kvrack.daemon.protocol import ErrorCode, TierId
 
@@ -162,6 +162,12 @@ class ClientCore:
         if self.nixl is not None:
             self.nixl.close()
             self.nixl = None
+
+    def client_stats(self, requests: int) -> dict[str, Any]:
+        """The ``client`` section of ``stats()``: what this client uses and has sent."""
+        return {"transport": self.transport, "session": self.session, "requests": requests,
+                "cxl_region": getattr(self.cxl, "path", None), "hbm_segments": len(self.hbm.handles),
+                "hbm_reads": self.hbm_reads}
 
     def _id(self) -> int:
         rid = self._next_id
@@ -336,8 +342,8 @@ class ClientCore:
                 d = reply.descriptors[i]
                 view = views[start + i]
                 if isinstance(view, DeviceSpan):  # device to host, straight into the reserved slot
-                    gpu = gpu or GpuCopier(view.device)
-                    gpu.device_to_host(maps[d.segment], d.offset, view, d.length)
+                    gpu = gpu or Copier(view.device)
+                    gpu.device_to_host(host_address(maps[d.segment], d.offset, d.length), view.ptr, d.length)
                 else:
                     copy(maps[d.segment], d.offset, view, 0, d.length)
                 ready.append(chunk[i])
@@ -474,12 +480,13 @@ class ClientCore:
                     if span.nbytes < d.length:
                         raise ValueError(f"get_into: buffer of {span.nbytes} bytes is smaller than the "
                                          f"{d.length}-byte block")
-                    gpu = gpu or GpuCopier(span.device)
+                    gpu = gpu or Copier(span.device)
                     if h is not None and h.segment in self.hbm.handles:
-                        gpu.device_to_device(span, self.hbm.pointer(h.segment) + h.offset, d.length)
+                        gpu.device_to_device(span.ptr, self.hbm.pointer(h.segment) + h.offset, d.length)
                         self.hbm_reads += 1
                     else:
-                        gpu.host_to_device(span, self.segments.maps[d.segment], d.offset, d.length)
+                        gpu.host_to_device(span.ptr, host_address(self.segments.maps[d.segment], d.offset, d.length),
+                                           d.length)
                     hits[start + j] = True
                 if gpu is not None:
                     gpu.wait()  # the pins end only once the copies are done

@@ -4,8 +4,8 @@ An engine's KV pool lives in GPU memory (torch CUDA tensors, cupy arrays,
 anything with ``__cuda_array_interface__``). ``get_into`` copies a block
 straight into it: device to device from the daemon's HBM copy (CUDA IPC),
 or host to device from the mapped DRAM slot. ``put`` copies device to host
-into the reserved DRAM slot. The copies run on one stream per thread and the
-batch waits for them once.
+into the reserved DRAM slot. The copies run on one stream per thread
+(``kvrack.tiers.hbm.Copier``) and the batch waits for them once.
 
 cupy is optional (``pip install kvrack[gpu]``); without it device buffers are
 refused with a clear error.
@@ -13,13 +13,10 @@ refused with a clear error.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from kvrack import _native
-from kvrack.tiers.hbm import IpcMaps
-
-_local = threading.local()
+from kvrack.tiers.hbm import Copier, IpcMaps
 
 
 class DeviceSpan:
@@ -62,45 +59,13 @@ def device_span(obj: Any) -> DeviceSpan | None:
 
 
 def any_device(buffers: Any) -> bool:
-    return any(device_span(b) is not None for b in buffers)
+    """Whether a call's buffers are GPU buffers: a call takes all-GPU or all-host buffers, so the first says."""
+    return bool(buffers) and device_span(buffers[0]) is not None
 
 
-def _runtime() -> Any:
-    try:
-        import cupy.cuda.runtime as rt
-    except ImportError as exc:
-        raise RuntimeError(f"GPU buffers need cupy (pip install 'kvrack[gpu]'): {exc}") from None
-    return rt
+def host_address(buf: Any, offset: int, nbytes: int) -> int:
+    """The address of ``nbytes`` of a host buffer (a mapped segment) at ``offset``, bounds checked."""
+    return _native.address(memoryview(buf)[offset: offset + nbytes])
 
 
-class GpuCopier:
-    """Queues copies on this thread's stream; ``wait`` returns when all of them are done."""
-
-    def __init__(self, device: int) -> None:
-        self.rt = _runtime()
-        self.rt.setDevice(device)
-        streams = getattr(_local, "streams", None)
-        if streams is None:
-            streams = _local.streams = {}
-        stream = streams.get(device)
-        if stream is None:
-            stream = streams[device] = self.rt.streamCreate()
-        self.stream = stream
-
-    def host_to_device(self, dst: DeviceSpan, host: Any, offset: int, nbytes: int) -> None:
-        """From a mapped segment (``host``, at ``offset``) into a device buffer."""
-        src = _native.address(memoryview(host)[offset: offset + nbytes])
-        self.rt.memcpyAsync(dst.ptr, src, nbytes, self.rt.memcpyHostToDevice, self.stream)
-
-    def device_to_host(self, host: Any, offset: int, src: DeviceSpan, nbytes: int) -> None:
-        dst = _native.address(memoryview(host)[offset: offset + nbytes])
-        self.rt.memcpyAsync(dst, src.ptr, nbytes, self.rt.memcpyDeviceToHost, self.stream)
-
-    def device_to_device(self, dst: DeviceSpan, src_ptr: int, nbytes: int) -> None:
-        self.rt.memcpyAsync(dst.ptr, src_ptr, nbytes, self.rt.memcpyDeviceToDevice, self.stream)
-
-    def wait(self) -> None:
-        self.rt.streamSynchronize(self.stream)
-
-
-__all__ = ["DeviceSpan", "GpuCopier", "IpcMaps", "any_device", "device_span"]
+__all__ = ["Copier", "DeviceSpan", "IpcMaps", "any_device", "device_span", "host_address"]

@@ -171,9 +171,6 @@ class HbmPool(CopyWorker):
             return []
         return [P.HbmSegment(seg_id, size, self.device, handle) for seg_id, size, handle in arena.segments()]
 
-    def pending(self) -> int:
-        return len(self.in_flight)
-
     def stats(self, namespace: str | None = None) -> dict[str, Any]:
         arenas = {ns: {**a.stats(), "blocks": len(self.copies[ns])}
                   for ns, a in self.arenas.items() if namespace in (None, ns)}

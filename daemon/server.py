@@ -586,8 +586,10 @@ class ControlServer:
         out = then()
         return out if isinstance(out, tuple) else await out
 
-    def _keys_reply(self, rid: int, res: KeysResult) -> tuple[P.Reply, tuple[int, ...]]:
-        return P.KeysReply(id=rid, codes=res.codes, descriptors=res.descriptors, message=res.message), ()
+    def _keys_reply(self, rid: int, res: KeysResult, hbm: list[P.Descriptor | None] | None = None
+                    ) -> tuple[P.Reply, tuple[int, ...]]:
+        return P.KeysReply(id=rid, codes=res.codes, descriptors=res.descriptors, message=res.message,
+                           hbm=hbm or []), ()
 
     def _reserve(self, conn: Connection, req: P.Reserve) -> Any:
         if self.draining:
@@ -655,8 +657,7 @@ class ControlServer:
         entries = ns.entries  # type: ignore[union-attr]
         hbm.read([e for e in (entries.get(k) for k, d in zip(req.keys, res.descriptors) if d is not None)
                   if e is not None])
-        return P.KeysReply(id=req.id, codes=res.codes, descriptors=res.descriptors, message=res.message,
-                           hbm=hbm.descriptors(ns.name, req.keys, res.descriptors)), ()  # type: ignore[union-attr]
+        return self._keys_reply(req.id, res, hbm.descriptors(ns.name, req.keys, res.descriptors))  # type: ignore[union-attr]
 
     async def _promote_then_reply(self, conn: Connection, req: P.Acquire, res: KeysResult
                                   ) -> tuple[P.Reply, tuple[int, ...]]:

@@ -3,29 +3,32 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
+
+
+def run_bench(out: Path, name: str, *args: str, timeout: int = 300) -> tuple[dict[str, Any], str]:
+    """``kvrack bench NAME --json OUT ARGS`` in a subprocess: its JSON and its console output."""
+    res = subprocess.run([sys.executable, "-m", "kvrack.clients.cli", "bench", name, "--json", str(out), *args],
+                         capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return json.loads(out.read_text()), res.stdout
 
 
 def test_bench_local_writes_the_contracted_json(tmp_path):
     out = tmp_path / "bench.json"
-    res = subprocess.run([sys.executable, "-m", "kvrack.clients.cli", "bench", "local", "--json", str(out),
-                          "--sizes", "64KiB,2MiB", "--repeats", "1", "--working-set", "8MiB", "--index-blocks", "20000"],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout + res.stderr
-    data = json.loads(out.read_text())
+    data, stdout = run_bench(out, "local", "--sizes", "64KiB,2MiB", "--repeats", "1", "--working-set", "8MiB",
+                             "--index-blocks", "20000")
     for key in ("get_vs_memcpy", "put_vs_memcpy", "lookup_keys_per_s", "rtt_p50_us", "index_bytes_per_block"):
         assert isinstance(data[key], (int, float)) and data[key] > 0, key
     assert data["index_blocks"] >= 20000
     assert set(data["sizes"]) == {"64KiB", "2MiB"}
-    assert "put 2MiB blocks" in res.stdout
+    assert "put 2MiB blocks" in stdout
 
 
 def test_bench_nvme_writes_the_contracted_json(tmp_path):
     out = tmp_path / "nvme.json"
-    res = subprocess.run([sys.executable, "-m", "kvrack.clients.cli", "bench", "nvme", "--json", str(out),
-                          "--dir", str(tmp_path), "--working-set", "8MiB", "--repeats", "1"],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout + res.stderr
-    data = json.loads(out.read_text())
+    data, _ = run_bench(out, "nvme", "--dir", str(tmp_path), "--working-set", "8MiB", "--repeats", "1")
     for key in ("nvme_get_vs_raw", "nvme_put_vs_raw"):
         assert isinstance(data[key], float) and data[key] > 0, key
     assert set(data["sizes"]) == {"2MiB", "256KiB"}
@@ -39,11 +42,8 @@ def test_bench_cxl_writes_the_contracted_json(tmp_path):
     out = tmp_path / "cxl.json"
     region_dir = tmp_path / "regions"
     region_dir.mkdir()
-    res = subprocess.run([sys.executable, "-m", "kvrack.clients.cli", "bench", "cxl", "--json", str(out),
-                          "--dir", str(region_dir), "--sizes", "2MiB,64KiB", "--working-set", "16MiB",
-                          "--repeats", "1"], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout + res.stderr
-    data = json.loads(out.read_text())
+    data, _ = run_bench(out, "cxl", "--dir", str(region_dir), "--sizes", "2MiB,64KiB", "--working-set", "16MiB",
+                        "--repeats", "1")
     for key in ("cxl_get_vs_memcpy", "cxl_lookup_keys_per_s", "cxl_get_coherent_vs_memcpy"):
         assert isinstance(data[key], float) and data[key] > 0, key
     assert set(data["sizes"]) == {"2MiB", "64KiB"}
@@ -53,11 +53,7 @@ def test_bench_cxl_writes_the_contracted_json(tmp_path):
 
 def test_bench_remote_writes_the_contracted_json(tmp_path):
     out = tmp_path / "remote.json"
-    res = subprocess.run([sys.executable, "-m", "kvrack.clients.cli", "bench", "remote", "--json", str(out),
-                          "--sizes", "2MiB,64KiB", "--working-set", "32MiB", "--repeats", "1"],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout + res.stderr
-    data = json.loads(out.read_text())
+    data, _ = run_bench(out, "remote", "--sizes", "2MiB,64KiB", "--working-set", "32MiB", "--repeats", "1")
     assert isinstance(data["tcp_get_vs_raw_socket"], float) and data["tcp_get_vs_raw_socket"] > 0
     assert set(data["sizes"]) == {"2MiB", "64KiB"}
     if data["nixl_unavailable"] is None:
@@ -69,11 +65,7 @@ def test_bench_remote_writes_the_contracted_json(tmp_path):
 
 def test_bench_overwrite_writes_the_contracted_json(tmp_path):
     out = tmp_path / "overwrite.json"
-    res = subprocess.run([sys.executable, "-m", "kvrack.clients.cli", "bench", "overwrite", "--json", str(out),
-                          "--capacity", "16MiB", "--block", "256KiB", "--fills", "2"],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout + res.stderr
-    data = json.loads(out.read_text())
+    data, _ = run_bench(out, "overwrite", "--capacity", "16MiB", "--block", "256KiB", "--fills", "2")
     for key in ("put_p50_us", "put_p99_us", "put_p99_vs_p50"):
         assert isinstance(data[key], float) and data[key] > 0, key
     assert data["background"]["background_evictions"] > 0 and data["inline"]["background_evictions"] == 0
@@ -85,10 +77,7 @@ def test_bench_hbm_writes_the_contracted_json(tmp_path):
     from kvrack.tiers.hbm import probe
 
     out = tmp_path / "hbm.json"
-    res = subprocess.run([sys.executable, "-m", "kvrack.clients.cli", "bench", "hbm", "--json", str(out),
-                          "--working-set", "64MiB", "--repeats", "1"], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout + res.stderr
-    data = json.loads(out.read_text())
+    data, _ = run_bench(out, "hbm", "--working-set", "64MiB", "--repeats", "1", timeout=600)
     present, why = probe(0)
     if present:
         assert data["hbm_get_vs_d2d_memcpy"] > 0 and not data["hbm_unavailable"]

@@ -28,18 +28,21 @@ from kvrack.tiers.allocator import PAGE_ALIGN, SlotAllocator
 from kvrack.tiers.base import Segment
 
 
-def _runtime() -> Any:
-    import cupy.cuda.runtime as rt  # optional dependency: kvrack[gpu]
-
+def cuda_runtime() -> Any:
+    """cupy's CUDA runtime bindings; RuntimeError saying how to install them when cupy is missing."""
+    try:
+        import cupy.cuda.runtime as rt  # optional dependency: kvrack[gpu]
+    except ImportError as exc:
+        raise RuntimeError(f"cupy is not installed (pip install 'kvrack[gpu]'): {exc}") from None
     return rt
 
 
 def probe(device: int = 0) -> tuple[bool, str]:
     """(present, why not): whether cupy loads and CUDA device ``device`` exists."""
     try:
-        rt = _runtime()
-    except ImportError as exc:
-        return False, f"cupy is not installed (pip install 'kvrack[gpu]'): {exc}"
+        rt = cuda_runtime()
+    except RuntimeError as exc:
+        return False, str(exc)
     except Exception as exc:  # a broken CUDA install raises at import
         return False, f"cupy failed to load: {exc}"
     try:
@@ -51,6 +54,37 @@ def probe(device: int = 0) -> tuple[bool, str]:
     return True, ""
 
 
+_streams = threading.local()  # this thread's stream per device
+
+
+class Copier:
+    """Copies queued on this thread's stream for one device (addresses in bytes); ``wait`` returns when
+    all of them are done. The daemon's HBM worker and the clients' GPU reads and writes both use it."""
+
+    def __init__(self, device: int) -> None:
+        self.rt = cuda_runtime()
+        self.rt.setDevice(device)
+        by_device = getattr(_streams, "by_device", None)
+        if by_device is None:
+            by_device = _streams.by_device = {}
+        stream = by_device.get(device)
+        if stream is None:
+            stream = by_device[device] = self.rt.streamCreate()
+        self.stream = stream
+
+    def host_to_device(self, dst: int, src: int, nbytes: int) -> None:
+        self.rt.memcpyAsync(dst, src, nbytes, self.rt.memcpyHostToDevice, self.stream)
+
+    def device_to_host(self, dst: int, src: int, nbytes: int) -> None:
+        self.rt.memcpyAsync(dst, src, nbytes, self.rt.memcpyDeviceToHost, self.stream)
+
+    def device_to_device(self, dst: int, src: int, nbytes: int) -> None:
+        self.rt.memcpyAsync(dst, src, nbytes, self.rt.memcpyDeviceToDevice, self.stream)
+
+    def wait(self) -> None:
+        self.rt.streamSynchronize(self.stream)
+
+
 class DeviceBacking:
     """Segments of device memory on one GPU: one ``cudaMalloc`` and one IPC handle each."""
 
@@ -58,7 +92,7 @@ class DeviceBacking:
 
     def __init__(self, device: int) -> None:
         self.device = device
-        self.rt = _runtime()
+        self.rt = cuda_runtime()
 
     def create(self, seg_id: int, size: int) -> tuple[int, bytes]:
         """(device pointer, IPC handle) of a segment's memory."""
@@ -92,31 +126,21 @@ class ArenaAllocator(SlotAllocator):
 class HbmArena:
     """One namespace's HBM: slots in segments of device memory, and copies between host and device.
 
-    Copies run on the caller's thread on the arena's own stream; the daemon calls them from its
-    HBM worker thread only.
+    Copies run on the caller's thread, on that thread's stream; the daemon calls them from its HBM worker.
     """
 
     def __init__(self, namespace: str, device: int, capacity: int, segment_bytes: int) -> None:
         self.namespace = namespace
         self.device = device
         self.backing = DeviceBacking(device)
-        self.rt = self.backing.rt
         self.allocator = ArenaAllocator(TierId.HBM, capacity, segment_bytes, self.backing, min_align=PAGE_ALIGN)
         self.allocator.prefill()  # every handle exists from start-up: hello lists them all
-        self._local = threading.local()
-
-    @property
-    def capacity(self) -> int:
-        return self.allocator.capacity
 
     def allocate(self, nbytes: int) -> tuple[Segment, int] | None:
         return self.allocator.allocate(self.namespace, nbytes)
 
     def free(self, seg: Segment, slot: int) -> None:
         self.allocator.free(seg, slot)
-
-    def has_room_for(self, nbytes: int) -> bool:
-        return self.allocator.has_room_for(self.namespace, nbytes)
 
     def address(self, seg: Segment, slot: int) -> int:
         return int(seg.handle[0]) + slot * seg.slot_size
@@ -125,41 +149,25 @@ class HbmArena:
         """(segment id, size, IPC handle) of every segment, for ``hello``."""
         return [(s.id, s.size, s.handle[1]) for s in self.allocator.segments()]
 
-    def _stream(self) -> int:
-        stream = getattr(self._local, "stream", None)
-        if stream is None:
-            self.rt.setDevice(self.device)
-            stream = self._local.stream = self.rt.streamCreate()
-        return int(stream)
-
     def upload(self, seg: Segment, slot: int, host_addr: int, nbytes: int) -> None:
         """Host memory (a DRAM slot) into an HBM slot; returns when the bytes are on the device."""
-        stream = self._stream()
-        self.rt.memcpyAsync(self.address(seg, slot), host_addr, nbytes, self.rt.memcpyHostToDevice, stream)
-        self.rt.streamSynchronize(stream)
-
-    def download(self, seg: Segment, slot: int, host_addr: int, nbytes: int) -> None:
-        """An HBM slot into host memory; returns when the bytes are there."""
-        stream = self._stream()
-        self.rt.memcpyAsync(host_addr, self.address(seg, slot), nbytes, self.rt.memcpyDeviceToHost, stream)
-        self.rt.streamSynchronize(stream)
+        copier = Copier(self.device)
+        copier.host_to_device(self.address(seg, slot), host_addr, nbytes)
+        copier.wait()
 
     def stats(self) -> dict[str, Any]:
         return {**self.allocator.stats(), "used_bytes": self.allocator.used_bytes}
 
     def close(self) -> None:
-        streams = getattr(self._local, "stream", None)
-        if streams is not None:
-            self.rt.streamDestroy(streams)
         self.allocator.close()
 
 
 class IpcMaps:
-    """A client's view of HBM segments: handles opened once, pointers by segment id."""
+    """A client's view of HBM segments: each handle opened once, on first use (segment ids and handles
+    never change while the daemon runs)."""
 
     def __init__(self) -> None:
         self.handles: dict[int, bytes] = {}
-        self._by_handle: dict[bytes, int] = {}
         self.pointers: dict[int, int] = {}
 
     def add(self, segments: list[tuple[int, int, bytes]]) -> None:
@@ -170,22 +178,17 @@ class IpcMaps:
         """The device address of a segment in this process (opened on first use)."""
         ptr = self.pointers.get(seg_id)
         if ptr is None:
-            handle = self.handles[seg_id]
-            ptr = self._by_handle.get(handle)
-            if ptr is None:
-                rt = _runtime()
-                ptr = int(rt.ipcOpenMemHandle(handle, rt.cudaIpcMemLazyEnablePeerAccess))
-                self._by_handle[handle] = ptr
-            self.pointers[seg_id] = ptr
+            rt = cuda_runtime()
+            ptr = self.pointers[seg_id] = int(rt.ipcOpenMemHandle(self.handles[seg_id],
+                                                                   rt.cudaIpcMemLazyEnablePeerAccess))
         return ptr
 
     def close(self) -> None:
-        if self._by_handle:
-            rt = _runtime()
-            for ptr in self._by_handle.values():
+        if self.pointers:
+            rt = cuda_runtime()
+            for ptr in self.pointers.values():
                 try:
                     rt.ipcCloseMemHandle(ptr)
                 except Exception:  # the context may already be gone at interpreter exit
                     pass
-        self._by_handle.clear()
         self.pointers.clear()
