@@ -19,6 +19,7 @@ run: $(STAMP)
 ## test: the default test run (what CI runs)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -p no:cacheprovider
 
 ## test-all: every test, slow ones included
@@ -39,6 +40,7 @@ stress: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 ## example: regenerate deploy/kvrack.example.toml from the settings table
 example: $(STAMP)

@@ -54,7 +54,7 @@ _REQ = struct.Struct("<QQQ")  # raw socket request: offset, bytes, block size
 # ------------------------------------------------------------ baselines
 def _socket_server(port_pipe: Any, host: str, nbytes: int) -> None:
     data = np.random.default_rng(5).integers(0, 256, nbytes, dtype=np.uint8)
-    view = memoryview(data)
+    view = memoryview(data.data)
     lsock = socket.socket()
     lsock.bind((host, 0))
     lsock.listen(1)

@@ -309,10 +309,10 @@ class ClientCore:
             todo = [i for i, slot in enumerate(cxl[1]) if slot < 0]
             result, message = yield from self.put([keys[i] for i in todo], [views[i] for i in todo],
                                                   [parents[i] for i in todo] if parents is not None else None)
-            codes = [int(ErrorCode.ALREADY_EXISTS)] * len(keys)
+            merged = [int(ErrorCode.ALREADY_EXISTS)] * len(keys)
             for i, code in zip(todo, result.codes):
-                codes[i] = code
-            return PutResult(codes), message
+                merged[i] = code
+            return PutResult(merged), message
         codes: list[int] = []
         message = ""
         step = self.max_batch

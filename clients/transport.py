@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import functools
 import os
 import socket
 import ssl
@@ -270,7 +271,11 @@ class AsyncChannel:
     async def _wait(self, add, remove) -> None:  # type: ignore[no-untyped-def]
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        add(self.sock.fileno(), lambda: fut.done() or fut.set_result(None))
+        def wake() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        add(self.sock.fileno(), wake)
         try:
             await fut
         finally:
@@ -291,7 +296,10 @@ class AsyncChannel:
         sock = self.sock
         while parts:
             head = parts[:1] if self.tls else parts[:512]
-            sent = await self.when_ready(lambda head=head: sock.send(head[0]) if self.tls else sock.sendmsg(head))
+            def send(head: list[memoryview] = head) -> int:
+                return sock.send(head[0]) if self.tls else sock.sendmsg(head)
+
+            sent = await self.when_ready(send)
             while parts and sent >= len(parts[0]):
                 sent -= len(parts[0])
                 parts.pop(0)
@@ -332,7 +340,7 @@ class AsyncChannel:
             for view in sinks(reply):
                 got = self.frames.take_into(view)
                 while got < len(view):
-                    n = await self.when_ready(lambda view=view, got=got: self.sock.recv_into(view[got:]))
+                    n = await self.when_ready(functools.partial(self.sock.recv_into, view[got:]))
                     if not n:
                         raise ConnectionError("kvrackd closed the connection in the middle of a read")
                     got += n

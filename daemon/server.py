@@ -337,7 +337,7 @@ class ControlServer:
         self.draining = False
         self._next_session = 1
         self.requests = 0
-        self.deferred: set[asyncio.Task[None]] = set()
+        self.deferred: set[asyncio.Task[Any]] = set()
         # a handler answers (reply, fds) now, or returns a coroutine that produces them after I/O
         self._handlers: dict[type, Callable[[Connection, Any], Any]] = {
             P.Hello: self._hello, P.Lookup: self._lookup, P.Reserve: self._reserve, P.Commit: self._commit,

@@ -13,7 +13,7 @@ import os
 import re
 import tempfile
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -413,10 +413,10 @@ def _namespace_token(table: dict[str, Any], i: int) -> str:
     return token
 
 
-def load_config(path: str | Path | None = None, env: dict[str, str] | None = None,
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None,
                 overrides: dict[str, Any] | None = None) -> Config:
     """Embedded defaults, then the TOML file, then ``KVRACK_*`` env, then explicit overrides."""
-    env = os.environ if env is None else env
+    environ: Mapping[str, str] = os.environ if env is None else env
     raw: dict[str, Any] = {}
     if path is not None:
         try:
@@ -439,8 +439,8 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
             values[name] = BY_NAME[name].coerce(value, str(path))
             sources[name] = str(path)
     for s in SETTINGS:
-        if s.env in env:
-            values[s.name] = s.coerce(env[s.env], s.env)
+        if s.env in environ:
+            values[s.name] = s.coerce(environ[s.env], s.env)
             sources[s.name] = s.env
     for name, value in (overrides or {}).items():
         if name not in BY_NAME:

@@ -249,7 +249,7 @@ class NvmeTier:
             raise KeyError(key)
         span = align_up(rec.length)
         direct = out is not None and len(out) >= span and _address(out) % ALIGN == 0
-        buf = out if direct else memoryview(aligned_buffer(span))
+        buf = out if direct and out is not None else memoryview(aligned_buffer(span))
         try:
             self.files[rec.file].pread_into(buf[:span], rec.offset)
         except OSError as exc:
