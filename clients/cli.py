@@ -379,6 +379,13 @@ def sim(json_path: JsonOpt = None,
     console.print(table)
     console.print(f"best {result['best_policy']}: {result['best_vs_lru_hit_points']:+.2f} points over lru")
     for name, r in runs.items():
+        u = r["reuse"]
+        console.print(f"{name}: room over lru {r['max_vs_lru_hit_points']:.2f} points (no eviction: "
+                      f"{r['max_hit_ratio']:.4f}); {100 * u['reused_block_share']:.0f}% of blocks read again, "
+                      f"top 10% take {100 * u['top10_block_reuse_share']:.0f}% of reuses, "
+                      f"{100 * u['reuse_within_10s_10min']:.0f}% of reuses 10 s-10 min after the previous use "
+                      f"(median gap {u['reuse_gap_s']['p50']:.0f} s, {u['reuse_gap_requests']['p50']:.0f} requests)")
+    for name, r in runs.items():
         if "nvme" in r:
             n = r["nvme"]
             console.print(f"{name}: NVMe writes with admission {n['admission']} "

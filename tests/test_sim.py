@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from kvrack.clients.cli import app
 from kvrack.daemon.sim import report, traces
+from kvrack.daemon.sim.profile import reuse_profile
 from kvrack.daemon.sim.replay import Simulator, belady, simulate
 
 
@@ -127,6 +128,27 @@ def test_max_hit_ratio_caps_every_policy_and_the_margin() -> None:
     assert r["best_vs_lru_hit_points"] <= r["max_vs_lru_hit_points"] + 1e-6
     big = report.hit_ratios(reqs, 1.0, ["lru"])  # room for every block: LRU reaches the cap
     assert big["hit_ratio_by_policy"]["lru"] == pytest.approx(big["max_hit_ratio"], abs=1e-6)
+
+
+def test_reuse_profile_counts_prefix_reuses_gaps_and_skew() -> None:
+    R = traces.Request
+    reqs = [
+        R([1, 2, 3], time=0.0),
+        R([1, 2, 4], time=5.0),              # 1, 2 reused 5 s / 1 request later; 4 new
+        R([9, 2], time=20.0),                # 2 is not in the leading run: no reuse
+        R([1, 2, 4, 5], time=700.0, partial_tail=True),  # 1 (700 s), 2 (680 s), 4 (695 s) reused; 5 not stored
+        R([1, 2, 4, 5], time=710.0),         # 1, 2, 4 reused 10 s later; 5 was partial, so a miss
+    ]
+    p = reuse_profile(reqs)
+    assert (p["unique_blocks"], p["block_accesses"], p["reuses"]) == (6, 16, 8)
+    assert p["reused_block_share"] == pytest.approx(3 / 6)
+    # unique // 10 = 0, so the single most reused block (1 or 2: three reuses each) is the top tenth
+    assert p["top10_block_reuse_share"] == pytest.approx(3 / 8)
+    gaps = sorted([5, 5, 700, 680, 695, 10, 10, 10])
+    assert p["reuse_under_10s"] == pytest.approx(2 / 8)
+    assert p["reuse_within_10s_10min"] == pytest.approx(3 / 8)
+    assert p["reuse_gap_s"]["p50"] == gaps[int(0.5 * 7)]
+    assert reuse_profile([R([1], time=0.0)])["reuses"] == 0
 
 
 def test_sim_cli_on_a_mooncake_trace(tmp_path: Path) -> None:

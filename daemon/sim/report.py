@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from kvrack.daemon.policies import POLICIES
+from kvrack.daemon.sim.profile import reuse_profile
 from kvrack.daemon.sim.replay import belady, simulate
 from kvrack.daemon.sim.traces import GENERATORS, Request, unique_blocks
 
@@ -59,6 +60,7 @@ def hit_ratios(requests: Sequence[Request], fraction: float, policies: Sequence[
         "belady_hit_ratio": round(belady(requests, blocks), 6),
         # nothing ever evicted: no policy at any size can beat it, so it caps every margin over LRU
         "max_hit_ratio": round(top, 6), "max_vs_lru_hit_points": round(100 * (top - by_policy["lru"]), 3),
+        "reuse": reuse_profile(requests),
         "policies": detail,
     }
 
