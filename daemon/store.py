@@ -54,6 +54,10 @@ class Counters(SlotCounters):
                  "prefetch_keys", "prefetched_blocks", "background_evictions")
 
 
+# leaf-first descents deeper than this remember where they have been (parent cycles)
+_PLAIN_DEPTH = 64
+
+
 class Store:
     """Index + tiers + leases. One instance per daemon, driven from the event loop thread.
 
@@ -208,7 +212,7 @@ class Store:
             if len(key) != KEY_BYTES:
                 res.codes[i] = ErrorCode.INVALID_KEY
                 continue
-            if parent is not None and len(parent) != KEY_BYTES:
+            if parent is not None and (len(parent) != KEY_BYTES or parent == key):
                 res.codes[i] = ErrorCode.INVALID_PARENT
                 continue
             if size <= 0:
@@ -313,13 +317,19 @@ class Store:
         """The policy's victim, leaf first: a block whose descendants still have DRAM copies goes after
         them (deepest first), so chains shrink from their tails and shared heads stay (O(chain depth))."""
         v = self.lru.lru()
+        depth = 0
+        seen: set[Entry] = set()
         while v is not None and v.kids is not None:
-            for kid in v.each_kid():
-                if kid.prev is not None:  # evictable: committed, unpinned, in DRAM
-                    v = kid
-                    break
-            else:  # every cached descendant is pinned or still being copied: the block itself goes
+            # the first evictable child (committed, unpinned, in DRAM); none: pinned or being copied, v goes
+            kid = next((k for k in v.each_kid() if k.prev is not None), None)
+            if kid is None:
                 break
+            depth += 1
+            if depth > _PLAIN_DEPTH:  # parents are the clients' word: a declared cycle must not spin here
+                if kid in seen:
+                    break
+                seen.add(kid)
+            v = kid
         return v
 
     def _evict(self, e: Entry) -> None:

@@ -151,6 +151,13 @@ def test_reuse_profile_counts_prefix_reuses_gaps_and_skew() -> None:
     assert reuse_profile([R([1], time=0.0)])["reuses"] == 0
 
 
+def test_cyclic_parents_in_a_trace_do_not_hang_the_simulator() -> None:
+    R = traces.Request
+    reqs = [R([1, 2], parents=[2, 1]), R([3], parents=[3])] + [R([i]) for i in range(10, 40)]
+    res = simulate(reqs, 4, "lru")
+    assert res.requests == len(reqs) and res.tiers["dram"].evicted > 0
+
+
 def test_sim_cli_on_a_mooncake_trace(tmp_path: Path) -> None:
     rows = []
     for i in range(200):  # 20 conversations, 10 turns each, behind one shared head

@@ -84,6 +84,20 @@ def test_bad_keys_sizes_and_parents_fail_per_key(store):
     assert isinstance(store.lookup(s.namespace, [key(1), b"x" * 31]), str)
 
 
+def test_parent_cycles_declared_by_a_client_cannot_hang_eviction(store):
+    """Parents are the client's word: a key naming itself is refused, and a cycle through other keys
+    (each block the other's parent) still lets leaf-first eviction finish."""
+    s = session(store)
+    assert store.reserve(s, [key(3)], [BLOCK], [key(3)]).codes == [ErrorCode.INVALID_PARENT]
+    put(store, s, [key(1), key(2)], parents=[key(2), key(1)])
+    ring = [key(i) for i in range(200, 204)]  # a longer loop: 200 -> 201 -> 202 -> 203 -> 200
+    put(store, s, ring, parents=ring[-1:] + ring[:-1])
+    for i in range(10, 30):  # every put from here on evicts
+        put(store, s, [key(i)])
+    assert store.counters.evictions == 6 + 20 - 8  # room for 8 blocks
+    assert store.lookup(s.namespace, [key(29)])[0] == 1
+
+
 def test_lru_evicts_least_recently_used_unpinned(store):
     s = session(store)
     put(store, s, [key(i) for i in range(8)])  # full

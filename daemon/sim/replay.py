@@ -123,11 +123,15 @@ class Simulator:
     def _leaf_under(self, tier: _Tier, key: Any) -> Any | None:
         """The first evictable leaf of ``key``'s cached subtree (``key`` itself when it is a leaf)."""
         kids = self.kids_dram if tier is self.dram else self.kids_any
+        if not kids.get(key):  # the common case: the victim is a leaf
+            return key if key in tier.resident and key not in self.pinned else None
         stack = [key]
-        seen = 0
-        while stack and seen < 1_000_000:
+        seen = set()  # a trace's parents may form a cycle: visit each block once
+        while stack:
             k = stack.pop()
-            seen += 1
+            if k in seen:
+                continue
+            seen.add(k)
             children = kids.get(k)
             if not children:
                 if k in tier.resident and k not in self.pinned:
