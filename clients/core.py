@@ -23,6 +23,8 @@ from kvrack.daemon.protocol import ErrorCode, TierId
 Step = Generator[tuple[str, Any], Any, Any]
 _OK = int(ErrorCode.OK)
 _KEY_WIRE_BYTES = 40  # a 32-byte key as msgpack bin plus list overhead, for batch sizing
+TOUCH_BATCH = 64  # CXL reads reported to the daemon in one posted touch ...
+TOUCH_EVERY_S = 1.0  # ... or as soon as the oldest unreported one is this old (checked at the next read)
 
 
 @dataclasses.dataclass
@@ -151,6 +153,10 @@ class ClientCore:
         self.max_frame_bytes = P.DEFAULT_MAX_FRAME_BYTES
         self._next_id = 1
         self.hbm_reads = 0  # blocks copied device to device from the daemon's HBM arena
+        # keys read from the CXL region directly, not yet reported to the daemon's eviction order (touch)
+        self.cxl_touched: list[bytes] = []
+        self.cxl_touched_since = 0.0
+        self.touch_reports = 0
 
     def close(self) -> None:
         """Unmap the segments and the CXL region, drop the NIXL agent's connection."""
@@ -167,7 +173,7 @@ class ClientCore:
         """The ``client`` section of ``stats()``: what this client uses and has sent."""
         return {"transport": self.transport, "session": self.session, "requests": requests,
                 "cxl_region": getattr(self.cxl, "path", None), "hbm_segments": len(self.hbm.handles),
-                "hbm_reads": self.hbm_reads}
+                "hbm_reads": self.hbm_reads, "touch_reports": self.touch_reports}
 
     def _id(self) -> int:
         rid = self._next_id
@@ -416,16 +422,35 @@ class ClientCore:
             raise ValueError("get_into: keys and out must have the same length")
         hits = [False] * len(keys)
         rest = []
+        touched = self.cxl_touched
         for i, (key, out) in enumerate(zip(keys, outs)):
             if self.cxl.read(key, byte_view(out, writable=True)) is not None:
                 hits[i] = True
+                touched.append(key)
             else:
                 rest.append(i)
+        if touched:
+            yield from self._report_touches()
         if rest:
             got = yield from self._get_into_daemon([keys[i] for i in rest], [outs[i] for i in rest])
             for i, hit in zip(rest, got):
                 hits[i] = hit
         return hits
+
+    def _report_touches(self) -> Step:
+        """Tell the daemon which region blocks this client read by itself, so the region's eviction order
+        sees them: posted (no reply awaited), once ``TOUCH_BATCH`` keys or ``TOUCH_EVERY_S`` seconds gather."""
+        now = time.monotonic()
+        if not self.cxl_touched_since:
+            self.cxl_touched_since = now
+        if len(self.cxl_touched) < TOUCH_BATCH and now - self.cxl_touched_since < TOUCH_EVERY_S:
+            return
+        keys = list(dict.fromkeys(self.cxl_touched))
+        self.cxl_touched.clear()
+        self.cxl_touched_since = 0.0
+        for start in self._chunks(len(keys)):
+            self.touch_reports += 1
+            yield "post", ("touch", P.Touch(id=self._id(), keys=keys[start : start + self.max_batch]))
 
     def _get_into_daemon(self, keys: Sequence[bytes], outs: Sequence[Any]) -> Step:
         """Acquire, copy out, release; keys that found no DRAM room to be read from NVMe into (NO_SPACE)

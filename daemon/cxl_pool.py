@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from kvrack.daemon.copy_worker import CopyWorker
+from kvrack.daemon.cxl_order import RegionOrder
 from kvrack.daemon.index import COMMITTED, Entry
 from kvrack.daemon.progress import ProgressSignal
 from kvrack.tiers.cxl import CxlFull, CxlRegion
@@ -48,12 +49,14 @@ class CxlPool(CopyWorker):
     """Regions by namespace, and the copies into them (event-loop thread, plus one worker)."""
 
     def __init__(self, store: Store, paths: dict[str, str], capacity: int, chunk_bytes: int, coherent: bool,
-                 host_timeout_s: float) -> None:
+                 host_timeout_s: float, policy: str = "lru") -> None:
         self.store = store
         self.chunk_bytes = chunk_bytes
         self.coherent = coherent
         self.host_timeout_ms = int(host_timeout_s * 1000)
         self.regions: dict[str, CxlRegion] = {}
+        self.orders: dict[str, RegionOrder] = {}
+        self.copying: dict[str, int] = {}  # copies submitted and not landed, by namespace: room they will take
         try:
             for ns, path in paths.items():
                 region = CxlRegion.create(path, capacity, chunk_bytes, ns, coherent=coherent)
@@ -62,6 +65,10 @@ class CxlPool(CopyWorker):
                 reaped = region.reclaim(self.host_timeout_ms)
                 if reaped:
                     log.info("cxl: %s: reclaimed what %d dead host(s) left", path, reaped)
+                order = self.orders[ns] = RegionOrder(policy, region.g.nchunks)
+                self.copying[ns] = 0
+                for key in region.ready_keys():  # kept over a restart: parents unknown
+                    order.add(key)
         except BaseException:
             self.close()
             raise
@@ -84,8 +91,14 @@ class CxlPool(CopyWorker):
         if e.nbytes > self.chunk_bytes:
             self.skipped += 1
             return
+        order = self.orders[e.ns.name]
+        if e.key in order and region.size_of(e.key) is not None:  # stored again: the region has it
+            order.touch((e.key,))
+            return
+        self._make_room(e.ns.name, region)
         self.store.pin(e)  # the DRAM slot stays put until the copy is done
         self.in_flight += 1
+        self.copying[e.ns.name] += 1
         view = self.store.tier.view(e.seg, e.slot, e.nbytes)
         fut = self.worker.submit(self._copy, region, e.key, view)
         fut.add_done_callback(lambda f, e=e: self._on_loop(self._copied, e, f))
@@ -98,8 +111,21 @@ class CxlPool(CopyWorker):
         finally:
             view.release()
 
+    def _make_room(self, namespace: str, region: CxlRegion) -> None:
+        """Delete the order's victims (on the worker, ahead of the copy) until the copy has a free chunk,
+        so the region's own clock never has to choose."""
+        order = self.orders[namespace]
+        while len(order) + self.copying[namespace] >= order.capacity:
+            victim = order.victim()
+            if victim is None:
+                break
+            order.remove(victim)
+            order.evictions += 1
+            self.worker.submit(region.delete, victim)
+
     def _copied(self, e: Entry, fut: concurrent.futures.Future[bool]) -> None:
         self.in_flight -= 1
+        self.copying[e.ns.name] -= 1
         self.store.unpin(e)
         self._progress.fire()
         exc = fut.exception()
@@ -110,6 +136,9 @@ class CxlPool(CopyWorker):
         if fut.result():
             self.copied += 1
             self.copied_bytes += e.nbytes
+        region = self.regions[e.ns.name]
+        if fut.result() or region.size_of(e.key) is not None:  # stored now, or already there
+            self.orders[e.ns.name].add(e.key, e.parent)
         if e.state != COMMITTED:  # deleted while it was being copied: take the copy back out
             self._deleted(e)
 
@@ -121,7 +150,16 @@ class CxlPool(CopyWorker):
     def delete(self, namespace: str, key: bytes) -> bool:
         """Remove a block from the namespace's region (e.g. one DRAM no longer holds); whether it was there."""
         region = self.regions.get(namespace)
-        return region is not None and region.delete(key)
+        if region is None:
+            return False
+        self.orders[namespace].remove(key)
+        return region.delete(key)
+
+    def touch(self, namespace: str, keys: Sequence[bytes]) -> int:
+        """Reads of region blocks that clients served themselves from the mapping (or the daemon copied
+        back up): the eviction order sees them as hits. Returns how many the order holds."""
+        order = self.orders.get(namespace)
+        return 0 if order is None else order.touch(keys)
 
     def pending(self) -> int:
         return self.in_flight
@@ -182,6 +220,7 @@ class CxlPool(CopyWorker):
                 store.tier.free(seg, slot)
                 continue
             store.adopt_block(ns, key, seg, slot, nbytes)
+            self.orders[ns.name].touch((key,))
             self.promoted += 1
             up += 1
         return up
@@ -204,8 +243,10 @@ class CxlPool(CopyWorker):
 
     def stats(self, namespace: str | None = None) -> dict[str, Any]:
         """The tier's figures; with ``namespace``, its region only (what a client of it may see)."""
-        regions = {ns: r.stats() for ns, r in self.regions.items() if namespace in (None, ns)}
+        regions = {ns: {**r.stats(), **self.orders[ns].stats()} for ns, r in self.regions.items()
+                   if namespace in (None, ns)}
         return {"tier": "cxl", "tier_id": 2, "coherent": self.coherent, "copied_blocks": self.copied,
+                "policy_evictions": sum(r["policy_evictions"] for r in regions.values()),
                 "promoted_blocks": self.promoted,
                 "copied_bytes": self.copied_bytes, "skipped_blocks": self.skipped, "copies_in_flight": self.in_flight,
                 "blocks": sum(r["blocks"] for r in regions.values()),

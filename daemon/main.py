@@ -98,7 +98,7 @@ class Daemon:
         paths = region_paths([ns.name for ns in c.namespaces], c["cxl.dir"], c["cxl.paths"])
         t0 = time.perf_counter()
         self.server.cxl = CxlPool(self.store, paths, c["cxl.capacity_bytes"], c["cxl.chunk_bytes"], c["cxl.coherent"],
-                                  c["cxl.host_timeout_s"])
+                                  c["cxl.host_timeout_s"], c["cxl.policy"])
         log.info("cxl tier ready: %d region(s) (%s) in %.2fs; blocks up to %s are copied in behind each commit",
                  len(paths), ", ".join(paths.values()), time.perf_counter() - t0, format_size(c["cxl.chunk_bytes"]))
 

@@ -188,6 +188,14 @@ class Prefetch(msgspec.Struct, tag="prefetch", **_REQ):  # type: ignore[call-arg
     wait: bool = False
 
 
+class Touch(msgspec.Struct, tag="touch", **_REQ):  # type: ignore[call-arg]
+    """Blocks this client read from the CXL region by itself (no request on the read path), reported in
+    batches so the region's eviction order counts them; clients post it and do not wait for the reply."""
+
+    id: int
+    keys: list[bytes]
+
+
 class Read(msgspec.Struct, tag="read", **_REQ):  # type: ignore[call-arg]
     """TCP data path: the reply is followed by the bytes of every hit, in key order."""
 
@@ -205,9 +213,9 @@ class Write(msgspec.Struct, tag="write", **_REQ):  # type: ignore[call-arg]
 
 
 Request = (Hello | Lookup | Reserve | Commit | Abort | Acquire | Release | Delete | MapSegments | Stats | Read | Write
-           | Prefetch)
+           | Prefetch | Touch)
 OPS = ("hello", "lookup", "reserve", "commit", "abort", "acquire", "release", "delete", "map", "stats", "read",
-       "write", "prefetch")
+       "write", "prefetch", "touch")
 
 
 class Envelope(msgspec.Struct):
@@ -301,6 +309,7 @@ REPLY_TYPES: dict[str, type[Reply]] = {
     "read": ReadReply,
     "write": KeysReply,
     "prefetch": KeysReply,
+    "touch": Reply,
 }
 
 

@@ -343,7 +343,7 @@ class ControlServer:
             P.Hello: self._hello, P.Lookup: self._lookup, P.Reserve: self._reserve, P.Commit: self._commit,
             P.Abort: self._abort, P.Acquire: self._acquire, P.Release: self._release, P.Delete: self._delete,
             P.MapSegments: self._map, P.Stats: self._stats, P.Read: self._read, P.Write: self._write,
-            P.Prefetch: self._prefetch,
+            P.Prefetch: self._prefetch, P.Touch: self._touch,
         }
 
     # ------------------------------------------------------------ lifecycle
@@ -700,6 +700,12 @@ class ControlServer:
         finally:  # the mover released the keys it could not bring up; these are ours to release
             self.store.release(session, [keys[i] for i, _e in res.promote if res.descriptors[i] is not None])
         return P.KeysReply(id=rid, codes=res.codes, message=res.message), ()
+
+    def _touch(self, conn: Connection, req: P.Touch) -> tuple[P.Reply, tuple[int, ...]]:
+        """Reads a client served from the CXL mapping itself: hits for the region's eviction order."""
+        if self.cxl is not None:
+            self.cxl.touch(conn.session.namespace.name, req.keys)  # type: ignore[union-attr]
+        return P.Reply(id=req.id), ()
 
     def _release(self, conn: Connection, req: P.Release) -> tuple[P.Reply, tuple[int, ...]]:
         return self._keys_reply(req.id, self.store.release(conn.session, req.keys))

@@ -210,6 +210,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cxl.coherent", "bool", False,
             "The hosts' hardware keeps the region cache-coherent (one host, or CXL 3.x sharing): readers skip the "
             "invalidation step."),
+    Setting("cxl.policy", "choice", "lru",
+            "Eviction order of the CXL regions, leaf first as in DRAM; clients report the reads they serve "
+            "from the mapping themselves, so recency counts them (see docs/cxl.md).",
+            choices=("lru", "chain", "s3fifo", "sieve", "lfu")),
     Setting("cxl.host_timeout_s", "float", 30.0,
             "A writer host of another machine silent for this long is presumed dead: its half-written blocks and "
             "unused chunks are reclaimed.", min=1.0, max=86400.0),

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from kvrack.clients import Client, TierId
+from kvrack.clients.core import TOUCH_BATCH
 from kvrack.clients.spawn import DaemonProcess
 from kvrack.tiers.cxl import CxlRegion
 
@@ -174,6 +175,8 @@ def test_region_blocks_outlive_a_restart(region_dir):
             outs = [np.zeros(BLOCK, np.uint8) for _ in keys]
             assert c.get_into(keys, outs) == [True] * 6
             assert all(np.array_equal(o, w) for o, w in zip(outs, data))
+            region = next(t for t in c.stats()["tiers"] if t["tier"] == "cxl")["regions"]["default"]
+            assert region["tracked_blocks"] == 6, "the re-adopted blocks are in the eviction order"
         assert "adopted" in d.log()
     finally:
         d.stop()
@@ -259,12 +262,50 @@ def test_a_full_region_evicts_and_what_it_holds_reads_back_intact(region_dir):
         with Client.connect(d.socket_path) as c:
             cxl = next(t for t in c.stats()["tiers"] if t["tier"] == "cxl")
             region = cxl["regions"]["default"]
-            assert region["evictions"] > 0 and cxl["blocks"] <= region["chunks"]
+            # the daemon's order chose every victim ahead of the copies: the region's own clock never had to
+            assert cxl["policy_evictions"] > 0 and region["evictions"] == 0 and cxl["blocks"] <= region["chunks"]
+            assert region["policy"] == "lru" and region["tracked_blocks"] == cxl["blocks"]
             assert cxl["copied_blocks"] + cxl["skipped_blocks"] == 48
             outs = [np.zeros(BLOCK, np.uint8) for _ in keys]
             hits = c.get_into(keys, outs)  # from CXL, DRAM, or not at all: never wrong bytes
             for hit, out, want in zip(hits, outs, data):
                 assert not hit or np.array_equal(out, want)
             assert sum(hits) >= 16 + 1  # the DRAM tier alone holds 16
+    finally:
+        d.stop()
+
+
+def test_region_eviction_follows_reads_clients_report_and_keeps_chains_whole(region_dir):
+    """Clients read the region without asking the daemon, and report those reads in batches (touch): a chain
+    read again and again outlives blocks stored after it, and a chain leaves the region tail first."""
+    d = start(region_dir, **{"cxl.capacity_bytes": "24MiB"})  # room for about 20 blocks of 1 MiB
+    try:
+        keys, data = blocks(60)
+        hot, cold_chain, rest = keys[:4], keys[4:8], keys[8:]
+        with Client.connect(d.socket_path) as c:
+            c.put(hot, data[:4], parents=[None] + hot[:-1])
+            c.put(cold_chain, data[4:8], parents=[None] + cold_chain[:-1])
+            settle(c, 8)
+            outs = [np.zeros(BLOCK, np.uint8) for _ in hot]
+            for i in range(0, 52, 4):  # 4 blocks at a time behind the chains; the hot chain is read in between,
+                for _ in range(TOUCH_BATCH // 4):  # often enough that each round's reads are reported
+                    assert c.get_into(hot, outs) == [True] * 4
+                c.put(rest[i:i + 4], data[8 + i:12 + i])
+                settle(c, 12 + i)
+            assert c.stats()["client"]["touch_reports"] >= 1
+            cxl = next(t for t in c.stats()["tiers"] if t["tier"] == "cxl")
+            region = cxl["regions"]["default"]
+            assert cxl["policy_evictions"] > 0 and region["touches"] >= 4
+        region = CxlRegion.open(os.path.join(region_dir, "kvrack-cxl-default"))
+        try:
+            held = [region.size_of(k) is not None for k in keys]
+        finally:
+            region.close()
+        assert held[:4] == [True] * 4, "the chain read all along stays"
+        assert not any(held[4:8]), "the chain nobody read went, as the oldest"
+        assert not all(held[8:]) and any(held[8:])
+        # within a chain the tail goes first: never a kept block behind an evicted head
+        for chain in (held[:4], held[4:8]):
+            assert chain == sorted(chain, reverse=True)
     finally:
         d.stop()

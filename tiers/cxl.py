@@ -540,6 +540,14 @@ class CxlRegion:
             if state in (READY, WRITING):
                 yield slot, "ready" if state == READY else "writing", key, loc_chunk(loc), loc_nbytes(loc)
 
+    def ready_keys(self) -> list[bytes]:
+        """The keys of every READY entry, from one snapshot of the index (a writer rebuilding its eviction
+        order at start-up; entries may change right after)."""
+        g = self.g
+        _native.invalidate(self.mm, g.index_offset, g.nslots * ENTRY_BYTES)
+        entries = self._index_view.copy()
+        return [k.tobytes() for k in entries["key"][(entries["meta"] & 0xFF) == READY]]
+
     def stats(self) -> dict[str, Any]:
         g = self.g
         _native.invalidate(self.mm, g.index_offset, g.nslots * ENTRY_BYTES)

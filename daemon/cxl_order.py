@@ -1,0 +1,105 @@
+"""The daemon's eviction order over one namespace's CXL region: a named policy, leaf first.
+
+The region can evict by itself (a clock hand over its index, used when a
+writer finds no free chunk), but that order knows neither recency nor chains:
+it may drop a shared head while the blocks behind it stay, unreachable. So
+the daemon, the region's only allocating host, keeps the order here and frees
+room before each copy: the policy (``cxl.policy``) names a victim and a block
+whose descendants are still in the region gives way to them first, as in
+DRAM. It sees a block stored when its copy lands, read when the daemon copies
+it back up, and read when clients report the hits they served themselves
+from the mapping (``touch``, batched, no reply awaited).
+
+Keys only, never bytes; event-loop thread only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvrack.daemon.policies import make_policy
+
+# descents deeper than this remember the blocks they passed: parents come from clients and may loop
+_PLAIN_DEPTH = 64
+
+
+def _always(_: object) -> bool:
+    return True
+
+
+class RegionOrder:
+    """Which blocks of a region go first. ``capacity`` is the region's chunk count (one block a chunk)."""
+
+    def __init__(self, policy: str, capacity: int) -> None:
+        self.name = policy
+        self.capacity = capacity
+        self.policy = make_policy(policy, max(1, capacity))
+        self.parent: dict[bytes, bytes | None] = {}  # the members, with their parents
+        self.kids: dict[bytes, set[bytes]] = {}  # members' children that are members too
+        self.touches = 0  # reads reported or seen
+        self.evictions = 0  # victims named by the policy
+
+    def __len__(self) -> int:
+        return len(self.parent)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.parent
+
+    def add(self, key: bytes, parent: bytes | None = None) -> None:
+        """A block is in the region now (its copy landed, or it was there at start-up)."""
+        if key in self.parent:
+            self.policy.hit(key)
+            return
+        if parent == key:
+            parent = None
+        self.parent[key] = parent
+        self.policy.insert(key, parent)
+        if parent is not None and parent in self.parent:  # copies land in commit order: parents first
+            self.kids.setdefault(parent, set()).add(key)
+
+    def touch(self, keys: Any) -> int:
+        """Reads of these blocks; returns how many are members."""
+        n = 0
+        for key in keys:
+            if key in self.parent:
+                self.policy.hit(key)
+                n += 1
+        self.touches += n
+        return n
+
+    def remove(self, key: bytes) -> bool:
+        """The block left the region (evicted, deleted, or found gone); whether it was a member."""
+        if key not in self.parent:
+            return False
+        parent = self.parent.pop(key)
+        self.policy.remove(key)
+        if parent is not None:
+            siblings = self.kids.get(parent)
+            if siblings is not None:
+                siblings.discard(key)
+                if not siblings:
+                    del self.kids[parent]
+        self.kids.pop(key, None)
+        return True
+
+    def victim(self) -> bytes | None:
+        """The next block to go: the policy's choice, or its deepest descendant still in the region."""
+        v = self.policy.victim(_always)
+        seen: set[bytes] = set()
+        depth = 0
+        while v is not None:
+            kids = self.kids.get(v)
+            if not kids:
+                break
+            kid = next(iter(kids))
+            depth += 1
+            if depth > _PLAIN_DEPTH:
+                if kid in seen:
+                    break
+                seen.add(kid)
+            v = kid
+        return v
+
+    def stats(self) -> dict[str, Any]:
+        return {"policy": self.name, "tracked_blocks": len(self.parent), "policy_evictions": self.evictions,
+                "touches": self.touches}
