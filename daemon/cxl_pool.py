@@ -125,7 +125,8 @@ class CxlPool(CopyWorker):
 
     def _copied(self, e: Entry, fut: concurrent.futures.Future[bool]) -> None:
         self.in_flight -= 1
-        self.copying[e.ns.name] -= 1
+        if e.ns.name in self.copying:
+            self.copying[e.ns.name] -= 1
         self.store.unpin(e)
         self._progress.fire()
         exc = fut.exception()
@@ -136,9 +137,9 @@ class CxlPool(CopyWorker):
         if fut.result():
             self.copied += 1
             self.copied_bytes += e.nbytes
-        region = self.regions[e.ns.name]
-        if fut.result() or region.size_of(e.key) is not None:  # stored now, or already there
-            self.orders[e.ns.name].add(e.key, e.parent)
+        region, order = self.regions.get(e.ns.name), self.orders.get(e.ns.name)
+        if region is not None and order is not None and (fut.result() or region.size_of(e.key) is not None):
+            order.add(e.key, e.parent)  # stored now, or already there
         if e.state != COMMITTED:  # deleted while it was being copied: take the copy back out
             self._deleted(e)
 
