@@ -18,13 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvrack.daemon.policies import make_policy
-
-# descents deeper than this remember the blocks they passed: parents come from clients and may loop
-_PLAIN_DEPTH = 64
-
-
-def _always(_: object) -> bool:
-    return True
+from kvrack.daemon.policies.base import always, leaf_first
 
 
 class RegionOrder:
@@ -84,20 +78,18 @@ class RegionOrder:
 
     def victim(self) -> bytes | None:
         """The next block to go: the policy's choice, or its deepest descendant still in the region."""
-        v = self.policy.victim(_always)
-        seen: set[bytes] = set()
-        depth = 0
-        while v is not None:
-            kids = self.kids.get(v)
-            if not kids:
-                break
-            kid = next(iter(kids))
-            depth += 1
-            if depth > _PLAIN_DEPTH:
-                if kid in seen:
-                    break
-                seen.add(kid)
-            v = kid
+        return leaf_first(self.policy.victim(always), self._a_kid)
+
+    def _a_kid(self, key: bytes) -> bytes | None:
+        kids = self.kids.get(key)
+        return next(iter(kids)) if kids else None
+
+    def evict(self) -> bytes | None:
+        """Name the next victim and take it out of the order (the caller deletes it from the region)."""
+        v = self.victim()
+        if v is not None:
+            self.remove(v)
+            self.evictions += 1
         return v
 
     def stats(self) -> dict[str, Any]:

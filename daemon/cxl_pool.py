@@ -116,17 +116,14 @@ class CxlPool(CopyWorker):
         so the region's own clock never has to choose."""
         order = self.orders[namespace]
         while len(order) + self.copying[namespace] >= order.capacity:
-            victim = order.victim()
+            victim = order.evict()
             if victim is None:
                 break
-            order.remove(victim)
-            order.evictions += 1
             self.worker.submit(region.delete, victim)
 
     def _copied(self, e: Entry, fut: concurrent.futures.Future[bool]) -> None:
         self.in_flight -= 1
-        if e.ns.name in self.copying:
-            self.copying[e.ns.name] -= 1
+        self.copying[e.ns.name] -= 1
         self.store.unpin(e)
         self._progress.fire()
         exc = fut.exception()

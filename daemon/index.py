@@ -14,6 +14,8 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
+from kvrack.daemon.policies.base import always
+
 RESERVED = 1
 COMMITTED = 2
 DELETED = 3  # removed from the index, bytes kept until the last pin ends
@@ -146,14 +148,10 @@ class PolicyOrder:
         self.policy.hit(e)
 
     def lru(self) -> Entry | None:
-        return self.policy.victim(_always)  # type: ignore[return-value]
+        return self.policy.victim(always)  # type: ignore[return-value]
 
     def __iter__(self):  # members, nearest eviction first; a snapshot, so callers may unlink while walking
         yield from list(self.policy)
-
-
-def _always(_: object) -> bool:
-    return True
 
 
 class Namespace:

@@ -17,6 +17,7 @@ import blake3
 from kvrack.daemon.counters import SlotCounters
 from kvrack.daemon.index import COMMITTED, DELETED, RESERVED, Entry, LruList, Namespace, PolicyOrder
 from kvrack.daemon.policies.admission import Admission, make_admission
+from kvrack.daemon.policies.base import leaf_first
 from kvrack.daemon.protocol import KEY_BYTES, Descriptor, ErrorCode, TierId
 from kvrack.daemon.session import Session
 from kvrack.daemon.settings import NamespaceConfig
@@ -52,10 +53,6 @@ class Counters(SlotCounters):
     __slots__ = ("lookup_keys", "lookup_hits", "get_keys", "get_hits", "puts", "put_bytes", "evictions",
                  "evicted_bytes", "expired_reservations", "expired_pins", "aborted", "deleted", "no_space",
                  "prefetch_keys", "prefetched_blocks", "background_evictions")
-
-
-# leaf-first descents deeper than this remember where they have been (parent cycles)
-_PLAIN_DEPTH = 64
 
 
 class Store:
@@ -316,21 +313,7 @@ class Store:
     def _victim(self) -> Entry | None:
         """The policy's victim, leaf first: a block whose descendants still have DRAM copies goes after
         them (deepest first), so chains shrink from their tails and shared heads stay (O(chain depth))."""
-        v = self.lru.lru()
-        depth = 0
-        seen: set[Entry] = set()
-        while v is not None and v.kids is not None:
-            # the first evictable child (committed, unpinned, in DRAM); none: pinned or being copied, v goes
-            kid = next((k for k in v.each_kid() if k.prev is not None), None)
-            if kid is None:
-                break
-            depth += 1
-            if depth > _PLAIN_DEPTH:  # parents are the clients' word: a declared cycle must not spin here
-                if kid in seen:
-                    break
-                seen.add(kid)
-            v = kid
-        return v
+        return leaf_first(self.lru.lru(), _evictable_kid)
 
     def _evict(self, e: Entry) -> None:
         """Drop a block's DRAM copy; a block with no NVMe copy leaves the index."""
@@ -615,3 +598,8 @@ class Store:
 
 
 __all__ = ["Store", "KeysResult", "namespace_salt", "TierId"]
+
+
+def _evictable_kid(e: Entry) -> Entry | None:
+    """A child with a DRAM copy that may go now (committed, unpinned); None: the block itself goes."""
+    return None if e.kids is None else next((k for k in e.each_kid() if k.prev is not None), None)

@@ -15,10 +15,41 @@ import random
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Iterator
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 Key = Hashable
 Evictable = Callable[[Key], bool]
+T = TypeVar("T")
+
+def always(_: object) -> bool:
+    """Every block is evictable (a tier that pins nothing of its own)."""
+    return True
+
+
+# leaf-first descents deeper than this remember the blocks they passed (parent cycles)
+PLAIN_DEPTH = 64
+
+
+def leaf_first(victim: T | None, next_kid: Callable[[T], T | None]) -> T | None:
+    """From a policy's victim down to its deepest descendant that may go first (``next_kid``: one evictable
+    child, or None). Parents are the clients' word and may form a cycle: a descent deeper than
+    ``PLAIN_DEPTH`` remembers where it has been and stops where it would revisit a block."""
+    v = victim
+    seen: set[T] | None = None
+    depth = 0
+    while v is not None:
+        kid = next_kid(v)
+        if kid is None:
+            break
+        depth += 1
+        if depth > PLAIN_DEPTH:
+            if seen is None:
+                seen = set()
+            if kid in seen:
+                break
+            seen.add(kid)
+        v = kid
+    return v
 
 
 class EvictionPolicy(ABC):
