@@ -291,6 +291,8 @@ def bench_overwrite(json_path: JsonOpt = None,
                     block: Annotated[str, typer.Option(help="bytes per block")] = "256KiB",
                     fills: Annotated[float, typer.Option(min=1.0, max=100.0, help="bytes written, in DRAM "
                                                                                  "capacities")] = 4.0,
+                    chain_depth: Annotated[int, typer.Option(min=1, help="blocks per chain (each put names the "
+                                                                       "previous block as its parent)")] = 1,
                     ) -> None:
     """Put latency under sustained overwrite (DRAM full), with and without the background evictor."""
     from kvrack.clients import bench_overwrite as bo
@@ -298,9 +300,11 @@ def bench_overwrite(json_path: JsonOpt = None,
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("bench", total=2)
         result = bo.run(parse_size(capacity), parse_size(block), fills,
-                        progress=lambda label: progress.update(task, description=label, advance=1))
+                        progress=lambda label: progress.update(task, description=label, advance=1),
+                        chain_depth=chain_depth)
+    chains = f", chains of {chain_depth}" if chain_depth > 1 else ""
     table = Table(title=f"kvrack bench overwrite ({result['puts']} puts of {_fmt_bytes(result['block_bytes'])} "
-                        f"through {_fmt_bytes(result['capacity_bytes'])} of DRAM)")
+                        f"through {_fmt_bytes(result['capacity_bytes'])} of DRAM{chains})")
     for col in ("eviction", "p50", "p90", "p99", "p99.9", "max", "p99 / p50", "target"):
         table.add_column(col, justify="left" if col == "eviction" else "right")
     for name, label, target in (("background", "background evictor (watermarks)", "≤ 2"),

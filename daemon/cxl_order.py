@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvrack.daemon.policies import make_policy
-from kvrack.daemon.policies.base import always, leaf_first
+from kvrack.daemon.policies.base import LeafFirst, always
 
 
 class RegionOrder:
@@ -32,6 +32,7 @@ class RegionOrder:
         self.kids: dict[bytes, set[bytes]] = {}  # members' children that are members too
         self.touches = 0  # reads reported or seen
         self.evictions = 0  # victims named by the policy
+        self._leaf_first = LeafFirst(self._a_kid, self.parent.get, self.__contains__)
 
     def __len__(self) -> int:
         return len(self.parent)
@@ -78,7 +79,7 @@ class RegionOrder:
 
     def victim(self) -> bytes | None:
         """The next block to go: the policy's choice, or its deepest descendant still in the region."""
-        return leaf_first(self.policy.victim(always), self._a_kid)
+        return self._leaf_first(self.policy.victim(always))
 
     def _a_kid(self, key: bytes) -> bytes | None:
         kids = self.kids.get(key)

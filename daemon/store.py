@@ -17,7 +17,7 @@ import blake3
 from kvrack.daemon.counters import SlotCounters
 from kvrack.daemon.index import COMMITTED, DELETED, RESERVED, Entry, LruList, Namespace, PolicyOrder
 from kvrack.daemon.policies.admission import Admission, make_admission
-from kvrack.daemon.policies.base import leaf_first
+from kvrack.daemon.policies.base import LeafFirst
 from kvrack.daemon.protocol import KEY_BYTES, Descriptor, ErrorCode, TierId
 from kvrack.daemon.session import Session
 from kvrack.daemon.settings import NamespaceConfig
@@ -77,6 +77,7 @@ class Store:
         # queues in blocks, estimated from the capacity and a typical block size
         self.lru: LruList | PolicyOrder = LruList() if policy == "lru" else \
             PolicyOrder(policy, tier.capacity // max(1, typical_block_bytes))
+        self._leaf_first = LeafFirst(_evictable_kid, _dram_parent, _in_order)
         self._typical_block = typical_block_bytes
         self.pinned_blocks = 0  # blocks with at least one pin, deleted-but-pinned included
         self.counters = Counters()
@@ -312,8 +313,9 @@ class Store:
 
     def _victim(self) -> Entry | None:
         """The policy's victim, leaf first: a block whose descendants still have DRAM copies goes after
-        them (deepest first), so chains shrink from their tails and shared heads stay (O(chain depth))."""
-        return leaf_first(self.lru.lru(), _evictable_kid)
+        them (deepest first), so chains shrink from their tails and shared heads stay. The descent resumes
+        under the last victim, so a chain goes in O(depth) steps, not O(depth²)."""
+        return self._leaf_first(self.lru.lru())
 
     def _evict(self, e: Entry) -> None:
         """Drop a block's DRAM copy; a block with no NVMe copy leaves the index."""
@@ -603,3 +605,12 @@ __all__ = ["Store", "KeysResult", "namespace_salt", "TierId"]
 def _evictable_kid(e: Entry) -> Entry | None:
     """A child with a DRAM copy that may go now (committed, unpinned); None: the block itself goes."""
     return None if e.kids is None else next((k for k in e.each_kid() if k.prev is not None), None)
+
+
+def _in_order(e: Entry) -> bool:
+    """Committed, unpinned, with a DRAM copy: a member of the eviction order."""
+    return e.prev is not None
+
+
+def _dram_parent(e: Entry) -> Entry | None:
+    return None if e.parent is None else e.ns.entries.get(e.parent)

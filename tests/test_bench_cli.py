@@ -65,7 +65,9 @@ def test_bench_remote_writes_the_contracted_json(tmp_path):
 
 def test_bench_overwrite_writes_the_contracted_json(tmp_path):
     out = tmp_path / "overwrite.json"
-    data, _ = run_bench(out, "overwrite", "--capacity", "16MiB", "--block", "256KiB", "--fills", "2")
+    data, _ = run_bench(out, "overwrite", "--capacity", "16MiB", "--block", "256KiB", "--fills", "2",
+                        "--chain-depth", "16")
+    assert data["chain_depth"] == 16
     for key in ("put_p50_us", "put_p99_us", "put_p99_vs_p50"):
         assert isinstance(data[key], float) and data[key] > 0, key
     assert data["background"]["background_evictions"] > 0 and data["inline"]["background_evictions"] == 0

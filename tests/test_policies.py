@@ -181,3 +181,67 @@ def test_store_evicts_through_the_configured_policy(name: str) -> None:
     store.release(s, [k(0), k(1)])
     assert store.lru.size == store.dram_blocks == 8
     assert store.reserve(s, [k(999)], [block], None).codes == [ErrorCode.OK]
+
+
+# ------------------------------------------------------------- cost of leaf-first descents
+DEEP = 2000  # blocks in one chain: far past PLAIN_DEPTH, as a 1M-token prompt in 512-token blocks
+
+
+def test_leaf_first_resumes_so_a_deep_chain_goes_in_linear_steps() -> None:
+    """The policy names the chain's head at every eviction; the descent must not walk the whole chain
+    each time (that was O(depth²): ~2M steps here, seconds on the event loop)."""
+    from kvrack.daemon.policies.base import LeafFirst
+
+    parent = {i: (i - 1 if i else None) for i in range(DEEP)}
+    kids: dict[int, int] = {i - 1: i for i in range(1, DEEP)}
+    members = set(parent)
+    steps = 0
+
+    def next_kid(k: int) -> int | None:
+        nonlocal steps
+        steps += 1
+        return kids.get(k)
+
+    descend = LeafFirst(next_kid, parent.get, members.__contains__)
+    order = []
+    while members:
+        victim = descend(min(members))  # an LRU: the head is always the oldest
+        assert victim is not None and victim not in kids, "only a block with no member child may go"
+        order.append(victim)
+        members.discard(victim)
+        kids.pop(parent[victim], None)
+    assert order == list(range(DEEP - 1, -1, -1)), "tail first"
+    assert steps <= 3 * DEEP, f"{steps} descent steps for a chain of {DEEP}"
+
+
+def test_leaf_first_starts_again_from_the_victim_when_the_resume_point_cannot_go() -> None:
+    from kvrack.daemon.policies.base import LeafFirst
+
+    parent = {0: None, 1: 0, 2: 1, 3: 0}
+    kids = {0: [1, 3], 1: [2]}
+    members = {0, 1, 2, 3}
+    descend = LeafFirst(lambda k: next(iter(kids.get(k, [])), None), parent.get, members.__contains__)
+    assert descend(0) == 2
+    members.discard(2)
+    del kids[1]
+    members.discard(1)  # the resume point (2's parent) was pinned meanwhile: not a member
+    kids[0].remove(1)
+    assert descend(0) == 3, "the descent starts again at the victim and finds the other branch"
+    assert descend(None) is None and descend.resume is None
+
+
+def test_the_simulator_evicts_a_deep_chain_in_linear_steps() -> None:
+    class CountingKids(dict):
+        gets = 0
+
+        def get(self, *args):  # type: ignore[no-untyped-def]
+            CountingKids.gets += 1
+            return super().get(*args)
+
+    sim = CheckedSimulator(DEEP, "lru")
+    sim.kids_dram = CountingKids()
+    sim.serve(list(range(DEEP)))
+    CountingKids.gets = 0
+    sim.serve(list(range(10**6, 10**6 + DEEP)))  # replaces the whole chain, tail first
+    assert sim.dram.resident == set(range(10**6, 10**6 + DEEP))
+    assert CountingKids.gets <= 10 * DEEP, f"{CountingKids.gets} lookups to evict a chain of {DEEP}"

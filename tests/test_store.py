@@ -232,3 +232,30 @@ def test_kids_are_tracked_through_eviction_and_delete(store):
     assert mid.kids is None
     put(store, s, [key(10), key(11)], parents=[head.key, head.key])  # a fork under the head
     assert isinstance(head.kids, set) and len(head.kids) == 3
+
+
+@pytest.mark.parametrize("policy", ["lru", "chain"])
+def test_a_deep_chain_is_evicted_tail_first_in_linear_steps(clock, policy):
+    """A 1,000-block chain (a long prompt in small blocks) fills the tier; new blocks push it out tail first,
+    and the descents from its head resume instead of walking the chain at every eviction."""
+    depth = 1000
+    tier = MemoryTier(TierId.DRAM, depth * BLOCK, SEG, HeapBacking())
+    store = Store(tier, [NamespaceConfig("a")], clock=clock, policy=policy, typical_block_bytes=BLOCK)
+    s = session(store)
+    chain = [key(i) for i in range(1, depth + 1)]
+    put(store, s, chain, parents=[None] + chain[:-1])
+    steps = 0
+    descend = store._leaf_first
+    kid_of = descend.next_kid
+
+    def counted(e):
+        nonlocal steps
+        steps += 1
+        return kid_of(e)
+
+    descend.next_kid = counted
+    for i in range(0, depth // 2, 50):
+        put(store, s, [key(10_000 + j) for j in range(i, i + 50)])
+    present = store.lookup(s.namespace, chain)
+    assert present[0] == depth // 2, "the head half stays, the tail half went"
+    assert steps <= 4 * depth, f"{steps} descent steps to evict {depth // 2} blocks"

@@ -15,7 +15,7 @@ import random
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Iterator
-from typing import ClassVar, TypeVar
+from typing import ClassVar, Generic, TypeVar
 
 Key = Hashable
 Evictable = Callable[[Key], bool]
@@ -50,6 +50,41 @@ def leaf_first(victim: T | None, next_kid: Callable[[T], T | None]) -> T | None:
             seen.add(kid)
         v = kid
     return v
+
+
+class LeafFirst(Generic[T]):
+    """``leaf_first`` that resumes where its last descent ended.
+
+    A policy names a chain's head again and again while the chain shrinks
+    from its tail, so descending from the head each time costs O(depth) per
+    eviction and O(depth²) per chain. After returning a leaf this remembers
+    the leaf's parent: when the policy names the same victim next, the
+    descent starts there (the block that becomes a leaf once its child has
+    gone), and from the victim again when that block may no longer go.
+    ``may_go`` says whether a block may be evicted now; ``parent_of`` gives a
+    block's parent, or None.
+    """
+
+    __slots__ = ("next_kid", "parent_of", "may_go", "root", "resume")
+
+    def __init__(self, next_kid: Callable[[T], T | None], parent_of: Callable[[T], T | None],
+                 may_go: Callable[[T], bool]) -> None:
+        self.next_kid = next_kid
+        self.parent_of = parent_of
+        self.may_go = may_go
+        self.root: T | None = None
+        self.resume: T | None = None
+
+    def __call__(self, victim: T | None) -> T | None:
+        if victim is None:
+            self.root = self.resume = None
+            return None
+        resume = self.resume
+        start = resume if resume is not None and self.root is victim and self.may_go(resume) else victim
+        leaf = leaf_first(start, self.next_kid)
+        self.root = victim
+        self.resume = None if leaf is victim or leaf is None else self.parent_of(leaf)
+        return leaf
 
 
 class EvictionPolicy(ABC):
