@@ -63,3 +63,22 @@ def test_parent_cycles_end_the_descent() -> None:
         assert v is not None
         order.remove(v)
     assert len(order) == 0
+
+
+@pytest.mark.parametrize("policy", ["lru", "chain"])
+def test_a_deep_chain_leaves_in_linear_steps(policy: str) -> None:
+    depth = 2000
+    order = RegionOrder(policy, depth)
+    chain(order, list(range(depth)))
+    steps = 0
+    a_kid = order._a_kid
+
+    def counted(k: bytes) -> bytes | None:
+        nonlocal steps
+        steps += 1
+        return a_kid(k)
+
+    order._leaf_first.next_kid = counted
+    gone = [int.from_bytes(order.evict() or b"", "big") for _ in range(depth)]
+    assert gone == list(range(depth - 1, -1, -1)) and len(order) == 0
+    assert steps <= 3 * depth, f"{steps} descent steps for a chain of {depth}"
