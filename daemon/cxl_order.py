@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvrack.daemon.policies import make_policy
-from kvrack.daemon.policies.base import LeafFirst, always
+from kvrack.daemon.policies.base import LeafFirst, always, leaf_first
 
 
 class RegionOrder:
@@ -32,7 +32,7 @@ class RegionOrder:
         self.kids: dict[bytes, set[bytes]] = {}  # members' children that are members too
         self.touches = 0  # reads reported or seen
         self.evictions = 0  # victims named by the policy
-        self._leaf_first = LeafFirst(self._a_kid, self.parent.get, self.__contains__)
+        self._leaf_first = LeafFirst(lambda key: leaf_first(key, self._a_kid), self.parent.get, self.__contains__)
 
     def __len__(self) -> int:
         return len(self.parent)

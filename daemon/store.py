@@ -17,7 +17,7 @@ import blake3
 from kvrack.daemon.counters import SlotCounters
 from kvrack.daemon.index import COMMITTED, DELETED, RESERVED, Entry, LruList, Namespace, PolicyOrder
 from kvrack.daemon.policies.admission import Admission, make_admission
-from kvrack.daemon.policies.base import LeafFirst
+from kvrack.daemon.policies.base import LeafFirst, leaf_first
 from kvrack.daemon.protocol import KEY_BYTES, Descriptor, ErrorCode, TierId
 from kvrack.daemon.session import Session
 from kvrack.daemon.settings import NamespaceConfig
@@ -77,7 +77,7 @@ class Store:
         # queues in blocks, estimated from the capacity and a typical block size
         self.lru: LruList | PolicyOrder = LruList() if policy == "lru" else \
             PolicyOrder(policy, tier.capacity // max(1, typical_block_bytes))
-        self._leaf_first = LeafFirst(_evictable_kid, _dram_parent, _in_order)
+        self._leaf_first = LeafFirst(_deepest_evictable, _dram_parent, _in_order)
         self._typical_block = typical_block_bytes
         self.pinned_blocks = 0  # blocks with at least one pin, deleted-but-pinned included
         self.counters = Counters()
@@ -605,6 +605,10 @@ __all__ = ["Store", "KeysResult", "namespace_salt", "TierId"]
 def _evictable_kid(e: Entry) -> Entry | None:
     """A child with a DRAM copy that may go now (committed, unpinned); None: the block itself goes."""
     return None if e.kids is None else next((k for k in e.each_kid() if k.prev is not None), None)
+
+
+def _deepest_evictable(e: Entry) -> Entry | None:
+    return leaf_first(e, _evictable_kid)
 
 
 def _in_order(e: Entry) -> bool:

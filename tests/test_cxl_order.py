@@ -78,7 +78,7 @@ def test_a_deep_chain_leaves_in_linear_steps(policy: str) -> None:
         steps += 1
         return a_kid(k)
 
-    order._leaf_first.next_kid = counted
+    order._a_kid = counted  # type: ignore[method-assign]
     gone = [int.from_bytes(order.evict() or b"", "big") for _ in range(depth)]
     assert gone == list(range(depth - 1, -1, -1)) and len(order) == 0
     assert steps <= 3 * depth, f"{steps} descent steps for a chain of {depth}"

@@ -190,7 +190,7 @@ DEEP = 2000  # blocks in one chain: far past PLAIN_DEPTH, as a 1M-token prompt i
 def test_leaf_first_resumes_so_a_deep_chain_goes_in_linear_steps() -> None:
     """The policy names the chain's head at every eviction; the descent must not walk the whole chain
     each time (that was O(depth²): ~2M steps here, seconds on the event loop)."""
-    from kvrack.daemon.policies.base import LeafFirst
+    from kvrack.daemon.policies.base import LeafFirst, leaf_first
 
     parent = {i: (i - 1 if i else None) for i in range(DEEP)}
     kids: dict[int, int] = {i - 1: i for i in range(1, DEEP)}
@@ -202,7 +202,7 @@ def test_leaf_first_resumes_so_a_deep_chain_goes_in_linear_steps() -> None:
         steps += 1
         return kids.get(k)
 
-    descend = LeafFirst(next_kid, parent.get, members.__contains__)
+    descend = LeafFirst(lambda k: leaf_first(k, next_kid), parent.get, members.__contains__)
     order = []
     while members:
         victim = descend(min(members))  # an LRU: the head is always the oldest
@@ -215,12 +215,13 @@ def test_leaf_first_resumes_so_a_deep_chain_goes_in_linear_steps() -> None:
 
 
 def test_leaf_first_starts_again_from_the_victim_when_the_resume_point_cannot_go() -> None:
-    from kvrack.daemon.policies.base import LeafFirst
+    from kvrack.daemon.policies.base import LeafFirst, leaf_first
 
     parent = {0: None, 1: 0, 2: 1, 3: 0}
     kids = {0: [1, 3], 1: [2]}
     members = {0, 1, 2, 3}
-    descend = LeafFirst(lambda k: next(iter(kids.get(k, [])), None), parent.get, members.__contains__)
+    descend = LeafFirst(lambda v: leaf_first(v, lambda k: next(iter(kids.get(k, [])), None)), parent.get,
+                        members.__contains__)
     assert descend(0) == 2
     members.discard(2)
     del kids[1]

@@ -2,6 +2,7 @@
 
 import pytest
 
+from kvrack.daemon import store as store_module
 from kvrack.daemon.index import COMMITTED
 from kvrack.daemon.protocol import ErrorCode, TierId
 from kvrack.daemon.session import Session
@@ -235,7 +236,7 @@ def test_kids_are_tracked_through_eviction_and_delete(store):
 
 
 @pytest.mark.parametrize("policy", ["lru", "chain"])
-def test_a_deep_chain_is_evicted_tail_first_in_linear_steps(clock, policy):
+def test_a_deep_chain_is_evicted_tail_first_in_linear_steps(clock, policy, monkeypatch):
     """A 1,000-block chain (a long prompt in small blocks) fills the tier; new blocks push it out tail first,
     and the descents from its head resume instead of walking the chain at every eviction."""
     depth = 1000
@@ -245,15 +246,14 @@ def test_a_deep_chain_is_evicted_tail_first_in_linear_steps(clock, policy):
     chain = [key(i) for i in range(1, depth + 1)]
     put(store, s, chain, parents=[None] + chain[:-1])
     steps = 0
-    descend = store._leaf_first
-    kid_of = descend.next_kid
+    kid_of = store_module._evictable_kid
 
     def counted(e):
         nonlocal steps
         steps += 1
         return kid_of(e)
 
-    descend.next_kid = counted
+    monkeypatch.setattr(store_module, "_evictable_kid", counted)
     for i in range(0, depth // 2, 50):
         put(store, s, [key(10_000 + j) for j in range(i, i + 50)])
     present = store.lookup(s.namespace, chain)

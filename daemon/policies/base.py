@@ -53,23 +53,24 @@ def leaf_first(victim: T | None, next_kid: Callable[[T], T | None]) -> T | None:
 
 
 class LeafFirst(Generic[T]):
-    """``leaf_first`` that resumes where its last descent ended.
+    """A leaf-first descent that resumes where its last one ended.
 
     A policy names a chain's head again and again while the chain shrinks
     from its tail, so descending from the head each time costs O(depth) per
     eviction and O(depth²) per chain. After returning a leaf this remembers
     the leaf's parent: when the policy names the same victim next, the
     descent starts there (the block that becomes a leaf once its child has
-    gone), and from the victim again when that block may no longer go.
-    ``may_go`` says whether a block may be evicted now; ``parent_of`` gives a
-    block's parent, or None.
+    gone), and from the victim again when that block may no longer go or
+    leads to nothing. ``descend`` finds the leaf under a block (or None),
+    ``parent_of`` gives a block's parent (or None), ``may_go`` says whether a
+    block may be evicted now.
     """
 
-    __slots__ = ("next_kid", "parent_of", "may_go", "root", "resume")
+    __slots__ = ("descend", "parent_of", "may_go", "root", "resume")
 
-    def __init__(self, next_kid: Callable[[T], T | None], parent_of: Callable[[T], T | None],
-                 may_go: Callable[[T], bool]) -> None:
-        self.next_kid = next_kid
+    def __init__(self, descend: Callable[[T], T | None], parent_of: Callable[[T], T | None],
+                 may_go: Callable[[T], bool] = always) -> None:
+        self.descend = descend
         self.parent_of = parent_of
         self.may_go = may_go
         self.root: T | None = None
@@ -80,10 +81,11 @@ class LeafFirst(Generic[T]):
             self.root = self.resume = None
             return None
         resume = self.resume
-        start = resume if resume is not None and self.root is victim and self.may_go(resume) else victim
-        leaf = leaf_first(start, self.next_kid)
+        leaf = self.descend(resume) if resume is not None and self.root == victim and self.may_go(resume) else None
+        if leaf is None:
+            leaf = self.descend(victim)
         self.root = victim
-        self.resume = None if leaf is victim or leaf is None else self.parent_of(leaf)
+        self.resume = None if leaf is None or leaf == victim else self.parent_of(leaf)
         return leaf
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from kvrack.daemon.policies import EvictionPolicy, make_policy
 from kvrack.daemon.policies.admission import Admission, make_admission
+from kvrack.daemon.policies.base import LeafFirst
 from kvrack.daemon.sim.traces import Request
 
 
@@ -71,7 +72,8 @@ class SimResult:
 class _Tier:
     """Residency, resident-children counts and the policy of one simulated tier."""
 
-    __slots__ = ("name", "capacity", "policy", "resident", "counts", "descent_root", "descent_resume")
+    __slots__ = ("name", "capacity", "policy", "resident", "counts", "leaf_first")
+    leaf_first: LeafFirst[Any]  # set by the Simulator, which knows the chains
 
     def __init__(self, name: str, capacity: int, policy: EvictionPolicy) -> None:
         self.name = name
@@ -79,9 +81,6 @@ class _Tier:
         self.policy = policy
         self.resident: set[Any] = set()
         self.counts = TierCounts(capacity)
-        # where the last leaf-first descent ended (see Simulator._choose_victim)
-        self.descent_root: Any = None
-        self.descent_resume: Any = None
 
 
 class Simulator:
@@ -99,6 +98,9 @@ class Simulator:
         self.kids_dram: dict[Any, dict[Any, None]] = {}  # resident children in DRAM
         self.kids_any: dict[Any, dict[Any, None]] = {}  # resident children in DRAM or on NVMe
         self.pinned: set[Any] = set()
+        for tier in (self.dram, self.nvme):
+            if tier is not None:
+                tier.leaf_first = LeafFirst(lambda key, t=tier: self._leaf_under(t, key), self.parent.get)
         self.result = SimResult(policy if nvme_policy is None else f"{policy}/{nvme_policy}", admission)
         self.result.tiers["dram"] = self.dram.counts
         if self.nvme is not None:
@@ -150,12 +152,7 @@ class Simulator:
         victim = tier.policy.victim(self._unpinned)
         if victim is None:
             return None
-        resume = tier.descent_resume
-        leaf = self._leaf_under(tier, resume) if resume is not None and tier.descent_root == victim else None
-        if leaf is None:
-            leaf = self._leaf_under(tier, victim)
-        tier.descent_root = victim
-        tier.descent_resume = None if leaf is None or leaf == victim else self.parent.get(leaf)
+        leaf = tier.leaf_first(victim)
         if leaf is not None:
             return leaf
         # the subtree is held by a pinned block or a copy in a faster tier: ask for a true leaf
