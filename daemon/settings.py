@@ -134,6 +134,9 @@ class Setting:
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 
+# the eviction policies a tier may name (kvrack.daemon.policies.POLICIES; a test keeps the two in step)
+POLICY_NAMES = ("lru", "chain", "s3fifo", "sieve", "lfu")
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("server.socket_path", "str", None, "Unix socket the control server listens on.",
             dynamic_default=default_socket_path, default_doc="$XDG_RUNTIME_DIR/kvrack/kvrack.sock, else /tmp/kvrack/kvrack.sock"),
@@ -161,7 +164,7 @@ SETTINGS: tuple[Setting, ...] = (
             "starts cold. Segment files stay (and hold memory) while the daemon is stopped."),
     Setting("dram.policy", "choice", "lru",
             "Eviction order of the DRAM tier (see docs/policies.md and `kvrack sim` to pick one for a workload).",
-            choices=("lru", "chain", "s3fifo", "sieve", "lfu")),
+            choices=POLICY_NAMES),
     Setting("dram.evict_high_watermark", "float", 0.95,
             "When more than this share of DRAM is in use, a background evictor frees blocks down to "
             "dram.evict_low_watermark, so a put rarely has to evict on its own path (1.0 turns it off).",
@@ -186,7 +189,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("nvme.policy", "choice", "clock",
             "Eviction order of the NVMe tier: clock (second chance; 8 bytes a block) or a named policy as for "
             "dram.policy (its per-block bookkeeping, ~100 bytes a block).",
-            choices=("clock", "lru", "chain", "s3fifo", "sieve", "lfu")),
+            choices=("clock", *POLICY_NAMES)),
     Setting("nvme.admission", "choice", "all",
             "Which blocks reach NVMe: all = every commit is written through (each block survives DRAM eviction "
             "and restarts); reused = written only when DRAM evicts a block that was read or seen twice (far fewer "
@@ -213,7 +216,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cxl.policy", "choice", "lru",
             "Eviction order of the CXL regions, leaf first as in DRAM; clients report the reads they serve "
             "from the mapping themselves, so recency counts them (see docs/cxl.md).",
-            choices=("lru", "chain", "s3fifo", "sieve", "lfu")),
+            choices=POLICY_NAMES),
     Setting("cxl.host_timeout_s", "float", 30.0,
             "A writer host of another machine silent for this long is presumed dead: its half-written blocks and "
             "unused chunks are reclaimed.", min=1.0, max=86400.0),

@@ -122,3 +122,13 @@ def test_namespace_tokens(tmp_path):
         with pytest.raises(ConfigError, match=why) as err:
             load_config(cfg, env={})
         assert secret not in str(err.value)
+
+
+def test_policy_settings_offer_exactly_the_shipped_policies():
+    from kvrack.daemon.policies import POLICIES
+    from kvrack.daemon.settings import BY_NAME, POLICY_NAMES
+
+    assert sorted(POLICY_NAMES) == sorted(POLICIES)
+    for name in ("dram.policy", "cxl.policy"):
+        assert BY_NAME[name].choices == POLICY_NAMES
+    assert BY_NAME["nvme.policy"].choices == ("clock", *POLICY_NAMES)
