@@ -72,6 +72,5 @@ def run(capacity: int, block: int, fills: float, progress: Callable[[str], None]
     progress("each put evicting for itself")
     inline = _run_one({**base, "dram.evict_high_watermark": "1.0"}, capacity, block, puts, chain_depth)
     return {"capacity_bytes": capacity, "block_bytes": block, "chain_depth": chain_depth, "puts": puts,
-            "background": background,
-            "inline": inline, "put_p50_us": background["p50_us"], "put_p99_us": background["p99_us"],
-            "put_p99_vs_p50": background["p99_vs_p50"]}
+            "background": background, "inline": inline, "put_p50_us": background["p50_us"],
+            "put_p99_us": background["p99_us"], "put_p99_vs_p50": background["p99_vs_p50"]}
