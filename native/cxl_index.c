@@ -166,16 +166,40 @@ done:
     return ret;
 }
 
+/* The reader's record of what its host's caches already hold (`validated`, one uint64 per index
+ * slot plus two counters): validated[s] == v says that after (slot s, version v) was published this
+ * process dropped the block's lines and read it. A slot's version only grows while the region lives
+ * (every change of an entry goes through cxl_publish, which bumps it) and a block's chunk is not
+ * rewritten while an entry names it, so any line of the chunk cached since then holds this block:
+ * reading it again needs no invalidation of the data. Any other version (the block was replaced,
+ * moved, or never read here) drops the data lines as usual. The entry line is always dropped. */
+#define VALIDATED_SKIPPED 0 /* counters after the nslots words: reads that skipped the data invalidation */
+#define VALIDATED_DROPPED 1 /* and reads that dropped the block's lines */
+
+static int check_validated(Py_buffer *v, Py_ssize_t nslots) {
+    if (v->len / 8 >= nslots + 2 && ((uintptr_t)v->buf % 8) == 0) return 0;
+    PyErr_Format(PyExc_ValueError, "cxl_read: validated must be %zd 8-byte aligned uint64 words (nslots + 2), got %zd "
+                 "bytes", nslots + 2, v->len);
+    return -1;
+}
+
 PyObject *kv_cxl_read(PyObject *self, PyObject *args) {
-    Py_buffer region, key, dst;
+    Py_buffer region, key, dst, validated = {0};
     Py_ssize_t index_off, nslots, data_off, chunk_bytes, dst_off;
     int invalidate, retries;
-    if (!PyArg_ParseTuple(args, "y*nnnny*w*npi:cxl_read", &region, &index_off, &nslots, &data_off, &chunk_bytes, &key,
-                          &dst, &dst_off, &invalidate, &retries))
+    PyObject *validated_obj = Py_None;
+    if (!PyArg_ParseTuple(args, "y*nnnny*w*npi|O:cxl_read", &region, &index_off, &nslots, &data_off, &chunk_bytes,
+                          &key, &dst, &dst_off, &invalidate, &retries, &validated_obj))
         return NULL;
     PyObject *ret = NULL;
+    uint64_t *seen = NULL;
+    if (validated_obj != Py_None) {
+        if (PyObject_GetBuffer(validated_obj, &validated, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) goto done;
+        seen = (uint64_t *)validated.buf;
+    }
     if (check_index("cxl_read", &region, index_off, nslots) < 0) goto done;
     if (check_key("cxl_read", &key) < 0) goto done;
+    if (seen && check_validated(&validated, nslots) < 0) goto done;
     if (chunk_bytes <= 0 || data_off < 0 || data_off > region.len) {
         PyErr_SetString(PyExc_ValueError, "cxl_read: bad data geometry");
         goto done;
@@ -205,7 +229,8 @@ PyObject *kv_cxl_read(PyObject *self, PyObject *args) {
         const entry_t *e = (const entry_t *)(index + slot * ENTRY_BYTES);
         int release = nbytes >= KV_GIL_RELEASE_BYTES;
         PyThreadState *ts = release ? PyEval_SaveThread() : NULL;
-        if (invalidate) {
+        int drop = invalidate && !(seen && __atomic_load_n(&seen[slot], __ATOMIC_RELAXED) == snap.version);
+        if (drop) {
             kv_invalidate_range(src, nbytes);
             kv_mfence();
         }
@@ -219,6 +244,10 @@ PyObject *kv_cxl_read(PyObject *self, PyObject *args) {
         uint64_t v2 = __atomic_load_n(&e->version, __ATOMIC_ACQUIRE);
         if (release) PyEval_RestoreThread(ts);
         if (v2 == snap.version) {
+            if (seen && invalidate) {
+                __atomic_store_n(&seen[slot], snap.version, __ATOMIC_RELAXED);
+                __atomic_fetch_add(&seen[nslots + (drop ? VALIDATED_DROPPED : VALIDATED_SKIPPED)], 1, __ATOMIC_RELAXED);
+            }
             result = (Py_ssize_t)nbytes;
             break;
         }
@@ -228,6 +257,7 @@ done:
     PyBuffer_Release(&region);
     PyBuffer_Release(&key);
     PyBuffer_Release(&dst);
+    if (validated.obj) PyBuffer_Release(&validated);
     return ret;
 }
 

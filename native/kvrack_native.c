@@ -365,8 +365,10 @@ static PyMethodDef methods[] = {
      "cxl_lookup(region, index_offset, nslots, keys, out, invalidate) -> leading hits; probes the CXL index for "
      "each 32-byte key, writes its entry slot (or -1) into out (int64 per key)."},
     {"cxl_read", kv_cxl_read, METH_VARARGS,
-     "cxl_read(region, index_offset, nslots, data_offset, chunk_bytes, key, dst, dst_offset, invalidate, retries) -> "
-     "bytes read, -1 when absent, -2 when it kept changing under the reader; a torn copy is never returned."},
+     "cxl_read(region, index_offset, nslots, data_offset, chunk_bytes, key, dst, dst_offset, invalidate, retries, "
+     "validated=None) -> bytes read, -1 when absent, -2 when it kept changing under the reader; a torn copy is never "
+     "returned. validated (nslots + 2 uint64, this process's): the entry version each slot was last read at, so a "
+     "block read again unchanged skips the data invalidation; then the counts of reads that skipped and that did it."},
     {"cxl_publish", kv_cxl_publish, METH_VARARGS,
      "cxl_publish(region, entry_offset, meta, key, loc, check); rewrites one index entry under its seqlock "
      "(odd version, flushed; fields, flushed; even version, flushed)."},

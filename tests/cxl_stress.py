@@ -86,6 +86,8 @@ def run(path: str, seconds: float, seed: int, role: str) -> dict[str, int]:
             counts["evictions"] += region.evict(rng.randrange(1, 8))
         if writer and counts["ops"] % 256 == 0:
             region.heartbeat()
+    st = region.stats()  # hits that dropped the block's lines, and hits on a block unchanged since read here
+    counts["reads_invalidated"], counts["reads_unchanged"] = st["reads_invalidated"], st["reads_unchanged_since_last_read"]
     region.close()
     return counts
 

@@ -160,6 +160,11 @@ def test_cxl_index_calls_reject_bad_geometry_and_keys():
     # an empty index: every key misses
     assert _native.cxl_lookup(m, 0, 4, bytes(64), np.empty(2, dtype=np.int64), True) == 0
     assert _native.cxl_read(m, 0, 4, 4096, 4096, bytes(32), bytearray(10), 0, True, 3) == -1
+    with pytest.raises(ValueError, match="validated must be 6"):
+        _native.cxl_read(m, 0, 4, 4096, 4096, bytes(32), bytearray(10), 0, True, 3, np.zeros(5, np.uint64))
+    with pytest.raises(BufferError, match="not writable"):
+        _native.cxl_read(m, 0, 4, 4096, 4096, bytes(32), bytearray(10), 0, True, 3, bytes(48))
+    assert _native.cxl_read(m, 0, 4, 4096, 4096, bytes(32), bytearray(10), 0, True, 3, np.zeros(6, np.uint64)) == -1
     m.close()
 
 

@@ -19,6 +19,7 @@ import hashlib
 import logging
 import mmap
 import os
+import secrets
 import stat
 import struct
 import threading
@@ -116,6 +117,9 @@ class CxlRegion:
         self._heap_lock = threading.Lock()
         self._lock: RegionLock | None = None
         self._index_view = np.frombuffer(mm, dtype=ENTRY_DTYPE, count=geometry.nslots, offset=geometry.index_offset)
+        # per slot, the entry version this process last read the block at (then two counters): a block read
+        # again unchanged needs no invalidation of its lines (see cxl_read); zero pages until touched
+        self._validated = np.zeros(geometry.nslots + 2, dtype=np.uint64)
         self.counters = {"puts": 0, "put_bytes": 0, "exists": 0, "evictions": 0, "deletes": 0, "reaped_hosts": 0}
 
     # ---- opening ---------------------------------------------------------------------------------
@@ -203,10 +207,14 @@ class CxlRegion:
     def read(self, key: bytes, dst: Any, offset: int = 0) -> int | None:
         """Copy the block into ``dst`` at ``offset``: its length, or None when it is not (or no longer) here."""
         n = _native.cxl_read(self.mm, self.g.index_offset, self.g.nslots, self.g.data_offset, self.g.chunk_bytes,
-                             key, dst, offset, self.invalidate, READ_RETRIES)
+                             key, dst, offset, self.invalidate, READ_RETRIES, self._validated)
         if n == -2:
             raise TimeoutError(f"cxl: block {key.hex()[:16]} kept changing during {READ_RETRIES} reads")
         return None if n < 0 else n
+
+    def forget_reads(self) -> None:
+        """Treat every block as never read by this process: the next read of each drops its lines again."""
+        self._validated[: self.g.nslots] = 0
 
     def size_of(self, key: bytes) -> int | None:
         """The block's length, or None when it is not here (a snapshot: it may go right after)."""
@@ -559,6 +567,8 @@ class CxlRegion:
             "index_slots": g.nslots, "blocks": ready, "bytes": nbytes, "capacity": g.nchunks * g.chunk_bytes,
             "writing": int((states == WRITING).sum()), "tombstones": int((states == TOMBSTONE).sum()),
             "host": self.host, "invalidate_on_read": self.invalidate,
+            "reads_invalidated": int(self._validated[self.g.nslots + 1]),
+            "reads_unchanged_since_last_read": int(self._validated[self.g.nslots]),
             "lock_takeovers": self._lock.takeovers if self._lock else 0, **self.counters,
         }
 
@@ -581,6 +591,13 @@ def _format(mm: mmap.mmap, g: Geometry, namespace: str) -> None:
     for off in range(0, meta_end, len(zeros)):
         n = min(len(zeros), meta_end - off)
         _native.nt_store(view, off, zeros, 0, n)
+    # Slot versions only grow while a region lives; starting them at a random even base makes a (slot,
+    # version) pair name one entry across formats too, so a process still mapping the file from before
+    # (and remembering the versions it read blocks at) cannot take a new block for one it has read.
+    versions = np.frombuffer(mm, dtype=ENTRY_DTYPE, count=g.nslots, offset=g.index_offset)["version"]
+    versions[:] = secrets.randbits(60) << 1 | 1 << 61  # even, under 2**62: room for 2**62 more publishes
+    del versions
+    _native.flush(view, g.index_offset, g.nslots * ENTRY_BYTES)
     header = g.pack()
     view[: len(header)] = header
     view[OFF_NAMESPACE: OFF_NAMESPACE + len(name)] = name
