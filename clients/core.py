@@ -171,9 +171,12 @@ class ClientCore:
 
     def client_stats(self, requests: int) -> dict[str, Any]:
         """The ``client`` section of ``stats()``: what this client uses and has sent."""
+        cxl_reads = self.cxl.read_counts() if self.cxl is not None else {}
         return {"transport": self.transport, "session": self.session, "requests": requests,
                 "cxl_region": getattr(self.cxl, "path", None), "hbm_segments": len(self.hbm.handles),
-                "hbm_reads": self.hbm_reads, "touch_reports": self.touch_reports}
+                "hbm_reads": self.hbm_reads, "touch_reports": self.touch_reports,
+                "cxl_reads_invalidated": cxl_reads.get("reads_invalidated", 0),
+                "cxl_reads_unchanged": cxl_reads.get("reads_unchanged_since_last_read", 0)}
 
     def _id(self) -> int:
         rid = self._next_id

@@ -293,6 +293,9 @@ def test_region_eviction_follows_reads_clients_report_and_keeps_chains_whole(reg
                 c.put(rest[i:i + 4], data[8 + i:12 + i])
                 settle(c, 12 + i)
             assert c.stats()["client"]["touch_reports"] >= 1
+            # the hot chain's blocks stay put between reads: after the first read of each, no invalidation
+            client = c.stats()["client"]
+            assert client["cxl_reads_invalidated"] >= 4 and client["cxl_reads_unchanged"] > client["cxl_reads_invalidated"]
             cxl = next(t for t in c.stats()["tiers"] if t["tier"] == "cxl")
             region = cxl["regions"]["default"]
             assert cxl["policy_evictions"] > 0 and region["touches"] >= 4

@@ -216,6 +216,11 @@ class CxlRegion:
         """Treat every block as never read by this process: the next read of each drops its lines again."""
         self._validated[: self.g.nslots] = 0
 
+    def read_counts(self) -> dict[str, int]:
+        """This process's reads that dropped the block's lines, and those of blocks unchanged since it read them."""
+        return {"reads_invalidated": int(self._validated[self.g.nslots + 1]),
+                "reads_unchanged_since_last_read": int(self._validated[self.g.nslots])}
+
     def size_of(self, key: bytes) -> int | None:
         """The block's length, or None when it is not here (a snapshot: it may go right after)."""
         found, slots = self.lookup(key)
@@ -567,8 +572,7 @@ class CxlRegion:
             "index_slots": g.nslots, "blocks": ready, "bytes": nbytes, "capacity": g.nchunks * g.chunk_bytes,
             "writing": int((states == WRITING).sum()), "tombstones": int((states == TOMBSTONE).sum()),
             "host": self.host, "invalidate_on_read": self.invalidate,
-            "reads_invalidated": int(self._validated[self.g.nslots + 1]),
-            "reads_unchanged_since_last_read": int(self._validated[self.g.nslots]),
+            **self.read_counts(),
             "lock_takeovers": self._lock.takeovers if self._lock else 0, **self.counters,
         }
 
