@@ -423,15 +423,11 @@ class ClientCore:
             return (yield from self._get_into_daemon(keys, outs))
         if len(outs) != len(keys):
             raise ValueError("get_into: keys and out must have the same length")
-        hits = [False] * len(keys)
-        rest = []
+        got = self.cxl.read_many(keys, [byte_view(out, writable=True) for out in outs])
+        hits = [n is not None for n in got]
+        rest = [i for i, hit in enumerate(hits) if not hit]
         touched = self.cxl_touched
-        for i, (key, out) in enumerate(zip(keys, outs)):
-            if self.cxl.read(key, byte_view(out, writable=True)) is not None:
-                hits[i] = True
-                touched.append(key)
-            else:
-                rest.append(i)
+        touched.extend(key for key, hit in zip(keys, hits) if hit)
         if touched:
             yield from self._report_touches()
         if rest:

@@ -183,6 +183,105 @@ static int check_validated(Py_buffer *v, Py_ssize_t nslots) {
     return -1;
 }
 
+/* What a block read needs of the region, and what it found when it could not read. */
+typedef struct {
+    const char *base, *index;
+    Py_ssize_t len, nslots, data_off, chunk_bytes;
+    int invalidate, retries;
+    uint64_t *seen; /* the reader's validated record, or NULL */
+} read_geom_t;
+
+enum { READ_ABSENT = -1, READ_BUSY = -2, READ_CORRUPT = -3, READ_TOO_SMALL = -4 };
+
+typedef struct {
+    Py_ssize_t slot;
+    uint64_t chunk, nbytes;
+} read_fail_t;
+
+/* Read key's block into d (room for cap bytes): its length, or READ_ABSENT / READ_BUSY, or READ_CORRUPT /
+ * READ_TOO_SMALL with *why filled in. Touches no Python object: callers may hold or drop the GIL. */
+static Py_ssize_t read_block(const read_geom_t *g, const unsigned char *key, char *d, Py_ssize_t cap,
+                             read_fail_t *why) {
+    for (int attempt = 0; attempt <= g->retries; attempt++) {
+        Py_ssize_t slot = -1;
+        entry_t snap;
+        int r = probe(g->index, g->nslots, key, g->invalidate, 0, &slot, &snap);
+        if (r == 0) return READ_ABSENT;
+        if (r < 0) continue;
+        uint64_t chunk = snap.loc & 0xffffffffu, nbytes = snap.loc >> 32;
+        Py_ssize_t nchunks = (g->len - g->data_off) / g->chunk_bytes;
+        why->slot = slot;
+        why->chunk = chunk;
+        why->nbytes = nbytes;
+        if (chunk >= (uint64_t)nchunks || nbytes > (uint64_t)g->chunk_bytes) return READ_CORRUPT;
+        if ((uint64_t)cap < nbytes) return READ_TOO_SMALL;
+        const char *src = g->base + g->data_off + (Py_ssize_t)chunk * g->chunk_bytes;
+        const entry_t *e = (const entry_t *)(g->index + slot * ENTRY_BYTES);
+        int drop = g->invalidate && !(g->seen && __atomic_load_n(&g->seen[slot], __ATOMIC_RELAXED) == snap.version);
+        if (drop) {
+            kv_invalidate_range(src, nbytes);
+            kv_mfence();
+        }
+        memcpy(d, src, nbytes);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        kv_lfence();
+        if (g->invalidate) {
+            kv_invalidate_range(e, ENTRY_BYTES);
+            kv_mfence();
+        }
+        if (__atomic_load_n(&e->version, __ATOMIC_ACQUIRE) != snap.version) continue;
+        if (g->seen && g->invalidate) {
+            __atomic_store_n(&g->seen[slot], snap.version, __ATOMIC_RELAXED);
+            __atomic_fetch_add(&g->seen[g->nslots + (drop ? VALIDATED_DROPPED : VALIDATED_SKIPPED)], 1,
+                               __ATOMIC_RELAXED);
+        }
+        return (Py_ssize_t)nbytes;
+    }
+    return READ_BUSY;
+}
+
+/* A clear error for READ_CORRUPT / READ_TOO_SMALL; 0 for any other result. */
+static int read_error(const char *fn, Py_ssize_t r, const read_fail_t *why, const read_geom_t *g, Py_ssize_t cap) {
+    if (r == READ_CORRUPT) {
+        PyErr_Format(PyExc_RuntimeError, "%s: index entry %zd names chunk %llu length %llu, outside the region's %zd "
+                     "chunks of %zd bytes (corrupt region?)", fn, why->slot, (unsigned long long)why->chunk,
+                     (unsigned long long)why->nbytes, (g->len - g->data_off) / g->chunk_bytes, g->chunk_bytes);
+        return -1;
+    }
+    if (r == READ_TOO_SMALL) {
+        PyErr_Format(PyExc_ValueError, "%s: the block is %llu bytes, the destination has room for %zd",
+                     fn, (unsigned long long)why->nbytes, cap);
+        return -1;
+    }
+    return 0;
+}
+
+/* Shared set-up of cxl_read and cxl_read_many: geometry checks and the optional validated record. */
+static int read_setup(const char *fn, Py_buffer *region, Py_ssize_t index_off, Py_ssize_t nslots,
+                      Py_ssize_t data_off, Py_ssize_t chunk_bytes, int invalidate, int retries,
+                      PyObject *validated_obj, Py_buffer *validated, read_geom_t *g) {
+    if (check_index(fn, region, index_off, nslots) < 0) return -1;
+    if (chunk_bytes <= 0 || data_off < 0 || data_off > region->len) {
+        PyErr_Format(PyExc_ValueError, "%s: bad data geometry", fn);
+        return -1;
+    }
+    g->seen = NULL;
+    if (validated_obj != Py_None) {
+        if (PyObject_GetBuffer(validated_obj, validated, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return -1;
+        if (check_validated(validated, nslots) < 0) return -1;
+        g->seen = (uint64_t *)validated->buf;
+    }
+    g->base = (const char *)region->buf;
+    g->index = g->base + index_off;
+    g->len = region->len;
+    g->nslots = nslots;
+    g->data_off = data_off;
+    g->chunk_bytes = chunk_bytes;
+    g->invalidate = invalidate;
+    g->retries = retries;
+    return 0;
+}
+
 PyObject *kv_cxl_read(PyObject *self, PyObject *args) {
     Py_buffer region, key, dst, validated = {0};
     Py_ssize_t index_off, nslots, data_off, chunk_bytes, dst_off;
@@ -192,71 +291,95 @@ PyObject *kv_cxl_read(PyObject *self, PyObject *args) {
                           &key, &dst, &dst_off, &invalidate, &retries, &validated_obj))
         return NULL;
     PyObject *ret = NULL;
-    uint64_t *seen = NULL;
-    if (validated_obj != Py_None) {
-        if (PyObject_GetBuffer(validated_obj, &validated, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) goto done;
-        seen = (uint64_t *)validated.buf;
-    }
-    if (check_index("cxl_read", &region, index_off, nslots) < 0) goto done;
+    read_geom_t g;
+    read_fail_t why;
+    if (read_setup("cxl_read", &region, index_off, nslots, data_off, chunk_bytes, invalidate, retries,
+                   validated_obj, &validated, &g) < 0)
+        goto done;
     if (check_key("cxl_read", &key) < 0) goto done;
-    if (seen && check_validated(&validated, nslots) < 0) goto done;
-    if (chunk_bytes <= 0 || data_off < 0 || data_off > region.len) {
-        PyErr_SetString(PyExc_ValueError, "cxl_read: bad data geometry");
+    if (dst_off < 0 || dst_off > dst.len) {
+        kv_check_range("cxl_read", "destination", dst.len, dst_off, 0);
         goto done;
     }
-    const char *index = (const char *)region.buf + index_off;
-    Py_ssize_t result = -2;
-    for (int attempt = 0; attempt <= retries; attempt++) {
-        Py_ssize_t slot = -1;
-        entry_t snap;
-        int r = probe(index, nslots, key.buf, invalidate, 0, &slot, &snap);
-        if (r == 0) {
-            result = -1;
-            break;
-        }
-        if (r < 0) continue;
-        uint64_t chunk = snap.loc & 0xffffffffu, nbytes = snap.loc >> 32;
-        Py_ssize_t nchunks = (region.len - data_off) / chunk_bytes;
-        if (chunk >= (uint64_t)nchunks || nbytes > (uint64_t)chunk_bytes) {
-            PyErr_Format(PyExc_RuntimeError, "cxl_read: index entry %zd names chunk %llu length %llu, outside the "
-                         "region's %zd chunks of %zd bytes (corrupt region?)", slot, (unsigned long long)chunk,
-                         (unsigned long long)nbytes, nchunks, chunk_bytes);
-            goto done;
-        }
-        if (kv_check_range("cxl_read", "destination", dst.len, dst_off, (Py_ssize_t)nbytes) < 0) goto done;
-        const char *src = (const char *)region.buf + data_off + (Py_ssize_t)chunk * chunk_bytes;
-        char *d = (char *)dst.buf + dst_off;
-        const entry_t *e = (const entry_t *)(index + slot * ENTRY_BYTES);
-        int release = nbytes >= KV_GIL_RELEASE_BYTES;
-        PyThreadState *ts = release ? PyEval_SaveThread() : NULL;
-        int drop = invalidate && !(seen && __atomic_load_n(&seen[slot], __ATOMIC_RELAXED) == snap.version);
-        if (drop) {
-            kv_invalidate_range(src, nbytes);
-            kv_mfence();
-        }
-        memcpy(d, src, nbytes);
-        __atomic_thread_fence(__ATOMIC_ACQUIRE);
-        kv_lfence();
-        if (invalidate) {
-            kv_invalidate_range(e, ENTRY_BYTES);
-            kv_mfence();
-        }
-        uint64_t v2 = __atomic_load_n(&e->version, __ATOMIC_ACQUIRE);
-        if (release) PyEval_RestoreThread(ts);
-        if (v2 == snap.version) {
-            if (seen && invalidate) {
-                __atomic_store_n(&seen[slot], snap.version, __ATOMIC_RELAXED);
-                __atomic_fetch_add(&seen[nslots + (drop ? VALIDATED_DROPPED : VALIDATED_SKIPPED)], 1, __ATOMIC_RELAXED);
-            }
-            result = (Py_ssize_t)nbytes;
-            break;
-        }
-    }
-    ret = PyLong_FromSsize_t(result);
+    Py_ssize_t cap = dst.len - dst_off;
+    PyThreadState *ts = cap >= KV_GIL_RELEASE_BYTES ? PyEval_SaveThread() : NULL;
+    Py_ssize_t r = read_block(&g, key.buf, (char *)dst.buf + dst_off, cap, &why);
+    if (ts) PyEval_RestoreThread(ts);
+    if (read_error("cxl_read", r, &why, &g, cap) == 0) ret = PyLong_FromSsize_t(r);
 done:
     PyBuffer_Release(&region);
     PyBuffer_Release(&key);
     PyBuffer_Release(&dst);
+    if (validated.obj) PyBuffer_Release(&validated);
+    return ret;
+}
+
+PyObject *kv_cxl_read_many(PyObject *self, PyObject *args) {
+    Py_buffer region, keys, validated = {0};
+    Py_ssize_t index_off, nslots, data_off, chunk_bytes;
+    int invalidate, retries;
+    PyObject *dsts_obj, *validated_obj = Py_None;
+    if (!PyArg_ParseTuple(args, "y*nnnny*Opi|O:cxl_read_many", &region, &index_off, &nslots, &data_off,
+                          &chunk_bytes, &keys, &dsts_obj, &invalidate, &retries, &validated_obj))
+        return NULL;
+    PyObject *ret = NULL, *dsts = NULL;
+    Py_buffer *views = NULL;
+    Py_ssize_t *results = NULL, n = 0, held = 0;
+    read_geom_t g;
+    read_fail_t why = {0};
+    if (read_setup("cxl_read_many", &region, index_off, nslots, data_off, chunk_bytes, invalidate, retries,
+                   validated_obj, &validated, &g) < 0)
+        goto done;
+    if (keys.len % KEY_BYTES) {
+        PyErr_Format(PyExc_ValueError, "cxl_read_many: keys must be a multiple of %d bytes, got %zd", KEY_BYTES,
+                     keys.len);
+        goto done;
+    }
+    dsts = PySequence_Fast(dsts_obj, "cxl_read_many: destinations must be a sequence of writable buffers");
+    if (!dsts) goto done;
+    n = keys.len / KEY_BYTES;
+    if (PySequence_Fast_GET_SIZE(dsts) != n) {
+        PyErr_Format(PyExc_ValueError, "cxl_read_many: %zd keys but %zd destinations", n, PySequence_Fast_GET_SIZE(dsts));
+        goto done;
+    }
+    views = PyMem_Calloc((size_t)n + 1, sizeof *views);
+    results = PyMem_Calloc((size_t)n + 1, sizeof *results);
+    if (!views || !results) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (; held < n; held++)
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(dsts, held), &views[held], PyBUF_WRITABLE) < 0) goto done;
+    Py_ssize_t failed = -1;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        results[i] = read_block(&g, (const unsigned char *)keys.buf + i * KEY_BYTES, views[i].buf, views[i].len, &why);
+        if (results[i] == READ_CORRUPT || results[i] == READ_TOO_SMALL) {
+            failed = i;
+            break;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (failed >= 0) {
+        read_error("cxl_read_many", results[failed], &why, &g, views[failed].len);
+        goto done;
+    }
+    ret = PyList_New(n);
+    for (Py_ssize_t i = 0; ret && i < n; i++) {
+        PyObject *v = PyLong_FromSsize_t(results[i]);
+        if (!v) {
+            Py_CLEAR(ret);
+            break;
+        }
+        PyList_SET_ITEM(ret, i, v);
+    }
+done:
+    for (Py_ssize_t i = 0; i < held; i++) PyBuffer_Release(&views[i]);
+    PyMem_Free(views);
+    PyMem_Free(results);
+    Py_XDECREF(dsts);
+    PyBuffer_Release(&region);
+    PyBuffer_Release(&keys);
     if (validated.obj) PyBuffer_Release(&validated);
     return ret;
 }

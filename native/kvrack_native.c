@@ -369,6 +369,10 @@ static PyMethodDef methods[] = {
      "validated=None) -> bytes read, -1 when absent, -2 when it kept changing under the reader; a torn copy is never "
      "returned. validated (nslots + 2 uint64, this process's): the entry version each slot was last read at, so a "
      "block read again unchanged skips the data invalidation; then the counts of reads that skipped and that did it."},
+    {"cxl_read_many", kv_cxl_read_many, METH_VARARGS,
+     "cxl_read_many(region, index_offset, nslots, data_offset, chunk_bytes, keys, dsts, invalidate, retries, "
+     "validated=None) -> [bytes read, -1 absent or -2 busy per key]; cxl_read for each 32-byte key of keys into the "
+     "writable buffer of dsts at the same position, in one call that holds no GIL while it reads."},
     {"cxl_publish", kv_cxl_publish, METH_VARARGS,
      "cxl_publish(region, entry_offset, meta, key, loc, check); rewrites one index entry under its seqlock "
      "(odd version, flushed; fields, flushed; even version, flushed)."},

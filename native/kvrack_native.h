@@ -49,6 +49,7 @@ int kv_check_range(const char *fn, const char *what, Py_ssize_t len, Py_ssize_t 
 
 PyObject *kv_cxl_lookup(PyObject *self, PyObject *args);
 PyObject *kv_cxl_read(PyObject *self, PyObject *args);
+PyObject *kv_cxl_read_many(PyObject *self, PyObject *args);
 PyObject *kv_cxl_publish(PyObject *self, PyObject *args);
 
 #endif

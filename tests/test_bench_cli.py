@@ -44,7 +44,8 @@ def test_bench_cxl_writes_the_contracted_json(tmp_path):
     region_dir.mkdir()
     data, _ = run_bench(out, "cxl", "--dir", str(region_dir), "--sizes", "2MiB,64KiB", "--working-set", "16MiB",
                         "--repeats", "1")
-    for key in ("cxl_get_vs_memcpy", "cxl_lookup_keys_per_s", "cxl_get_coherent_vs_memcpy", "cxl_get_repeat_vs_memcpy"):
+    for key in ("cxl_get_vs_memcpy", "cxl_lookup_keys_per_s", "cxl_get_coherent_vs_memcpy", "cxl_get_repeat_vs_memcpy",
+                "cxl_get_batched_vs_memcpy"):
         assert isinstance(data[key], float) and data[key] > 0, key
     assert set(data["sizes"]) == {"2MiB", "64KiB"}
     assert data["primitives"]["invalidate"] in {"clflushopt", "clflush", "none"}

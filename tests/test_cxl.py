@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from kvrack import _native
 from kvrack.tiers.cxl import CxlFull, CxlRegion
-from kvrack.tiers.cxl_layout import OFF_LOCK, Geometry
+from kvrack.tiers.cxl_layout import OFF_LOCK, READY, Geometry, loc_word, meta_word
 from kvrack.tiers.cxl_lock import LockTimeout, lock_word, now_ms32
 from tests import cxl_stress
 
@@ -99,6 +99,47 @@ def test_blocks_survive_reattach_and_geometry_change_reformats(region_path):
     w.close()
     w = CxlRegion.create(region_path, 8 << 20, 32 << 10, "ns-a")  # new chunk size: a fresh layout
     assert w.get(key(1)) is None
+    w.close()
+
+
+def test_read_many_reads_each_key_into_its_buffer_in_one_call(region_path):
+    w = CxlRegion.create(region_path, 16 << 20, 64 << 10, "ns-a")
+    w.register_host()
+    blocks = {key(i): os.urandom(1 + 4099 * i) for i in range(12)}
+    for k, v in blocks.items():
+        w.put(k, v)
+    r = CxlRegion.open(region_path, "ns-a")
+    keys = [key(3), key(99), key(0), key(11), key(98)]
+    outs = [bytearray(64 << 10) for _ in keys]
+    assert r.read_many(keys, outs) == [len(blocks[key(3)]), None, 1, len(blocks[key(11)]), None]
+    for k, out in zip(keys, outs):
+        if k in blocks:
+            assert bytes(out[: len(blocks[k])]) == blocks[k]
+    assert r.read_many([], []) == []
+    assert r.stats()["reads_invalidated"] == 3
+    assert r.read_many(keys[:1], outs[:1]) == [len(blocks[key(3)])] and r.stats()["reads_unchanged_since_last_read"] == 1
+    with pytest.raises(ValueError, match="room for 100"):
+        r.read_many([key(0), key(5)], [bytearray(100), bytearray(100)])
+    with pytest.raises(ValueError, match="2 keys but 1 destinations"):
+        r.read_many([key(0), key(5)], [bytearray(100)])
+    with pytest.raises((TypeError, BufferError)):
+        r.read_many([key(0)], [b"read-only"])
+    r.close()
+    w.close()
+
+
+def test_an_entry_naming_a_chunk_outside_the_region_is_an_error_not_a_read(region_path):
+    w = CxlRegion.create(region_path, 8 << 20, 64 << 10, "ns-a")
+    w.register_host()
+    w.put(key(1), b"fine")
+    slot = int(w.lookup(key(1))[1][0])
+    _native.cxl_publish(w.mm, w.g.entry(slot), meta_word(READY, w.host), key(1), loc_word(w.g.nchunks + 5, 4), 0)
+    r = CxlRegion.open(region_path, "ns-a")
+    with pytest.raises(RuntimeError, match="corrupt region"):
+        r.read(key(1), bytearray(64))
+    with pytest.raises(RuntimeError, match="corrupt region"):
+        r.read_many([key(2), key(1)], [bytearray(64), bytearray(64)])
+    r.close()
     w.close()
 
 

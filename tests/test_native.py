@@ -165,6 +165,13 @@ def test_cxl_index_calls_reject_bad_geometry_and_keys():
     with pytest.raises(BufferError, match="not writable"):
         _native.cxl_read(m, 0, 4, 4096, 4096, bytes(32), bytearray(10), 0, True, 3, bytes(48))
     assert _native.cxl_read(m, 0, 4, 4096, 4096, bytes(32), bytearray(10), 0, True, 3, np.zeros(6, np.uint64)) == -1
+    with pytest.raises(ValueError, match="multiple of 32"):
+        _native.cxl_read_many(m, 0, 4, 4096, 4096, bytes(33), [bytearray(10)], True, 3)
+    with pytest.raises(TypeError, match="sequence of writable buffers"):
+        _native.cxl_read_many(m, 0, 4, 4096, 4096, bytes(32), 7, True, 3)
+    with pytest.raises(ValueError, match="bad data geometry"):
+        _native.cxl_read_many(m, 0, 4, 4096, 0, bytes(32), [bytearray(10)], True, 3)
+    assert _native.cxl_read_many(m, 0, 4, 4096, 4096, bytes(64), [bytearray(10), bytearray(1)], True, 3) == [-1, -1]
     m.close()
 
 
