@@ -51,6 +51,7 @@ def run(path: str, seconds: float, seed: int, role: str) -> dict[str, int]:
         region.register_host()
     buf = bytearray(region.g.chunk_bytes)
     view = memoryview(buf)
+    batch_views = [memoryview(bytearray(region.g.chunk_bytes)) for _ in range(8)]
     counts = {"ops": 0, "reads": 0, "hits": 0, "bad": 0, "puts": 0, "exists": 0, "deletes": 0, "evictions": 0,
               "full": 0, "lookups": 0}
     deadline = time.monotonic() + seconds
@@ -70,6 +71,13 @@ def run(path: str, seconds: float, seed: int, role: str) -> dict[str, int]:
                 keys = [key_of(rng.randrange(KEYSPACE)) for _ in range(16)]
                 _lead, slots = region.lookup(keys)
                 counts["lookups"] += len(keys)
+            if rng.random() < 0.1:  # a batch in one call, as a client's get_into reads a prefix
+                keys = [key_of(rng.randrange(KEYSPACE)) for _ in range(8)]
+                counts["reads"] += len(keys)
+                for k, got, out in zip(keys, region.read_many(keys, batch_views), batch_views):
+                    if got is not None:
+                        counts["hits"] += 1
+                        counts["bad"] += not verify(k, out[:got])
         elif op < 0.85:
             gen += 1
             size = rng.choice((HEADER.size + 64, 4096, 65536, region.g.chunk_bytes))
