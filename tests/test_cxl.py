@@ -102,13 +102,18 @@ def test_blocks_survive_reattach_and_geometry_change_reformats(region_path):
     w.close()
 
 
-def test_read_many_reads_each_key_into_its_buffer_in_one_call(region_path):
-    w = CxlRegion.create(region_path, 16 << 20, 64 << 10, "ns-a")
+def writer_and_reader(path: str, blocks: dict[bytes, bytes], size: int = 8 << 20) -> tuple[CxlRegion, CxlRegion]:
+    """A region holding ``blocks``, its writer (registered host) and a read-only reader of it."""
+    w = CxlRegion.create(path, size, 64 << 10, "ns-a")
     w.register_host()
-    blocks = {key(i): os.urandom(1 + 4099 * i) for i in range(12)}
     for k, v in blocks.items():
         w.put(k, v)
-    r = CxlRegion.open(region_path, "ns-a")
+    return w, CxlRegion.open(path, "ns-a")
+
+
+def test_read_many_reads_each_key_into_its_buffer_in_one_call(region_path):
+    blocks = {key(i): os.urandom(1 + 4099 * i) for i in range(12)}
+    w, r = writer_and_reader(region_path, blocks, 16 << 20)
     keys = [key(3), key(99), key(0), key(11), key(98)]
     outs = [bytearray(64 << 10) for _ in keys]
     assert r.read_many(keys, outs) == [len(blocks[key(3)]), None, 1, len(blocks[key(11)]), None]
@@ -129,12 +134,9 @@ def test_read_many_reads_each_key_into_its_buffer_in_one_call(region_path):
 
 
 def test_an_entry_naming_a_chunk_outside_the_region_is_an_error_not_a_read(region_path):
-    w = CxlRegion.create(region_path, 8 << 20, 64 << 10, "ns-a")
-    w.register_host()
-    w.put(key(1), b"fine")
+    w, r = writer_and_reader(region_path, {key(1): b"fine"})
     slot = int(w.lookup(key(1))[1][0])
     _native.cxl_publish(w.mm, w.g.entry(slot), meta_word(READY, w.host), key(1), loc_word(w.g.nchunks + 5, 4), 0)
-    r = CxlRegion.open(region_path, "ns-a")
     with pytest.raises(RuntimeError, match="corrupt region"):
         r.read(key(1), bytearray(64))
     with pytest.raises(RuntimeError, match="corrupt region"):
@@ -144,10 +146,7 @@ def test_an_entry_naming_a_chunk_outside_the_region_is_an_error_not_a_read(regio
 
 
 def test_a_block_read_again_unchanged_skips_the_invalidation_and_a_replaced_one_does_not(region_path):
-    w = CxlRegion.create(region_path, 8 << 20, 64 << 10, "ns-a")
-    w.register_host()
-    w.put(key(1), b"first")
-    r = CxlRegion.open(region_path, "ns-a")
+    w, r = writer_and_reader(region_path, {key(1): b"first"})
 
     def counts() -> tuple[int, int]:
         st = r.stats()
