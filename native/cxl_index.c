@@ -297,10 +297,7 @@ PyObject *kv_cxl_read(PyObject *self, PyObject *args) {
                    validated_obj, &validated, &g) < 0)
         goto done;
     if (check_key("cxl_read", &key) < 0) goto done;
-    if (dst_off < 0 || dst_off > dst.len) {
-        kv_check_range("cxl_read", "destination", dst.len, dst_off, 0);
-        goto done;
-    }
+    if (kv_check_range("cxl_read", "destination", dst.len, dst_off, 0) < 0) goto done;
     Py_ssize_t cap = dst.len - dst_off;
     PyThreadState *ts = cap >= KV_GIL_RELEASE_BYTES ? PyEval_SaveThread() : NULL;
     Py_ssize_t r = read_block(&g, key.buf, (char *)dst.buf + dst_off, cap, &why);

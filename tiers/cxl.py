@@ -206,11 +206,9 @@ class CxlRegion:
 
     def read(self, key: bytes, dst: Any, offset: int = 0) -> int | None:
         """Copy the block into ``dst`` at ``offset``: its length, or None when it is not (or no longer) here."""
-        n = _native.cxl_read(self.mm, self.g.index_offset, self.g.nslots, self.g.data_offset, self.g.chunk_bytes,
-                             key, dst, offset, self.invalidate, READ_RETRIES, self._validated)
-        if n == -2:
-            raise TimeoutError(f"cxl: block {key.hex()[:16]} kept changing during {READ_RETRIES} reads")
-        return None if n < 0 else n
+        return _read_result(key, _native.cxl_read(self.mm, self.g.index_offset, self.g.nslots, self.g.data_offset,
+                                                  self.g.chunk_bytes, key, dst, offset, self.invalidate,
+                                                  READ_RETRIES, self._validated))
 
     def read_many(self, keys: Sequence[bytes], dsts: Sequence[Any]) -> list[int | None]:
         """``read`` for each key into the writable buffer at the same position, in one native call: a prefix of
@@ -218,10 +216,7 @@ class CxlRegion:
         packed = b"".join(keys)
         got = _native.cxl_read_many(self.mm, self.g.index_offset, self.g.nslots, self.g.data_offset,
                                     self.g.chunk_bytes, packed, dsts, self.invalidate, READ_RETRIES, self._validated)
-        for key, n in zip(keys, got):
-            if n == -2:
-                raise TimeoutError(f"cxl: block {key.hex()[:16]} kept changing during {READ_RETRIES} reads")
-        return [None if n < 0 else n for n in got]
+        return [_read_result(key, n) for key, n in zip(keys, got)]
 
     def forget_reads(self) -> None:
         """Treat every block as never read by this process: the next read of each drops its lines again."""
@@ -586,6 +581,13 @@ class CxlRegion:
             **self.read_counts(),
             "lock_takeovers": self._lock.takeovers if self._lock else 0, **self.counters,
         }
+
+
+def _read_result(key: bytes, n: int) -> int | None:
+    """A native read's answer: the block's length, None when absent, TimeoutError when it kept changing (-2)."""
+    if n == -2:
+        raise TimeoutError(f"cxl: block {key.hex()[:16]} kept changing during {READ_RETRIES} reads")
+    return None if n < 0 else n
 
 
 def _read_namespace(mm: Any) -> str:
