@@ -217,6 +217,9 @@ def bench_cxl(json_path: JsonOpt = None,
                       f"memcpy {s['memcpy_gbs']:.2f} GB/s", f"{s['get_batched_vs_memcpy']:.2f}", "")
         table.add_row(f"get {name}, coherent host (no invalidate)", f"{s['get_coherent_gbs']:.2f} GB/s",
                       f"memcpy {s['memcpy_gbs']:.2f} GB/s", f"{s['get_coherent_vs_memcpy']:.2f}", "")
+        table.add_row(f"  bound for first reads: drop {name} of lines ({s['invalidate_us_per_block']:.0f} µs), "
+                      "then memcpy", f"{s['invalidate_bound_vs_memcpy']:.2f} of memcpy", "first read vs bound",
+                      f"{s['get_vs_invalidate_bound']:.2f}", "")
         table.add_row(f"put {name} (non-temporal stores, writer)", f"{s['put_gbs']:.2f} GB/s", "", "", "")
     table.add_row(f"shared-index lookups (batches of {result['lookup_batch']})",
                   f"{result['cxl_lookup_keys_per_s'] / 1e6:.2f} M keys/s", "", "", "≥ 2 M")

@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 
 def run_bench(out: Path, name: str, *args: str, timeout: int = 300) -> tuple[dict[str, Any], str]:
     """``kvrack bench NAME --json OUT ARGS`` in a subprocess: its JSON and its console output."""
@@ -45,8 +47,14 @@ def test_bench_cxl_writes_the_contracted_json(tmp_path):
     data, _ = run_bench(out, "cxl", "--dir", str(region_dir), "--sizes", "2MiB,64KiB", "--working-set", "16MiB",
                         "--repeats", "1")
     for key in ("cxl_get_vs_memcpy", "cxl_lookup_keys_per_s", "cxl_get_coherent_vs_memcpy", "cxl_get_repeat_vs_memcpy",
-                "cxl_get_batched_vs_memcpy"):
+                "cxl_get_batched_vs_memcpy", "cxl_invalidate_us_per_block", "cxl_invalidate_bound_vs_memcpy",
+                "cxl_get_vs_invalidate_bound"):
         assert isinstance(data[key], float) and data[key] > 0, key
+    for s in data["sizes"].values():  # the bound is memcpy's time over memcpy's plus the invalidation's, per block
+        memcpy_us = s["block_bytes"] / s["memcpy_gbs"] / 1e3
+        bound = memcpy_us / (memcpy_us + s["invalidate_us_per_block"])
+        assert s["invalidate_bound_vs_memcpy"] == pytest.approx(bound)
+        assert s["get_vs_invalidate_bound"] == pytest.approx(s["get_gbs"] / (bound * s["memcpy_gbs"]))
     assert set(data["sizes"]) == {"2MiB", "64KiB"}
     assert data["primitives"]["invalidate"] in {"clflushopt", "clflush", "none"}
     assert list(region_dir.iterdir()) == [], "the bench removes its region files"

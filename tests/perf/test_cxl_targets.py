@@ -22,3 +22,10 @@ def test_get_with_the_full_non_coherent_protocol_vs_memcpy(result):
 
 def test_shared_index_lookup_rate(result):
     assert result["cxl_lookup_keys_per_s"] >= 2_000_000
+
+
+def test_first_reads_come_close_to_what_the_invalidation_leaves(result):
+    """The protocol's own cost: a first read against dropping the block's lines then memcpy, measured in the
+    same run. The ≥ 0.8 target above also needs a CPU whose invalidation costs under a quarter of the copy
+    (`cxl_invalidate_bound_vs_memcpy` says what this one allows)."""
+    assert result["cxl_get_vs_invalidate_bound"] >= 0.9
