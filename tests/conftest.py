@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import struct
 import time
@@ -43,6 +44,50 @@ def recv_frame(sock: socket.socket) -> dict | None:
         return None
     body = recv_exact(sock, struct.unpack("<I", head)[0])
     return None if body is None else msgspec.msgpack.decode(body)
+
+
+def hugetlbfs_mount(pages: int) -> tuple[str | None, str]:
+    """A writable hugetlbfs mount with at least ``pages`` free huge pages (KVRACK_TEST_HUGETLBFS names one),
+    or (None, why not): a machine needs vm.nr_hugepages and a mount for these tests, which skip without."""
+    candidates = [os.environ["KVRACK_TEST_HUGETLBFS"]] if os.environ.get("KVRACK_TEST_HUGETLBFS") else []
+    try:
+        with open("/proc/mounts") as fh:
+            candidates += [line.split()[1] for line in fh if line.split()[2:3] == ["hugetlbfs"]]
+    except OSError:
+        pass
+    for path in candidates:
+        if not (os.path.isdir(path) and os.access(path, os.W_OK)):
+            continue
+        st = os.statvfs(path)
+        if st.f_bsize != 2 << 20:
+            continue  # the tests are sized in 2 MiB pages
+        if st.f_blocks == 0 or st.f_bavail >= pages:  # f_blocks 0: no size= limit; the pool decides
+            free = _free_huge_pages()
+            if free >= pages:
+                return path, ""
+            return None, f"{path} is hugetlbfs but only {free} huge pages are free, {pages} needed (vm.nr_hugepages)"
+    return None, ("no writable hugetlbfs mount of 2 MiB pages (e.g. `sysctl vm.nr_hugepages=64; mount -t hugetlbfs none /mnt/huge`, "
+                  "or KVRACK_TEST_HUGETLBFS=DIR)")
+
+
+def _free_huge_pages() -> int:
+    try:
+        with open("/proc/meminfo") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("HugePages_Free:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+@pytest.fixture
+def hugetlbfs_dir(tmp_path):
+    """A fresh directory on hugetlbfs (64 free 2 MiB pages at least), removed after; skips without one."""
+    mount, why = hugetlbfs_mount(64)
+    if mount is None:
+        pytest.skip(why)
+    path = os.path.join(mount, f"kvrack-test-{os.getpid()}-{tmp_path.name}")
+    os.mkdir(path, 0o700)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

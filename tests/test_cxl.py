@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import blake3
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -100,6 +101,47 @@ def test_blocks_survive_reattach_and_geometry_change_reformats(region_path):
     w = CxlRegion.create(region_path, 8 << 20, 32 << 10, "ns-a")  # new chunk size: a fresh layout
     assert w.get(key(1)) is None
     w.close()
+
+
+READ_IN_ANOTHER_PROCESS = textwrap.dedent("""
+    import sys, blake3
+    from kvrack.tiers.cxl import CxlRegion
+    r = CxlRegion.open(sys.argv[1], "ns-h")
+    data = r.get(bytes.fromhex(sys.argv[2]))
+    print(blake3.blake3(data).hexdigest() if data is not None else "missing")
+    r.close()
+""")
+
+
+def test_a_region_on_hugetlbfs_rounds_up_to_whole_pages_and_other_processes_read_it(hugetlbfs_dir):
+    """hugetlbfs files are whole huge pages: a size that is not one grows to the next, and the region maps,
+    reads, and re-adopts there as on tmpfs."""
+    path = os.path.join(hugetlbfs_dir, "region")
+    asked = (16 << 20) + 4096
+    w = CxlRegion.create(path, asked, 2 << 20, "ns-h")
+    assert os.path.getsize(path) == 18 << 20
+    w.register_host()
+    block = np.random.default_rng(5).integers(0, 256, 2 << 20, dtype=np.uint8).tobytes()
+    assert w.put(key(1), block)
+    proc = subprocess.run([sys.executable, "-c", READ_IN_ANOTHER_PROCESS, path, key(1).hex()], capture_output=True,
+                          text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == blake3.blake3(block).hexdigest()
+    w.close()
+    w = CxlRegion.create(path, asked, 2 << 20, "ns-h")  # the same request again: same size, blocks kept
+    assert w.get(key(1)) == block
+    w.close()
+
+
+def test_a_region_file_that_cannot_be_backed_is_not_left_behind(tmp_path):
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.statvfs(shm).f_blocks == 0:
+        pytest.skip("needs /dev/shm with a size limit, so that an oversized region is refused at once")
+    st = os.statvfs(shm)
+    path = shm / f"kvrack-test-cxl-{os.getpid()}-{tmp_path.name}-huge"
+    with pytest.raises(OSError, match="cannot back a .*-byte segment with a cxl region file"):
+        CxlRegion.create(str(path), 2 * st.f_blocks * st.f_frsize, 2 << 20, "ns-a")
+    assert not path.exists()
 
 
 def writer_and_reader(path: str, blocks: dict[bytes, bytes], size: int = 8 << 20) -> tuple[CxlRegion, CxlRegion]:

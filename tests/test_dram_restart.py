@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 import tempfile
 
+import msgspec
 import numpy as np
 import pytest
 
 from kvrack.clients import Client
 from kvrack.clients.spawn import DaemonProcess
 from kvrack.daemon.protocol import TierId
-from kvrack.tiers.dram_state import STATE_FILE, ShmDirBacking, take_state
+from kvrack.tiers.dram_state import (
+    MAPPED_MAGIC,
+    MAPPED_STATE,
+    STATE_FILE,
+    ShmDirBacking,
+    read_state_bytes,
+    take_state,
+    write_state_bytes,
+)
 
 from .conftest import eventually
 
@@ -151,3 +161,47 @@ def test_unreadable_or_foreign_state_files_are_not_trusted(shm_dir):
         assert state is None and "no clean-shutdown state" in why
     finally:
         backing.close_lock()
+
+
+def test_state_files_written_through_a_mapping_read_back_and_bad_ones_are_not_trusted(shm_dir):
+    """hugetlbfs takes no write(): there the state file is filled through a mapping, in whole pages, its
+    payload behind a header. Both ways read back the same bytes; a header that claims more than the file
+    holds is unreadable, not trusted."""
+    os.makedirs(shm_dir)
+    plain, mapped = os.path.join(shm_dir, "plain"), os.path.join(shm_dir, "mapped")
+    payload = msgspec.msgpack.encode({"blocks": list(range(1000))})
+    write_state_bytes(plain, payload, mapped=False)
+    write_state_bytes(mapped, payload, mapped=True)
+    assert os.path.getsize(plain) == len(payload)
+    assert os.path.getsize(mapped) % mmap.PAGESIZE == 0 and os.path.getsize(mapped) > len(payload)
+    assert read_state_bytes(plain) == read_state_bytes(mapped) == payload
+    backing = ShmDirBacking(shm_dir)
+    try:
+        write_state_bytes(backing.state_path, b"\x93" * 10, mapped=True)
+        with open(backing.state_path, "r+b") as fh:  # the header now claims more than the file holds
+            fh.write(MAPPED_STATE.pack(MAPPED_MAGIC, 1 << 30))
+        state, why = take_state(backing, 1 << 20, 8 << 20)
+        assert state is None and "unreadable" in why and "payload" in why
+        assert not os.path.exists(backing.state_path)
+    finally:
+        backing.close_lock()
+
+
+def test_clean_restart_re_adopts_dram_blocks_on_hugetlbfs(hugetlbfs_dir, tmp_path):
+    shm_dir = os.path.join(hugetlbfs_dir, "dram")
+    s = settings(shm_dir, tmp_path, **{"dram.segment_bytes": "2MiB"})  # whole huge pages
+    keys, data = blocks(12, 4)
+    with DaemonProcess(s) as d, Client.connect(d.socket_path) as c:
+        c.put(keys, data)
+    assert os.path.exists(os.path.join(shm_dir, STATE_FILE)), "the clean-shutdown state was written on hugetlbfs"
+    with DaemonProcess(s) as d2, Client.connect(d2.socket_path) as c:
+        assert "re-adopted 12 block(s), 3MiB" in d2.log()
+        hits, outs = read_all(c, keys)
+        assert all(hits) and all(np.array_equal(o, x) for o, x in zip(outs, data))
+
+
+def test_segments_that_are_not_whole_huge_pages_are_refused_with_the_page_size(hugetlbfs_dir, tmp_path):
+    s = settings(os.path.join(hugetlbfs_dir, "dram"), tmp_path, **{"dram.segment_bytes": "3MiB",
+                                                                  "dram.capacity_bytes": "6MiB"})
+    with pytest.raises(RuntimeError, match="not a whole number of its 2048 KiB huge pages"):
+        DaemonProcess(s)

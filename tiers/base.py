@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 from typing import Any, Protocol, runtime_checkable
 
@@ -88,13 +90,26 @@ class Tier(Protocol):
         """Release every segment."""
 
 
-def size_segment_fd(fd: int, size: int, prefault: bool, medium: str) -> None:
+def size_segment_fd(fd: int, size: int, prefault: bool, medium: str, round_up: bool = False) -> int:
     """Give a new segment fd its size, with every page allocated now when ``prefault`` (shmem), so the first
-    store into a slot takes no page fault; on failure the fd is closed and the error names ``medium``."""
+    store into a slot takes no page fault; on failure the fd is closed and the error names ``medium``.
+
+    A file on hugetlbfs (or a memfd of huge pages) can only be a whole number of huge pages long. With
+    ``round_up`` such a file gets the next whole number; without it, a size that is not one is refused with
+    the page size named, rather than the kernel's bare EINVAL. Returns the size the file got."""
+    page = 0
     try:
+        page = os.fstatvfs(fd).f_bsize
+        if page > mmap.PAGESIZE and size % page:
+            if not round_up:
+                raise OSError(errno.EINVAL, f"not a whole number of its {page >> 10} KiB huge pages")
+            size += page - size % page
         os.ftruncate(fd, size)
         if prefault:
             os.posix_fallocate(fd, 0, size)
     except OSError as exc:
         os.close(fd)
-        raise OSError(exc.errno, f"cannot back a {size}-byte segment with {medium}: {exc.strerror}") from None
+        hint = " (huge pages: is vm.nr_hugepages large enough?)" if exc.errno == errno.ENOSPC and page > mmap.PAGESIZE \
+            else ""
+        raise OSError(exc.errno, f"cannot back a {size}-byte segment with {medium}: {exc.strerror}{hint}") from None
+    return size

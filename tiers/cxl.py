@@ -127,12 +127,19 @@ class CxlRegion:
     @classmethod
     def create(cls, path: str, size: int, chunk_bytes: int, namespace: str, max_hosts: int = 64,
                coherent: bool = False, lease_ms: int = 5000) -> CxlRegion:
-        """Map ``path`` read-write, creating a file of ``size`` bytes unless it is a device; keep an existing
-        region whose header, geometry and namespace match (its blocks survive), format it otherwise."""
-        is_device = os.path.exists(path) and stat.S_ISCHR(os.stat(path).st_mode)
+        """Map ``path`` read-write, creating a file of ``size`` bytes unless it is a device (on hugetlbfs, rounded
+        up to whole huge pages); keep an existing region whose header, geometry and namespace match (its blocks
+        survive), format it otherwise."""
+        existed = os.path.exists(path)
+        is_device = existed and stat.S_ISCHR(os.stat(path).st_mode)
         fd = os.open(path, os.O_RDWR | (0 if is_device else os.O_CREAT) | os.O_CLOEXEC, 0o600)
-        if not is_device:  # tmpfs/hugetlbfs pages allocated now, not at the first store; closes fd on failure
-            size_segment_fd(fd, size, True, "a cxl region file")
+        if not is_device:  # pages allocated now, not at the first store; on hugetlbfs whole huge pages
+            try:
+                size = size_segment_fd(fd, size, True, f"a cxl region file ({path})", round_up=True)
+            except OSError:  # the fd is closed; a file this call made holds nothing worth keeping
+                if not existed:
+                    os.unlink(path)
+                raise
         try:
             if is_device:
                 size = device_bytes(path)

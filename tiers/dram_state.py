@@ -16,8 +16,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
+import mmap
 import os
 import secrets
+import struct
 import time
 from array import array
 from collections.abc import Iterable, Iterator
@@ -199,22 +201,66 @@ def save_state(backing: ShmDirBacking, segment_bytes: int, capacity: int,
                       list(ns_index), bytes(keys), bytes(parents), nsi.tobytes(), segi.tobytes(), slots.tobytes(),
                       sizes.tobytes())
     tmp = backing.state_path + ".tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(msgspec.msgpack.encode(state))
-        fh.flush()
-        os.fsync(fh.fileno())
+    write_state_bytes(tmp, msgspec.msgpack.encode(state))
     os.replace(tmp, backing.state_path)
     return len(sizes)
+
+
+MAPPED_STATE = struct.Struct("<8sQ")  # a state file written through a mapping: magic, then the payload's length
+MAPPED_MAGIC = b"KVRKSTAT"  # a msgpack payload never starts with it (a map starts 0x8?, 0xde or 0xdf)
+
+
+def write_state_bytes(path: str, data: bytes, mapped: bool | None = None) -> None:
+    """Write a new file whole, durably. hugetlbfs (whose pages are larger than the CPU's) takes no write():
+    there the file is sized in whole pages and filled through a mapping, its payload behind ``MAPPED_STATE``.
+    ``mapped`` forces one way or the other (tests)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        page = os.fstatvfs(fd).f_bsize
+        if mapped is None:
+            mapped = page > mmap.PAGESIZE
+        if not mapped:
+            with os.fdopen(os.dup(fd), "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            return
+        size = MAPPED_STATE.size + len(data)
+        size += -size % max(page, mmap.PAGESIZE)
+        os.ftruncate(fd, size)
+        with mmap.mmap(fd, size, mmap.MAP_SHARED) as m:
+            m[MAPPED_STATE.size: MAPPED_STATE.size + len(data)] = data
+            m[: MAPPED_STATE.size] = MAPPED_STATE.pack(MAPPED_MAGIC, len(data))
+            m.flush()
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_state_bytes(path: str) -> bytes:
+    """A file ``write_state_bytes`` wrote, either way: its payload."""
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    if raw[: len(MAPPED_MAGIC)] != MAPPED_MAGIC:
+        return raw
+    if len(raw) < MAPPED_STATE.size:
+        raise ValueError(f"{path}: a mapped state file of {len(raw)} bytes has no header")
+    _magic, n = MAPPED_STATE.unpack_from(raw)
+    if MAPPED_STATE.size + n > len(raw):
+        raise ValueError(f"{path}: a mapped state file says {n} bytes of payload, holds {len(raw) - MAPPED_STATE.size}")
+    return raw[MAPPED_STATE.size: MAPPED_STATE.size + n]
 
 
 def take_state(backing: ShmDirBacking, segment_bytes: int, capacity: int) -> tuple[DramState | None, str]:
     """Read and delete the state file. Returns (state, "") when it is usable, else (None, why not)."""
     path = backing.state_path
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
+        raw = read_state_bytes(path)
     except FileNotFoundError:
         return None, "no clean-shutdown state (first start, or the last stop was not clean)"
+    except ValueError as exc:
+        os.unlink(path)
+        return None, f"state file unreadable: {exc}"
     finally:
         _unlink_quietly(path + ".tmp")
     os.unlink(path)  # from here on the segments change: a later crash must not find this table
