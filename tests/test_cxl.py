@@ -88,6 +88,10 @@ def test_namespace_and_format_checks(region_path):
     Path(region_path).write_bytes(bytes(8 << 20))
     with pytest.raises(ValueError, match="not formatted"):
         CxlRegion.open(region_path, "ns-a")
+    for small in (b"", b"x" * 100):  # an empty or truncated file: said so, never a bare mmap error
+        Path(region_path).write_bytes(small)
+        with pytest.raises(ValueError, match=f"{len(small)} bytes, too small to hold a region header"):
+            CxlRegion.open(region_path, "ns-a")
 
 
 def test_blocks_survive_reattach_and_geometry_change_reformats(region_path):

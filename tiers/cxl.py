@@ -44,6 +44,7 @@ from kvrack.tiers.cxl_layout import (
     OFF_ALLOC_HINT,
     OFF_EVICT_HAND,
     OFF_FORMATTED,
+    OFF_HOSTS,
     OFF_NAMESPACE,
     READY,
     TOMBSTONE,
@@ -170,6 +171,9 @@ class CxlRegion:
         try:
             st = os.fstat(fd)
             size = device_bytes(path) if stat.S_ISCHR(st.st_mode) else st.st_size
+            if size < OFF_HOSTS:
+                raise ValueError(f"cxl region {path}: {size} bytes, too small to hold a region header (not formatted; "
+                                 "is the daemon running?)")
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
             mm = mmap.mmap(fd, size, MAP_FLAGS, prot)
         except BaseException:
