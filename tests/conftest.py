@@ -79,6 +79,15 @@ def _free_huge_pages() -> int:
 
 
 @pytest.fixture
+def free_huge_pages():
+    """At least 16 free 2 MiB huge pages in the pool (memfd MFD_HUGETLB needs no mount); skips without."""
+    free = _free_huge_pages()
+    if free < 16:
+        pytest.skip(f"{free} free huge pages, 16 needed (sysctl vm.nr_hugepages=64)")
+    return free
+
+
+@pytest.fixture
 def hugetlbfs_dir(tmp_path):
     """A fresh directory on hugetlbfs (64 free 2 MiB pages at least), removed after; skips without one."""
     mount, why = hugetlbfs_mount(64)
