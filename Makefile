@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kvrack-installed
 SOURCES := pyproject.toml setup.py $(wildcard native/*.c native/*.h)
 
-.PHONY: run test test-all bench bench-check stress lint example clean
+.PHONY: run test test-all test-hugepages bench bench-check stress lint example clean
 
 $(STAMP): $(SOURCES)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,14 @@ bench-check: $(STAMP)
 ## stress: multi-process CXL stress test (KVRACK_STRESS_SECONDS, default 60; KVRACK_STRESS_PROCS, default 6)
 stress: $(STAMP)
 	$(PY) -m pytest -q -s -p no:cacheprovider -m stress tests/test_cxl.py
+
+## test-hugepages: the huge-page tests with a pool and a hugetlbfs mount made for them (root; restored after)
+test-hugepages: $(STAMP)
+	@set -e; old=$$(cat /proc/sys/vm/nr_hugepages); dir=$$(mktemp -d); \
+	trap 'umount "$$dir" 2>/dev/null; rmdir "$$dir"; echo $$old > /proc/sys/vm/nr_hugepages' EXIT; \
+	echo $$((old + 128)) > /proc/sys/vm/nr_hugepages; mount -t hugetlbfs -o pagesize=2M none "$$dir"; \
+	KVRACK_TEST_HUGETLBFS="$$dir" $(PY) -m pytest -q -p no:cacheprovider -rs tests/test_hugepages.py \
+		tests/test_dram_restart.py tests/test_cxl.py -k 'huge'
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
