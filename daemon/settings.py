@@ -458,4 +458,14 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         if s.name not in values:
             values[s.name] = s.resolve_default()
             sources[s.name] = "default"
+    _check_together(values, sources)
     return Config(values, namespaces, sources)
+
+
+def _check_together(values: dict[str, Any], sources: dict[str, str]) -> None:
+    """Settings valid alone that make no sense together."""
+    cap, seg = values["dram.capacity_bytes"], values["dram.segment_bytes"]
+    if cap < seg:  # the tier is whole segments: it would hold nothing and refuse every put
+        raise ConfigError(f"dram.capacity_bytes ({format_size(cap)}, from {sources['dram.capacity_bytes']}) is less "
+                          f"than one dram.segment_bytes ({format_size(seg)}, from {sources['dram.segment_bytes']}): "
+                          "the DRAM tier would hold nothing; raise the capacity or lower the segment size")

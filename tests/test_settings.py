@@ -54,6 +54,8 @@ def test_file_then_env_then_overrides(tmp_path):
     ("[[namespaces]]\nname = \"a\"\n[[namespaces]]\nname = \"a\"\n", "declared twice"),
     ("[[namespaces]]\nname = \"a\"\nsecret = 1\n", "unknown field"),
     ("not toml [", "not valid TOML"),
+    ("[dram]\ncapacity_bytes = \"16MiB\"\nsegment_bytes = \"64MiB\"\n",
+     "dram.capacity_bytes \\(16MiB, from .*bad.toml\\) is less than one dram.segment_bytes \\(64MiB"),
 ])
 def test_bad_config_says_what_is_wrong(tmp_path, text, match):
     path = tmp_path / "bad.toml"
