@@ -137,7 +137,7 @@ def test_a_region_on_hugetlbfs_rounds_up_to_whole_pages_and_other_processes_read
     w.close()
 
 
-def test_a_region_file_that_cannot_be_backed_is_not_left_behind(tmp_path):
+def test_a_region_file_that_cannot_be_backed_or_laid_out_is_not_left_behind(tmp_path):
     shm = Path("/dev/shm")
     if not shm.is_dir() or os.statvfs(shm).f_blocks == 0:
         pytest.skip("needs /dev/shm with a size limit, so that an oversized region is refused at once")
@@ -145,6 +145,9 @@ def test_a_region_file_that_cannot_be_backed_is_not_left_behind(tmp_path):
     path = shm / f"kvrack-test-cxl-{os.getpid()}-{tmp_path.name}-huge"
     with pytest.raises(OSError, match="cannot back a .*-byte segment with a cxl region file"):
         CxlRegion.create(str(path), 2 * st.f_blocks * st.f_frsize, 2 << 20, "ns-a")
+    assert not path.exists()
+    with pytest.raises(ValueError, match="cannot hold one 67108864-byte chunk"):  # backed, but no room for a chunk
+        CxlRegion.create(str(path), 16 << 20, 64 << 20, "ns-a")
     assert not path.exists()
 
 

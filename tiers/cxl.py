@@ -148,6 +148,8 @@ class CxlRegion:
             mm = mmap.mmap(fd, size, MAP_FLAGS, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
+            if not existed:
+                os.unlink(path)
             raise
         try:
             have = Geometry.unpack(mm, size) if _native.load64(mm, OFF_FORMATTED) == FORMATTED else None
