@@ -90,6 +90,13 @@ class Tier(Protocol):
         """Release every segment."""
 
 
+def huge_page_bytes(fd: int) -> int:
+    """The page size of the file's medium where it is larger than the CPU's (hugetlbfs, a memfd of huge pages:
+    such files are whole pages long and take no write()), else 0."""
+    page = os.fstatvfs(fd).f_bsize
+    return page if page > mmap.PAGESIZE else 0
+
+
 def size_segment_fd(fd: int, size: int, prefault: bool, medium: str, round_up: bool = False) -> int:
     """Give a new segment fd its size, with every page allocated now when ``prefault`` (shmem), so the first
     store into a slot takes no page fault; on failure the fd is closed and the error names ``medium``.
@@ -99,8 +106,8 @@ def size_segment_fd(fd: int, size: int, prefault: bool, medium: str, round_up: b
     the page size named, rather than the kernel's bare EINVAL. Returns the size the file got."""
     page = 0
     try:
-        page = os.fstatvfs(fd).f_bsize
-        if page > mmap.PAGESIZE and size % page:
+        page = huge_page_bytes(fd)
+        if page and size % page:
             if not round_up:
                 raise OSError(errno.EINVAL, f"not a whole number of its {page >> 10} KiB huge pages")
             size += page - size % page
@@ -109,7 +116,6 @@ def size_segment_fd(fd: int, size: int, prefault: bool, medium: str, round_up: b
             os.posix_fallocate(fd, 0, size)
     except OSError as exc:
         os.close(fd)
-        hint = " (huge pages: is vm.nr_hugepages large enough?)" if exc.errno == errno.ENOSPC and page > mmap.PAGESIZE \
-            else ""
+        hint = " (huge pages: is vm.nr_hugepages large enough?)" if exc.errno == errno.ENOSPC and page else ""
         raise OSError(exc.errno, f"cannot back a {size}-byte segment with {medium}: {exc.strerror}{hint}") from None
     return size

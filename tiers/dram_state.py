@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import msgspec
 
 from kvrack.daemon.protocol import KEY_BYTES
-from kvrack.tiers.base import size_segment_fd
+from kvrack.tiers.base import huge_page_bytes, size_segment_fd
 
 log = logging.getLogger("kvrack.tiers.dram")
 
@@ -216,9 +216,9 @@ def write_state_bytes(path: str, data: bytes, mapped: bool | None = None) -> Non
     ``mapped`` forces one way or the other (tests)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        page = os.fstatvfs(fd).f_bsize
+        huge = huge_page_bytes(fd)
         if mapped is None:
-            mapped = page > mmap.PAGESIZE
+            mapped = bool(huge)
         if not mapped:
             with os.fdopen(os.dup(fd), "wb") as fh:
                 fh.write(data)
@@ -226,7 +226,7 @@ def write_state_bytes(path: str, data: bytes, mapped: bool | None = None) -> Non
                 os.fsync(fh.fileno())
             return
         size = MAPPED_STATE.size + len(data)
-        size += -size % max(page, mmap.PAGESIZE)
+        size += -size % (huge or mmap.PAGESIZE)
         os.ftruncate(fd, size)
         with mmap.mmap(fd, size, mmap.MAP_SHARED) as m:
             m[MAPPED_STATE.size: MAPPED_STATE.size + len(data)] = data
