@@ -219,19 +219,17 @@ def write_state_bytes(path: str, data: bytes, mapped: bool | None = None) -> Non
         huge = huge_page_bytes(fd)
         if mapped is None:
             mapped = bool(huge)
-        if not mapped:
-            with os.fdopen(os.dup(fd), "wb") as fh:
+        if mapped:
+            size = MAPPED_STATE.size + len(data)
+            size += -size % (huge or mmap.PAGESIZE)
+            os.ftruncate(fd, size)
+            with mmap.mmap(fd, size, mmap.MAP_SHARED) as m:
+                m[MAPPED_STATE.size: MAPPED_STATE.size + len(data)] = data
+                m[: MAPPED_STATE.size] = MAPPED_STATE.pack(MAPPED_MAGIC, len(data))
+                m.flush()
+        else:
+            with open(fd, "wb", closefd=False) as fh:
                 fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            return
-        size = MAPPED_STATE.size + len(data)
-        size += -size % (huge or mmap.PAGESIZE)
-        os.ftruncate(fd, size)
-        with mmap.mmap(fd, size, mmap.MAP_SHARED) as m:
-            m[MAPPED_STATE.size: MAPPED_STATE.size + len(data)] = data
-            m[: MAPPED_STATE.size] = MAPPED_STATE.pack(MAPPED_MAGIC, len(data))
-            m.flush()
         os.fsync(fd)
     finally:
         os.close(fd)
