@@ -2,57 +2,84 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.kvrack-installed
-SOURCES := pyproject.toml setup.py $(wildcard native/*.c native/*.h)
+# exact versions of every dependency for this project's own runs (pyproject.toml has the ranges users get)
+PIP    := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
+# a link tree of the source folders under their import names (kvrack.daemon -> daemon/, ...): mypy and editors
+# resolve kvrack.* to the files of this checkout through it; a new module needs a re-install (the stamps below)
+EDITABLE := --config-settings editable_mode=strict
+SOURCES := pyproject.toml setup.py constraints.txt $(wildcard native/*.c native/*.h) \
+	$(wildcard pkg/*.py daemon/*.py daemon/*/*.py tiers/*.py clients/*.py bench/*.py bench/*/*.py cli/*.py)
+RUN_STAMP  := $(VENV)/.kvrack-daemon
+TEST_STAMP := $(VENV)/.kvrack-test
 
-.PHONY: run test test-all test-hugepages bench bench-check stress lint example clean
+.PHONY: run test test-all test-hugepages bench bench-check stress lint example wheel clean clean-data
 
-$(STAMP): $(SOURCES)
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,nixl]'
-	@touch $(STAMP)
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# the daemon and the kvrack command: no test tools, no torch
+$(RUN_STAMP): $(PY) $(SOURCES)
+	$(PIP) $(EDITABLE) -e '.[daemon]'
+	@touch $@
+
+$(TEST_STAMP): $(PY) $(SOURCES)
+	$(PIP) $(EDITABLE) -e '.[daemon,test,nixl]'
+	@touch $@ $(RUN_STAMP)
 
 ## run: start kvrackd in the foreground with the embedded default config
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(VENV)/bin/kvrackd
 
 ## test: the default test run (what CI runs)
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -p no:cacheprovider
 
 ## test-all: every test, slow ones included
-test-all: $(STAMP)
+test-all: $(TEST_STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m ''
 
 ## bench: kvrack bench local, results in bench-local.json
-bench: $(STAMP)
+bench: $(RUN_STAMP)
 	$(VENV)/bin/kvrack bench local --json bench-local.json
 
 ## bench-check: the benchmark targets as assertions (tests/perf)
-bench-check: $(STAMP)
+bench-check: $(TEST_STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m perf tests/perf
 
 ## stress: multi-process CXL stress test (KVRACK_STRESS_SECONDS, default 60; KVRACK_STRESS_PROCS, default 6)
-stress: $(STAMP)
+stress: $(TEST_STAMP)
 	$(PY) -m pytest -q -s -p no:cacheprovider -m stress tests/test_cxl.py
 
 ## test-hugepages: the huge-page tests with a pool and a hugetlbfs mount made for them (root; restored after)
-test-hugepages: $(STAMP)
+test-hugepages: $(TEST_STAMP)
 	@set -e; old=$$(cat /proc/sys/vm/nr_hugepages); dir=$$(mktemp -d); \
 	trap 'umount "$$dir" 2>/dev/null; rmdir "$$dir"; echo $$old > /proc/sys/vm/nr_hugepages' EXIT; \
 	echo $$((old + 128)) > /proc/sys/vm/nr_hugepages; mount -t hugetlbfs -o pagesize=2M none "$$dir"; \
 	KVRACK_TEST_HUGETLBFS="$$dir" $(PY) -m pytest -q -p no:cacheprovider -rs tests/test_hugepages.py \
 		tests/test_dram_restart.py tests/test_cxl.py -k 'huge'
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 ## example: regenerate deploy/kvrack.example.toml from the settings table
-example: $(STAMP)
+example: $(RUN_STAMP)
 	$(VENV)/bin/kvrackd --write-example deploy/kvrack.example.toml
 
+## wheel: build dist/kvrack-VERSION-*.whl (install it elsewhere with `pip install dist/kvrack-*.whl`)
+wheel: $(PY)
+	$(PY) -m pip wheel --quiet --disable-pip-version-check --no-deps -w dist .
+
+## clean: remove the virtualenv and build outputs (not the data: see clean-data)
 clean:
-	rm -rf $(VENV) build *.egg-info pkg/_native*.so
+	rm -rf $(VENV) build dist *.egg-info pkg/_native*.so
+
+## clean-data: remove what `make run`'s daemon keeps between runs: its NVMe data file and index
+## (nvme.dir, default ~/.local/share/kvrack) and CXL region files (/dev/shm/kvrack-cxl-*). Stop the daemon first.
+clean-data:
+	rm -rf "$${XDG_DATA_HOME:-$$HOME/.local/share}/kvrack"
+	rm -f /dev/shm/kvrack-cxl-*

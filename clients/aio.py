@@ -1,4 +1,12 @@
-"""The asyncio client: the same operations as ``Client``, awaitable."""
+"""The asyncio client: the same operations as ``Client``, awaitable.
+
+``connect`` and ``get`` return objects that can be awaited or used with ``async with`` directly::
+
+    async with AsyncClient.connect() as kv:
+        async with kv.get(keys) as lease:
+            ...
+    kv = await AsyncClient.connect(); ...; await kv.close()
+"""
 
 from __future__ import annotations
 
@@ -6,15 +14,49 @@ import asyncio
 import os
 import socket
 import ssl
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Generator, Sequence
+from typing import Any, Generic, TypeVar
 
+from kvrack import protocol as P
+from kvrack.address import Address, candidate_addresses, targets, worth_trying
 from kvrack.clients.buffers import byte_view
-from kvrack.clients.core import ClientCore, LeaseViews, LookupResult, PutResult, Step, check_put
-from kvrack.clients.remote import Address, client_tls_context, parse_address
+from kvrack.clients.client import as_client_error, unreachable
+from kvrack.clients.core import ClientCore, LeaseViews, check_put
+from kvrack.clients.errors import ClientClosed, DaemonUnreachable
+from kvrack.clients.layout import Layout
+from kvrack.clients.remote import client_tls_context
+from kvrack.clients.results import GetResult, LookupResult, PutResult
+from kvrack.clients.steps import Call, Op, Post, ReadCall, Sleep, Step, Transfer, WriteCall
 from kvrack.clients.transport import AsyncChannel
-from kvrack.daemon import protocol as P
-from kvrack.daemon.settings import default_socket_path
+
+T = TypeVar("T")
+
+
+class Ready(Generic[T]):
+    """An awaitable that is also an async context manager: ``await x`` gives the object, ``async with x as o``
+    gives it too and closes (or releases) it on exit."""
+
+    def __init__(self, make: Callable[[], Awaitable[T]]) -> None:
+        self._make = make
+        self._value: T | None = None
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return self._make().__await__()
+
+    async def __aenter__(self) -> T:
+        self._value = await self._make()
+        return await self._value.__aenter__()  # type: ignore[attr-defined, no-any-return]
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._value is not None:
+            await self._value.__aexit__(*exc)  # type: ignore[attr-defined]
+
+
+class Done:
+    """What ``close`` returns: it has already happened, and awaiting it is allowed (``await kv.close()``)."""
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return iter(())
 
 
 class AsyncLease(LeaseViews):
@@ -26,7 +68,7 @@ class AsyncLease(LeaseViews):
 
     async def release(self) -> None:
         keys = self._end()
-        if keys:
+        if keys and not self._client.closed:
             await self._client._run(self._client._core.keys_op("release", P.Release, keys))
 
     async def __aenter__(self) -> AsyncLease:
@@ -46,7 +88,7 @@ async def _tcp_channel(host: str, port: int, tls: ssl.SSLContext | None) -> Asyn
         sock.setblocking(False)
         await loop.sock_connect(sock, addr)
     except OSError as exc:
-        raise ConnectionError(f"cannot reach kvrackd at {host}:{port} ({exc.strerror or exc})") from None
+        raise DaemonUnreachable(message=f"cannot reach kvrackd at {host}:{port} ({exc.strerror or exc})") from exc
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     if tls is None:
@@ -57,41 +99,74 @@ async def _tcp_channel(host: str, port: int, tls: ssl.SSLContext | None) -> Asyn
         await channel.when_ready(tls_sock.do_handshake)
     except (OSError, ssl.SSLError) as exc:
         channel.close()
-        raise ConnectionError(f"TLS with {host}:{port} failed: {exc}") from None
+        raise DaemonUnreachable(message=f"TLS with {host}:{port} failed: {exc}") from exc
     return channel
+
+
+async def _unix_channel(path: str, timeout: float | None) -> AsyncChannel:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, path), timeout)
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        sock.close()
+        raise DaemonUnreachable(message=f"no kvrackd listening on {path} ({exc.strerror})") from exc
+    return AsyncChannel(sock)
+
+
+async def open_async_channel(address: str | None, timeout: float | None, tls: ssl.SSLContext | bool | None
+                             ) -> tuple[AsyncChannel, Address]:
+    """As ``open_sync_channel``, for asyncio."""
+    where_all = targets(address)
+    searched = address is None and len(candidate_addresses()) > 1
+    tried: list[str] = []
+    for i, where in enumerate(where_all):
+        if not worth_trying(where, i, len(where_all)):
+            tried.append(f"{where} (absent)")
+            continue
+        try:
+            if where.scheme == "unix":
+                return await _unix_channel(where.path, timeout), where
+            if where.scheme == "tls" and not tls:
+                tls = True
+            ctx = client_tls_context() if tls is True else (tls or None)
+            return await asyncio.wait_for(_tcp_channel(where.host, where.port, ctx), timeout), where
+        except DaemonUnreachable as exc:
+            if len(where_all) == 1:
+                raise
+            tried.append(f"{where} ({exc.__cause__.strerror if isinstance(exc.__cause__, OSError) else exc})")
+    raise unreachable(tried, searched)
 
 
 class AsyncClient:
     """A connection to kvrackd for asyncio code. Requests on one client are serialised."""
 
+    address = ""  # where this client is connected
+
     def __init__(self, channel: AsyncChannel, core: ClientCore) -> None:
         self._channel = channel
         self._core = core
+        self.closed = False
 
     @classmethod
-    async def connect(cls, address: str | None = None, namespace: str = "default", client_name: str = "", *,
-                      token: str | None = None, transport: str | None = None,
-                      tls: ssl.SSLContext | bool | None = None, timeout: float | None = 30.0) -> AsyncClient:
-        """As ``Client.connect``: ``unix:///path``, ``tcp://host:port`` or ``tls://host:port``."""
-        where = parse_address(address, default_socket_path()) if address else Address("unix", default_socket_path())
+    def connect(cls, address: str | None = None, namespace: str = "default", client_name: str = "", *,
+                token: str | None = None, transport: str | None = None, tls: ssl.SSLContext | bool | None = None,
+                timeout: float | None = 30.0, layout: Layout | None = None) -> Ready[AsyncClient]:
+        """As ``Client.connect`` (the same default search, ``unix:///path``, ``tcp://host:port`` or
+        ``tls://host:port``). Await it, or use it directly with ``async with``."""
+        return Ready(lambda: cls._connect(address, namespace, client_name, token, transport, tls, timeout, layout))
+
+    @classmethod
+    async def _connect(cls, address: str | None, namespace: str, client_name: str, token: str | None,
+                       transport: str | None, tls: ssl.SSLContext | bool | None, timeout: float | None,
+                       layout: Layout | None) -> AsyncClient:
         token = token if token is not None else os.environ.get("KVRACK_TOKEN", "")
         transport = transport or os.environ.get("KVRACK_TRANSPORT", "auto")
-        if where.scheme == "unix":
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            try:
-                await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, where.path), timeout)
-            except (FileNotFoundError, ConnectionRefusedError) as exc:
-                sock.close()
-                raise ConnectionError(f"no kvrackd listening on {where.path} ({exc.strerror})") from None
-            channel = AsyncChannel(sock)
-        else:
-            if where.scheme == "tls" and not tls:
-                tls = True
-            ctx = client_tls_context() if tls is True else (tls or None)
-            channel = await asyncio.wait_for(_tcp_channel(where.host, where.port, ctx), timeout)
-        core = ClientCore(namespace, client_name, token, transport, remote=where.scheme != "unix", data_timeout=timeout)
+        channel, where = await open_async_channel(address, timeout, tls)
+        core = ClientCore(namespace, client_name, token, transport, remote=where.scheme != "unix", data_timeout=timeout,
+                          layout=layout)
         client = cls(channel, core)
+        client.address = str(where)
         try:
             await client._run(client._core.hello())
         except BaseException:
@@ -99,32 +174,38 @@ class AsyncClient:
             raise
         return client
 
-    async def _run(self, gen: Step) -> Any:
+    async def _perform(self, step: Step) -> Any:
         channel = self._channel
-        call = channel.call
+        kind = type(step)
+        if kind is Call:
+            return await channel.call(step.op, P.encode_frame(step.request))  # type: ignore[union-attr]
+        if kind is Post:  # no reply-less send here: wait for it like any request
+            await channel.call(step.op, P.encode_frame(step.request))  # type: ignore[union-attr]
+            return None
+        if kind is Transfer:  # NIXL polls until done: off the event loop
+            return await asyncio.to_thread(self._core.nixl.transfer, step.op, step.descriptors,  # type: ignore[union-attr]
+                                           step.views)  # type: ignore[union-attr]
+        if kind is ReadCall:
+            return await channel.call_read("read", P.encode_frame(step.request), step.sinks)  # type: ignore[union-attr]
+        if kind is WriteCall:
+            return await channel.call_write("write", P.encode_frame(step.request), step.payload)  # type: ignore[union-attr]
+        assert isinstance(step, Sleep)
+        await asyncio.sleep(step.seconds)
+        return None
+
+    async def _run(self, gen: Op[Any]) -> Any:
+        if self.closed:
+            gen.close()
+            raise ClientClosed(message="this client is closed; connect a new one")
         try:
-            op, req = next(gen)
+            step = next(gen)
             while True:
-                if op == "sleep":
-                    await asyncio.sleep(req)
-                    op, req = gen.send(None)
-                    continue
                 try:
-                    if op == "transfer":  # NIXL polls until done: off the event loop
-                        reply = await asyncio.to_thread(self._core.nixl.transfer, *req)
-                    elif op == "read":
-                        reply = await channel.call_read(op, P.encode_frame(req[0]), req[1])
-                    elif op == "write":
-                        reply = await channel.call_write(op, P.encode_frame(req[0]), req[1])
-                    elif op == "post":  # no reply-less send here: wait for it like any request
-                        reply = await call(req[0], P.encode_frame(req[1]))
-                        reply = None
-                    else:
-                        reply = await call(op, P.encode_frame(req))
+                    result = await self._perform(step)
                 except BaseException as exc:
-                    op, req = gen.throw(exc)
+                    step = gen.throw(as_client_error(exc))
                 else:
-                    op, req = gen.send(reply)
+                    step = gen.send(result)
         except StopIteration as stop:
             return stop.value
 
@@ -132,8 +213,16 @@ class AsyncClient:
     def namespace_salt(self) -> bytes:
         return self._core.salt
 
+    @property
+    def layout(self) -> Layout | None:
+        return self._core.layout
+
+    @layout.setter
+    def layout(self, layout: Layout | None) -> None:
+        self._core.layout = layout
+
     async def lookup(self, keys: Sequence[bytes]) -> LookupResult:
-        return await self._run(self._core.lookup(keys))
+        return await self._run(self._core.lookup(keys))  # type: ignore[no-any-return]
 
     async def put(self, keys: Sequence[bytes], buffers: Sequence[Any], parents: Sequence[bytes | None] | None = None,
                   *, wait_timeout: float | None = None, raise_on_error: bool = True) -> PutResult:
@@ -142,8 +231,12 @@ class AsyncClient:
             await self._run(self._core.wait_for_writers(keys, result, wait_timeout))
         return check_put(result, message, raise_on_error)
 
-    async def get(self, keys: Sequence[bytes]) -> AsyncLease:
-        """Pin blocks; zero-copy views valid inside ``async with`` (remote: views of private copies)."""
+    def get(self, keys: Sequence[bytes]) -> Ready[AsyncLease]:
+        """Pin blocks; zero-copy views valid inside ``async with kv.get(keys) as lease`` (remote: views of
+        private copies). ``await kv.get(keys)`` gives the lease, to ``release()`` yourself."""
+        return Ready(lambda: self._get(keys))
+
+    async def _get(self, keys: Sequence[bytes]) -> AsyncLease:
         if self._core.transport != P.TRANSPORT_SHM:
             return AsyncLease(self, [], await self._run(self._core.copies(keys)))
         codes, descriptors = await self._run(self._core.acquire(keys))
@@ -158,32 +251,40 @@ class AsyncClient:
         if self._core.nixl is not None:
             self._core.nixl.register([byte_view(b) for b in buffers])
 
-    async def get_into(self, keys: Sequence[bytes], out: Sequence[Any]) -> list[bool]:
-        """Copy blocks into caller buffers (numpy, torch CPU tensors, bytearrays); per-key hit flags."""
-        return await self._run(self._core.get_into(keys, out))
+    async def get_into(self, keys: Sequence[bytes], out: Sequence[Any], *, exact: bool = True) -> GetResult:
+        """As ``Client.get_into``: per-key hit flags; buffers of another size than their block raise."""
+        return await self._run(self._core.get_into(keys, out, exact))  # type: ignore[no-any-return]
 
     async def prefetch(self, keys: Sequence[bytes], wait: bool = False) -> int:
         """Have blocks whose only copy is on NVMe read into DRAM now, before a get needs them (a decode
         node warming a prefix). Nothing stays pinned. ``wait``: return once they are in DRAM. Returns how
         many of the keys the daemon holds."""
-        return await self._run(self._core.prefetch(keys, wait))
+        return await self._run(self._core.prefetch(keys, wait))  # type: ignore[no-any-return]
 
     async def delete(self, keys: Sequence[bytes]) -> int:
         codes, _, _ = await self._run(self._core.keys_op("delete", P.Delete, keys))
         return sum(1 for c in codes if c == 0)
 
     async def stats(self) -> dict[str, Any]:
-        reply, _ = await self._channel.call("stats", P.encode_frame(P.Stats(id=self._core._id())))
-        stats = reply.stats
+        reply, _ = await self._run(_stats_call(self._core))
+        stats: dict[str, Any] = reply.stats
         stats["client"] = self._core.client_stats(self._channel.requests)
         return stats
 
-    def close(self) -> None:
-        self._channel.close()
-        self._core.close()
+    def close(self) -> Done:
+        """End the connection now; ``await kv.close()`` and a plain ``kv.close()`` both work."""
+        if not self.closed:
+            self.closed = True
+            self._channel.close()
+            self._core.close()
+        return Done()
 
     async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self.close()
+
+
+def _stats_call(core: ClientCore) -> Op[Any]:
+    return (yield Call("stats", P.Stats(id=core._id())))

@@ -8,25 +8,71 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from kvrack import protocol as P
+from kvrack.address import Address, candidate_addresses, targets, worth_trying
 from kvrack.clients.buffers import byte_view
-from kvrack.clients.core import ClientCore, LeaseViews, LookupResult, PutResult, Step, check_put
-from kvrack.clients.errors import KvrackError
-from kvrack.clients.remote import Address, client_tls_context, parse_address, tcp_socket
+from kvrack.clients.core import ClientCore, LeaseViews, check_put
+from kvrack.clients.errors import ClientClosed, ConnectionLost, DaemonUnreachable, KvrackError
+from kvrack.clients.layout import Layout
+from kvrack.clients.remote import client_tls_context, tcp_socket
+from kvrack.clients.results import GetResult, LookupResult, PutResult
+from kvrack.clients.steps import Call, Op, Post, ReadCall, Sleep, Step, Transfer, WriteCall
 from kvrack.clients.transport import StreamChannel, SyncChannel, unix_socket
-from kvrack.daemon import protocol as P
-from kvrack.daemon.settings import default_socket_path
 
 DEFAULT_SPIN_US = 50.0
 
 
 def socket_path_of(address: str | None) -> str:
-    """``unix:///path``, ``unix:/path`` or a plain path; None means the default socket."""
-    if address is None:
-        return default_socket_path()
-    parsed = parse_address(address, default_socket_path())
-    if parsed.scheme != "unix":
-        raise ValueError(f"{address!r} is not a Unix socket address")
-    return parsed.path
+    """The Unix socket a client would use for ``address`` (None: the default search's pick)."""
+    ts = targets(address)
+    found = [w for i, w in enumerate(ts) if worth_trying(w, i, len(ts))]
+    where = found[0] if found else ts[-1]
+    if where.scheme != "unix":
+        raise ValueError(f"{where} is not a Unix socket address")
+    return where.path
+
+
+def unreachable(tried: list[str], searched: bool) -> DaemonUnreachable:
+    """The error when no place answered: every place looked at, and how to point clients elsewhere."""
+    how = ("start one with `kvrackd` (or `make run`), or point clients at one with $KVRACK_ADDRESS "
+           "(unix:///path/kvrack.sock or tcp://host:port)")
+    if searched:
+        return DaemonUnreachable(message=f"no kvrackd listening; looked at $KVRACK_ADDRESS (unset), "
+                                         f"{', '.join(tried)}; {how}")
+    return DaemonUnreachable(message=f"no kvrackd listening at {tried[0]}; {how}")
+
+
+def open_sync_channel(address: str | None, timeout: float | None, spin_us: float,
+                      tls: ssl.SSLContext | bool | None) -> tuple[SyncChannel, Address]:
+    """A connected channel to the address given, else to the first place of the default search that answers."""
+    where_all = targets(address)
+    searched = address is None and len(candidate_addresses()) > 1
+    tried: list[str] = []
+    for i, where in enumerate(where_all):
+        if not worth_trying(where, i, len(where_all)):
+            tried.append(f"{where} (absent)")
+            continue
+        try:
+            if where.scheme == "unix":
+                return SyncChannel(unix_socket(where.path, timeout), spin_us), where
+            if where.scheme == "tls" and not tls:
+                tls = True
+            ctx = client_tls_context() if tls is True else (tls or None)
+            return StreamChannel(tcp_socket(where.host, where.port, timeout, ctx), spin_us, tls=ctx is not None), where
+        except DaemonUnreachable as exc:
+            if len(where_all) == 1:
+                raise
+            tried.append(f"{where} ({exc.__cause__.strerror if isinstance(exc.__cause__, OSError) else exc})")
+    raise unreachable(tried, searched)
+
+
+def as_client_error(exc: BaseException) -> BaseException:
+    """An ``OSError`` of the socket as the ``ConnectionLost`` it means (cause chained); others unchanged."""
+    if isinstance(exc, OSError) and not isinstance(exc, KvrackError):
+        err = ConnectionLost(message=f"connection to kvrackd failed: {exc.strerror or exc}")
+        err.__cause__ = exc
+        return err
+    return exc
 
 
 class Lease(LeaseViews):
@@ -38,7 +84,7 @@ class Lease(LeaseViews):
 
     def release(self) -> None:
         keys = self._end()
-        if keys:
+        if keys and not self._client.closed:
             self._client._run(self._client._core.keys_op("release", P.Release, keys))
 
     def __enter__(self) -> Lease:
@@ -49,25 +95,30 @@ class Lease(LeaseViews):
 
 
 class Client:
-    """A connection to kvrackd over its Unix socket. Not thread-safe: one per thread."""
+    """A connection to kvrackd (Unix socket, or TCP/TLS for a daemon on another host). Not thread-safe: one
+    per thread."""
 
     def __init__(self, channel: SyncChannel, core: ClientCore) -> None:
         self._channel = channel
         self._core = core
+        self.closed = False
 
     @classmethod
     def connect(cls, address: str | None = None, namespace: str = "default", client_name: str = "",
                 timeout: float | None = 30.0, spin_us: float | None = None, *, token: str | None = None,
-                transport: str | None = None, tls: ssl.SSLContext | bool | None = None) -> Client:
+                transport: str | None = None, tls: ssl.SSLContext | bool | None = None,
+                layout: Layout | None = None) -> Client:
         """Connect and say hello.
 
-        ``address``: ``unix:///path`` (or a path; default: the local daemon's socket), or
-        ``tcp://host:port`` / ``tls://host:port`` for a daemon on another host, which needs the
-        namespace's ``token`` (default: ``$KVRACK_TOKEN``). ``transport`` (default
-        ``$KVRACK_TRANSPORT``, else ``auto``) picks how block bytes move: ``shm`` (mapped
-        segments, local only), ``nixl`` (one-sided transfers) or ``tcp`` (bytes on the
+        ``address``: ``unix:///path`` (or a path), or ``tcp://host:port`` / ``tls://host:port`` for a
+        daemon on another host, which needs the namespace's ``token`` (default: ``$KVRACK_TOKEN``).
+        Without an address the client looks, in order, at ``$KVRACK_ADDRESS``, ``/run/kvrack/kvrack.sock``
+        (the system service) and ``$XDG_RUNTIME_DIR/kvrack/kvrack.sock`` (else ``/tmp/kvrack/kvrack.sock``).
+        ``transport`` (default ``$KVRACK_TRANSPORT``, else ``auto``) picks how block bytes move: ``shm``
+        (mapped segments, local only), ``nixl`` (one-sided transfers) or ``tcp`` (bytes on the
         connection); ``auto`` takes the best the daemon offers. ``tls``: an ``ssl.SSLContext``,
-        or True for one that verifies the daemon against the system CAs.
+        or True for one that verifies the daemon against the system CAs. ``layout``: every block put or
+        read must be one block of it (size and dtype are checked before anything is sent).
 
         ``timeout`` bounds each send and receive. ``spin_us`` is how long to poll for a reply
         before sleeping (default 50 µs when this process may run on more than one CPU, else 0);
@@ -75,19 +126,13 @@ class Client:
         """
         if spin_us is None:
             spin_us = DEFAULT_SPIN_US if len(os.sched_getaffinity(0)) > 1 else 0.0
-        where = parse_address(address, default_socket_path()) if address else Address("unix", default_socket_path())
         token = token if token is not None else os.environ.get("KVRACK_TOKEN", "")
         transport = transport or os.environ.get("KVRACK_TRANSPORT", "auto")
-        channel: SyncChannel
-        if where.scheme == "unix":
-            channel = SyncChannel(unix_socket(where.path, timeout), spin_us)
-        else:
-            if where.scheme == "tls" and not tls:
-                tls = True
-            ctx = client_tls_context() if tls is True else (tls or None)
-            channel = StreamChannel(tcp_socket(where.host, where.port, timeout, ctx), spin_us, tls=ctx is not None)
-        core = ClientCore(namespace, client_name, token, transport, remote=where.scheme != "unix", data_timeout=timeout)
+        channel, where = open_sync_channel(address, timeout, spin_us, tls)
+        core = ClientCore(namespace, client_name, token, transport, remote=where.scheme != "unix", data_timeout=timeout,
+                          layout=layout)
         client = cls(channel, core)
+        client.address = str(where)
         try:
             client._run(client._core.hello())
         except BaseException:
@@ -95,34 +140,42 @@ class Client:
             raise
         return client
 
-    def _run(self, gen: Step) -> Any:
-        """Drive an operation: each yielded request goes to the daemon, its reply comes back in."""
+    address = ""  # where this client is connected
+
+    def _perform(self, step: Step) -> Any:
+        """One step of an operation: a request to the daemon, a NIXL transfer or a pause."""
         channel = self._channel
-        call = channel.call
+        kind = type(step)
+        if kind is Call:
+            return channel.call(step.op, P.encode_frame(step.request))  # type: ignore[union-attr]
+        if kind is Post:
+            channel.post(step.op, P.encode_frame(step.request))  # type: ignore[union-attr]
+            return None
+        if kind is Transfer:  # NIXL one-sided READ / WRITE
+            return self._core.nixl.transfer(step.op, step.descriptors, step.views)  # type: ignore[union-attr]
+        if kind is ReadCall:  # block bytes follow the reply (TCP byte stream)
+            return channel.call_read("read", P.encode_frame(step.request), step.sinks)  # type: ignore[union-attr]
+        if kind is WriteCall:  # block bytes follow the request
+            return channel.call_write("write", P.encode_frame(step.request), step.payload)  # type: ignore[union-attr]
+        assert isinstance(step, Sleep)
+        time.sleep(step.seconds)
+        return None
+
+    def _run(self, gen: Op[Any]) -> Any:
+        """Drive an operation: each step is performed here and its result sent back in."""
+        if self.closed:
+            gen.close()
+            raise ClientClosed(message="this client is closed; connect a new one")
+        perform = self._perform
         try:
-            op, req = next(gen)
+            step = next(gen)
             while True:
-                if op == "sleep":
-                    time.sleep(req)
-                    op, req = gen.send(None)
-                    continue
-                if op == "post":
-                    channel.post(req[0], P.encode_frame(req[1]))
-                    op, req = gen.send(None)
-                    continue
                 try:
-                    if op == "transfer":  # NIXL one-sided READ / WRITE
-                        reply = self._core.nixl.transfer(*req)
-                    elif op == "read":  # block bytes follow the reply (TCP byte stream)
-                        reply = channel.call_read(op, P.encode_frame(req[0]), req[1])  # type: ignore[attr-defined]
-                    elif op == "write":  # block bytes follow the request
-                        reply = channel.call_write(op, P.encode_frame(req[0]), req[1])  # type: ignore[attr-defined]
-                    else:
-                        reply = call(op, P.encode_frame(req))
+                    result = perform(step)
                 except BaseException as exc:
-                    op, req = gen.throw(exc)
+                    step = gen.throw(as_client_error(exc))
                 else:
-                    op, req = gen.send(reply)
+                    step = gen.send(result)
         except StopIteration as stop:
             return stop.value
 
@@ -132,12 +185,24 @@ class Client:
         """The salt to build this namespace's first block keys with (``KeyBuilder``)."""
         return self._core.salt
 
+    @property
+    def layout(self) -> Layout | None:
+        """The layout every block put or read is checked against (None: sizes only against stored blocks)."""
+        return self._core.layout
+
+    @layout.setter
+    def layout(self, layout: Layout | None) -> None:
+        self._core.layout = layout
+
     def lookup(self, keys: Sequence[bytes]) -> LookupResult:
         """How many leading keys are cached, and each key's tier."""
         core = self._core
-        if len(keys) <= core.max_batch and core.cxl is None:  # one request: skip the generator machinery
+        if len(keys) <= core.max_batch and core.cxl is None and not self.closed:  # one request: no generator
             frame = P.encode_frame(P.Lookup(id=core._id(), keys=keys if isinstance(keys, list) else list(keys)))
-            reply, _ = self._channel.call("lookup", frame)
+            try:
+                reply, _ = self._channel.call("lookup", frame)
+            except OSError as exc:
+                raise as_client_error(exc) from exc
             return LookupResult(reply.prefix, reply.tiers)
         return self._run(core.lookup(keys))
 
@@ -173,9 +238,13 @@ class Client:
         if self._core.nixl is not None:
             self._core.nixl.register([byte_view(b, writable=False) for b in buffers])
 
-    def get_into(self, keys: Sequence[bytes], out: Sequence[Any]) -> list[bool]:
-        """Copy blocks into caller buffers (numpy, torch CPU tensors, bytearrays); per-key hit flags."""
-        return self._run(self._core.get_into(keys, out))
+    def get_into(self, keys: Sequence[bytes], out: Sequence[Any], *, exact: bool = True) -> GetResult:
+        """Copy blocks into caller buffers (numpy, torch tensors, bytearrays); per-key hit flags.
+
+        Each buffer must have its block's size: a buffer of another size raises ``SizeMismatch`` naming
+        both sizes, before any byte is copied. ``exact=False`` accepts larger buffers; the result's
+        ``nbytes`` then says how many bytes each hit wrote."""
+        return self._run(self._core.get_into(keys, out, exact))
 
     def prefetch(self, keys: Sequence[bytes], wait: bool = False) -> int:
         """Have blocks whose only copy is on NVMe read into DRAM now, before a get needs them (a decode
@@ -190,12 +259,16 @@ class Client:
 
     def stats(self) -> dict[str, Any]:
         """The daemon's figures for this namespace, plus this client's ``client`` section (its transport)."""
-        reply = self._channel.call("stats", P.encode_frame(P.Stats(id=self._core._id())))
-        stats = reply[0].stats
+        reply, _ = self._run(_stats_call(self._core))
+        stats = reply.stats
         stats["client"] = self._core.client_stats(self._channel.requests)
         return stats
 
     def close(self) -> None:
+        """End the connection: pins and reservations it holds end with it. Closing twice is harmless."""
+        if self.closed:
+            return
+        self.closed = True
         self._channel.close()
         self._core.close()
 
@@ -204,6 +277,10 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _stats_call(core: ClientCore) -> Op[Any]:
+    return (yield Call("stats", P.Stats(id=core._id())))
 
 
 __all__ = ["Client", "Lease", "KvrackError", "socket_path_of"]

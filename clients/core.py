@@ -7,59 +7,38 @@ with awaits, and the logic exists once.
 
 from __future__ import annotations
 
-import dataclasses
 import mmap
 import os
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
+from kvrack import protocol as P
 from kvrack.clients.buffers import byte_view, copy
-from kvrack.clients.errors import KvrackError
+from kvrack.clients.errors import KvrackError, SizeMismatch, TierUnavailable, error_for
 from kvrack.clients.gpu import Copier, DeviceSpan, IpcMaps, any_device, device_span, host_address
-from kvrack.daemon import protocol as P
-from kvrack.daemon.protocol import ErrorCode, TierId
+from kvrack.clients.layout import Layout
+from kvrack.clients.results import GetResult, LookupResult, PutResult
+from kvrack.clients.steps import Call, Op, Post, ReadCall, Sleep, Transfer, WriteCall
+from kvrack.protocol import ErrorCode, TierId
 
-Step = Generator[tuple[str, Any], Any, Any]
 _OK = int(ErrorCode.OK)
 _KEY_WIRE_BYTES = 40  # a 32-byte key as msgpack bin plus list overhead, for batch sizing
 TOUCH_BATCH = 64  # CXL reads reported to the daemon in one posted touch ...
 TOUCH_EVERY_S = 1.0  # ... or as soon as the oldest unreported one is this old (checked at the next read)
 
 
-@dataclasses.dataclass
-class LookupResult:
-    prefix: int  # how many leading keys are cached
-    tiers: bytes  # per key, its TierId value (0 = TierId.NONE, a miss); compact for big batches
-
-    def tier(self, i: int) -> TierId:
-        return TierId(self.tiers[i])
-
-    def __len__(self) -> int:
-        return self.prefix
-
-
-@dataclasses.dataclass
-class PutResult:
-    codes: list[int]  # per key: OK (stored now), ALREADY_EXISTS, IN_PROGRESS, or a failure
-
-    @property
-    def stored(self) -> int:
-        return sum(1 for c in self.codes if c == _OK)
-
-    @property
-    def existing(self) -> int:
-        return sum(1 for c in self.codes if c == ErrorCode.ALREADY_EXISTS)
-
-    @property
-    def in_progress(self) -> int:
-        return sum(1 for c in self.codes if c == ErrorCode.IN_PROGRESS)
-
-    @property
-    def failed(self) -> list[int]:
-        """Indices of keys that are not stored and not being stored by anyone."""
-        ok = (_OK, ErrorCode.ALREADY_EXISTS, ErrorCode.IN_PROGRESS)
-        return [i for i, c in enumerate(self.codes) if c not in ok]
+def check_fit(i: int, have: int, block: int, exact: bool) -> None:
+    """A buffer of ``have`` bytes for key ``i``'s block of ``block`` bytes: exactly its size, or (``exact=False``)
+    at least its size. A read never reports success for bytes it did not write."""
+    if have == block or (have > block and not exact):
+        return
+    if have < block:
+        raise SizeMismatch(ErrorCode.INVALID_SIZE, f"get_into: buffer {i} of {have} bytes is smaller than its "
+                                                   f"{block}-byte block")
+    raise SizeMismatch(ErrorCode.INVALID_SIZE, f"get_into: buffer {i} of {have} bytes is larger than its {block}-byte "
+                       "block; nothing was reported read (exact=False reads a block into a larger buffer, and "
+                       "GetResult.nbytes then says how many bytes each hit wrote)")
 
 
 class LeaseViews:
@@ -133,7 +112,7 @@ class ClientCore:
     """
 
     def __init__(self, namespace: str, client_name: str, token: str = "", transport: str = "auto",
-                 remote: bool = False, data_timeout: float | None = None) -> None:
+                 remote: bool = False, data_timeout: float | None = None, layout: Layout | None = None) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
         self.namespace = namespace
@@ -142,6 +121,7 @@ class ClientCore:
         self.wanted = transport
         self.remote = remote
         self.data_timeout = data_timeout
+        self.layout = layout  # when set, puts and reads check every buffer against it
         self.transport = P.TRANSPORT_SHM
         self.nixl: Any = None  # NixlData when the transport is nixl
         self.cxl: Any = None  # the namespace's CxlRegion, read directly (no request to the daemon)
@@ -192,9 +172,9 @@ class ClientCore:
         return range(0, n, self.max_batch)
 
     # ---------------------------------------------------------------- steps
-    def hello(self) -> Step:
-        reply, fds = yield "hello", P.Hello(id=self._id(), version=P.PROTOCOL_VERSION, namespace=self.namespace,
-                                            client_name=self.client_name, token=self.token)
+    def hello(self) -> Op[None]:
+        reply, fds = yield Call("hello", P.Hello(id=self._id(), version=P.PROTOCOL_VERSION, namespace=self.namespace,
+                                                 client_name=self.client_name, token=self.token))
         self.salt = reply.salt
         self.session = reply.session
         self.max_batch_keys = reply.max_batch_keys or self.max_batch_keys
@@ -218,7 +198,7 @@ class ClientCore:
             self.cxl = CxlRegion.open(reply.cxl_path, reply.namespace, coherent=reply.cxl_coherent, fd=fd)
         except (OSError, ValueError) as exc:  # PermissionError included
             if fd is not None:
-                raise KvrackError(ErrorCode.TIER_UNAVAILABLE, f"cannot map the CXL region {reply.cxl_path}: {exc}") from None
+                raise TierUnavailable(ErrorCode.TIER_UNAVAILABLE, f"cannot map the CXL region {reply.cxl_path}: {exc}") from None
         finally:
             if fd is not None:
                 os.close(fd)  # the mapping keeps the region
@@ -244,24 +224,24 @@ class ClientCore:
         if self.wanted == "auto":
             return offered[0] if offered[0] != P.TRANSPORT_NIXL else P.TRANSPORT_TCP
         if self.wanted not in offered or why_not_nixl:
-            raise KvrackError(ErrorCode.TIER_UNAVAILABLE, f"transport {self.wanted!r} is not available on this "
+            raise TierUnavailable(ErrorCode.TIER_UNAVAILABLE, f"transport {self.wanted!r} is not available on this "
                               f"connection (the daemon offers {', '.join(offered)}){': ' + why_not_nixl if why_not_nixl else ''}")
         return self.wanted
 
-    def map_segments(self, descriptors: Sequence[P.Descriptor | None]) -> Step:
+    def map_segments(self, descriptors: Sequence[P.Descriptor | None]) -> Op[None]:
         if self.nixl is not None:
             missing = self.nixl.missing(descriptors)
         else:
             missing = self.segments.missing(descriptors)
         step = P.MAX_FDS_PER_FRAME
         for i in range(0, len(missing), step):
-            reply, fds = yield "map", P.MapSegments(id=self._id(), segments=missing[i : i + step])
+            reply, fds = yield Call("map", P.MapSegments(id=self._id(), segments=missing[i : i + step]))
             if self.nixl is not None:
                 self.nixl.add(reply.remote_segments, reply.nixl_metadata)
             else:
                 self.segments.add(reply.segments, fds)
 
-    def lookup(self, keys: Sequence[bytes]) -> Step:
+    def lookup(self, keys: Sequence[bytes]) -> Op[LookupResult]:
         cxl = self.cxl_lookup(keys)
         if cxl is not None and cxl[0] == len(keys):  # every key in CXL: no request at all
             return LookupResult(len(keys), bytes([TierId.CXL]) * len(keys))
@@ -270,47 +250,54 @@ class ClientCore:
             return found
         return LookupResult(*P.with_extra_hits(found.tiers, cxl[1] >= 0, TierId.CXL))  # blocks only in CXL
 
-    def _lookup_daemon(self, keys: Sequence[bytes]) -> Step:
+    def _lookup_daemon(self, keys: Sequence[bytes]) -> Op[LookupResult]:
         tiers = bytearray()
         prefix = None
         for start in self._chunks(len(keys)):
             chunk = list(keys[start : start + self.max_batch])
-            reply, _ = yield "lookup", P.Lookup(id=self._id(), keys=chunk)
+            reply, _ = yield Call("lookup", P.Lookup(id=self._id(), keys=chunk))
             tiers += reply.tiers
             if prefix is None and reply.prefix < len(chunk):
                 prefix = start + reply.prefix
         return LookupResult(len(keys) if prefix is None else prefix, bytes(tiers))
 
-    def keys_op(self, op: str, cls: type, keys: Sequence[bytes]) -> Step:
+    def keys_op(self, op: str, cls: type, keys: Sequence[bytes]
+                ) -> Op[tuple[list[int], list[P.Descriptor | None], str]]:
         """commit / abort / release / delete / acquire over any number of keys."""
         codes: list[int] = []
         descriptors: list[P.Descriptor | None] = []
         message = ""
         for start in self._chunks(len(keys)):
-            reply, _ = yield op, cls(id=self._id(), keys=list(keys[start : start + self.max_batch]))
+            reply, _ = yield Call(op, cls(id=self._id(), keys=list(keys[start : start + self.max_batch])))
             codes += reply.codes
             descriptors += reply.descriptors
             message = reply.message or message
         return codes, descriptors, message
 
-    def prefetch(self, keys: Sequence[bytes], wait: bool) -> Step:
+    def prefetch(self, keys: Sequence[bytes], wait: bool) -> Op[int]:
         """Ask for blocks on lower tiers to come up into DRAM; how many keys the daemon holds."""
         found = 0
         for start in self._chunks(len(keys)):
-            reply, _ = yield "prefetch", P.Prefetch(id=self._id(), keys=list(keys[start : start + self.max_batch]),
-                                                    wait=wait)
+            reply, _ = yield Call("prefetch", P.Prefetch(id=self._id(), keys=list(keys[start : start + self.max_batch]),
+                                                         wait=wait))
             found += sum(1 for c in reply.codes if c == _OK)
         return found
 
-    def release_soon(self, keys: Sequence[bytes]) -> Step:
+    def release_soon(self, keys: Sequence[bytes]) -> Op[None]:
         """End pins without waiting for the reply (``post``): the next request's reply comes after it."""
         for start in self._chunks(len(keys)):
-            yield "post", ("release", P.Release(id=self._id(), keys=list(keys[start : start + self.max_batch])))
+            yield Post("release", P.Release(id=self._id(), keys=list(keys[start : start + self.max_batch])))
 
-    def put(self, keys: Sequence[bytes], buffers: Sequence[Any], parents: Sequence[bytes | None] | None) -> Step:
+    def put(self, keys: Sequence[bytes], buffers: Sequence[Any], parents: Sequence[bytes | None] | None
+            ) -> Op[tuple[PutResult, str]]:
         if len(buffers) != len(keys) or (parents is not None and len(parents) != len(keys)):
             raise ValueError("put: keys, buffers and parents must have the same length")
         views: list[Any] = [device_span(b) or byte_view(b) for b in buffers]
+        if self.layout is not None:
+            for i, (buf, view) in enumerate(zip(buffers, views)):
+                why = self.layout.mismatch(buf, view.nbytes)
+                if why:
+                    raise SizeMismatch(ErrorCode.INVALID_SIZE, f"put: block {i}: {why}")
         if self.transport != P.TRANSPORT_SHM and any(isinstance(v, DeviceSpan) for v in views):
             raise ValueError(f"put: GPU buffers need a same-host client (transport shm), this one uses {self.transport}")
         cxl = self.cxl_lookup(keys)
@@ -337,13 +324,13 @@ class ClientCore:
         return PutResult(codes), message
 
     def _fill_and_commit(self, chunk: list[bytes], reply: Any, todo: list[int], views: Sequence[memoryview],
-                         start: int) -> Step:
+                         start: int) -> Op[list[int]]:
         """Copy into the reserved slots (mapped, or one NIXL WRITE), then commit; the batch's codes."""
         yield from self.map_segments(reply.descriptors)
         ready = []
         try:
             if self.nixl is not None:
-                yield "transfer", ("WRITE", [reply.descriptors[i] for i in todo], [views[start + i] for i in todo])
+                yield Transfer("WRITE", [reply.descriptors[i] for i in todo], [views[start + i] for i in todo])
                 ready = [chunk[i] for i in todo]
             maps = self.segments.maps
             gpu = None
@@ -359,45 +346,45 @@ class ClientCore:
             if gpu is not None:
                 gpu.wait()  # the bytes are in DRAM before the commit publishes them
         except BaseException:
-            yield "abort", P.Abort(id=self._id(), keys=[chunk[i] for i in todo])
+            yield Call("abort", P.Abort(id=self._id(), keys=[chunk[i] for i in todo]))
             raise
         batch_codes = list(reply.codes)
         if ready:
-            creply, _ = yield "commit", P.Commit(id=self._id(), keys=ready)
+            creply, _ = yield Call("commit", P.Commit(id=self._id(), keys=ready))
             failed = {k: c for k, c in zip(ready, creply.codes) if c != _OK}
             if failed:  # e.g. the reservation's lease ran out before the copy finished
                 batch_codes = [failed.get(k, c) for k, c in zip(chunk, batch_codes)]
         return batch_codes
 
     def _write_stream(self, chunk: list[bytes], reply: Any, todo: list[int], views: Sequence[memoryview],
-                      start: int) -> Step:
+                      start: int) -> Op[list[int]]:
         """TCP byte stream: one ``write`` carrying the reserved keys' bytes, committed on arrival."""
         batch_codes = list(reply.codes)
         if todo:
             req = P.Write(id=self._id(), keys=[chunk[i] for i in todo], sizes=[views[start + i].nbytes for i in todo])
-            wreply, _ = yield "write", (req, [views[start + i] for i in todo])
+            wreply, _ = yield WriteCall(req, [views[start + i] for i in todo])
             for i, code in zip(todo, wreply.codes):
                 batch_codes[i] = code
         return batch_codes
 
     def _reserve(self, chunk: list[bytes], views: Sequence[memoryview], parents: Sequence[bytes | None] | None,
-                 start: int) -> Step:
+                 start: int) -> Op[Any]:
         """One reserve for ``chunk``, the keys from ``start`` on, sized by their views."""
         end = start + len(chunk)
-        reply, _ = yield "reserve", P.Reserve(id=self._id(), keys=chunk, sizes=[v.nbytes for v in views[start:end]],
-                                              parents=list(parents[start:end]) if parents is not None else None)
+        reply, _ = yield Call("reserve", P.Reserve(id=self._id(), keys=chunk, sizes=[v.nbytes for v in views[start:end]],
+                                                   parents=list(parents[start:end]) if parents is not None else None))
         return reply
 
-    def wait_for_writers(self, keys: Sequence[bytes], result: PutResult, timeout: float) -> Step:
+    def wait_for_writers(self, keys: Sequence[bytes], result: PutResult, timeout: float) -> Op[None]:
         """Poll, with backoff and a deadline, until keys another client was writing are committed.
 
-        Yields ``("sleep", seconds)`` steps that the driver performs (time.sleep or asyncio.sleep).
+        Yields ``Sleep`` steps that the driver performs (time.sleep or asyncio.sleep).
         """
         pending = [i for i, c in enumerate(result.codes) if c == ErrorCode.IN_PROGRESS]
         deadline = time.monotonic() + timeout
         delay = 0.0005
         while pending and time.monotonic() < deadline:
-            yield "sleep", delay
+            yield Sleep(delay)
             delay = min(delay * 2, 0.05)
             found = yield from self.lookup([keys[i] for i in pending])
             for i, tier in zip(list(pending), found.tiers):
@@ -405,7 +392,7 @@ class ClientCore:
                     result.codes[i] = ErrorCode.ALREADY_EXISTS
                     pending.remove(i)
 
-    def acquire(self, keys: Sequence[bytes]) -> Step:
+    def acquire(self, keys: Sequence[bytes]) -> Op[tuple[list[int], list[P.Descriptor | None]]]:
         codes, descriptors, message = yield from self.keys_op("acquire", P.Acquire, keys)
         try:
             yield from self.map_segments(descriptors)
@@ -414,16 +401,28 @@ class ClientCore:
             raise
         return codes, descriptors
 
-    def get_into(self, keys: Sequence[bytes], outs: Sequence[Any]) -> Step:
+    def get_into(self, keys: Sequence[bytes], outs: Sequence[Any], exact: bool = True) -> Op[GetResult]:
         """CXL hits are read from the region directly; the rest from the daemon's tiers. GPU buffers are
-        filled from HBM copies (device to device) or mapped DRAM slots (host to device)."""
-        if any_device(outs):
-            return (yield from self._get_into_device(keys, outs))
-        if self.cxl is None:
-            return (yield from self._get_into_daemon(keys, outs))
+        filled from HBM copies (device to device) or mapped DRAM slots (host to device). Each buffer must be
+        its block's size (``exact=False``: at least)."""
         if len(outs) != len(keys):
             raise ValueError("get_into: keys and out must have the same length")
-        got = self.cxl.read_many(keys, [byte_view(out, writable=True) for out in outs])
+        if self.layout is not None:
+            for i, out in enumerate(outs):
+                span = device_span(out)
+                why = self.layout.mismatch(out, span.nbytes if span is not None else byte_view(out).nbytes)
+                if why:
+                    raise SizeMismatch(ErrorCode.INVALID_SIZE, f"get_into: buffer {i}: {why}")
+        if any_device(outs):
+            return (yield from self._get_into_device(keys, outs, exact))
+        if self.cxl is None:
+            return (yield from self._get_into_daemon(keys, outs, exact))
+        views = [byte_view(out, writable=True) for out in outs]
+        got = self.cxl.read_many(keys, views)
+        nbytes = [n or 0 for n in got]
+        for i, (n, view) in enumerate(zip(got, views)):
+            if n is not None:
+                check_fit(i, view.nbytes, n, exact)
         hits = [n is not None for n in got]
         rest = [i for i, hit in enumerate(hits) if not hit]
         touched = self.cxl_touched
@@ -431,12 +430,13 @@ class ClientCore:
         if touched:
             yield from self._report_touches()
         if rest:
-            got = yield from self._get_into_daemon([keys[i] for i in rest], [outs[i] for i in rest])
-            for i, hit in zip(rest, got):
+            more = yield from self._get_into_daemon([keys[i] for i in rest], [outs[i] for i in rest], exact, rest)
+            for i, hit, n in zip(rest, more, more.nbytes):
                 hits[i] = hit
-        return hits
+                nbytes[i] = n
+        return GetResult(hits, nbytes)
 
-    def _report_touches(self) -> Step:
+    def _report_touches(self) -> Op[None]:
         """Tell the daemon which region blocks this client read by itself, so the region's eviction order
         sees them: posted (no reply awaited), once ``TOUCH_BATCH`` keys or ``TOUCH_EVERY_S`` seconds gather."""
         now = time.monotonic()
@@ -449,37 +449,38 @@ class ClientCore:
         self.cxl_touched_since = 0.0
         for start in self._chunks(len(keys)):
             self.touch_reports += 1
-            yield "post", ("touch", P.Touch(id=self._id(), keys=keys[start : start + self.max_batch]))
+            yield Post("touch", P.Touch(id=self._id(), keys=keys[start : start + self.max_batch]))
 
-    def _get_into_daemon(self, keys: Sequence[bytes], outs: Sequence[Any]) -> Step:
+    def _get_into_daemon(self, keys: Sequence[bytes], outs: Sequence[Any], exact: bool,
+                         positions: Sequence[int] | None = None) -> Op[GetResult]:
         """Acquire, copy out, release; keys that found no DRAM room to be read from NVMe into (NO_SPACE)
-        are asked again once this round's pins are gone, as long as each round makes progress."""
-        if len(outs) != len(keys):
-            raise ValueError("get_into: keys and out must have the same length")
+        are asked again once this round's pins are gone, as long as each round makes progress.
+        ``positions``: each key's index in the caller's batch, for error messages."""
+        where = list(positions) if positions is not None else list(range(len(keys)))
         if self.transport == P.TRANSPORT_TCP:
-            return (yield from self._get_stream(keys, [byte_view(o, writable=True) for o in outs], False))
+            return (yield from self._get_stream(keys, [byte_view(o, writable=True) for o in outs], False, exact, where))
         hits = [False] * len(keys)
+        nbytes = [0] * len(keys)
         todo = list(range(len(keys)))
         while todo:
             sub = [keys[i] for i in todo]
             codes, descriptors = yield from self.acquire(sub)
             try:
-                got = yield from self.copy_out(descriptors, [outs[i] for i in todo])
+                got = yield from self.copy_out(descriptors, [outs[i] for i in todo], exact, [where[i] for i in todo])
             finally:
                 pinned = [k for k, d in zip(sub, descriptors) if d is not None]
                 if pinned:
                     yield from self.release_soon(pinned)
-            for i, hit in zip(todo, got):
+            for i, hit, d in zip(todo, got, descriptors):
                 hits[i] = hit
+                nbytes[i] = d.length if d is not None else 0
             if not any(got):
                 break
             todo = [i for i, code in zip(todo, codes) if code == P.ErrorCode.NO_SPACE]
-        return hits
+        return GetResult(hits, nbytes)
 
-    def _get_into_device(self, keys: Sequence[bytes], outs: Sequence[Any]) -> Step:
+    def _get_into_device(self, keys: Sequence[bytes], outs: Sequence[Any], exact: bool) -> Op[GetResult]:
         """Acquire (the reply names HBM copies), copy on the GPU's stream, wait, release."""
-        if len(outs) != len(keys):
-            raise ValueError("get_into: keys and out must have the same length")
         if self.transport != P.TRANSPORT_SHM:
             raise ValueError(f"get_into: GPU buffers need a same-host client (transport shm), this one uses "
                              f"{self.transport}")
@@ -487,12 +488,16 @@ class ClientCore:
         if any(s is None for s in spans):
             raise ValueError("get_into: pass all GPU buffers or all host buffers in one call")
         hits = [False] * len(keys)
+        nbytes = [0] * len(keys)
         for start in self._chunks(len(keys)):
             sub = list(keys[start: start + self.max_batch])
-            reply, _ = yield "acquire", P.Acquire(id=self._id(), keys=sub)
+            reply, _ = yield Call("acquire", P.Acquire(id=self._id(), keys=sub))
             descriptors = reply.descriptors
             pinned = [k for k, d in zip(sub, descriptors) if d is not None]
             try:
+                for j, d in enumerate(descriptors):
+                    if d is not None:
+                        check_fit(start + j, spans[start + j].nbytes, d.length, exact)  # type: ignore[union-attr]
                 yield from self.map_segments(descriptors)
                 hbm = reply.hbm or [None] * len(sub)
                 gpu = None
@@ -501,9 +506,6 @@ class ClientCore:
                         continue
                     span = spans[start + j]
                     assert span is not None
-                    if span.nbytes < d.length:
-                        raise ValueError(f"get_into: buffer of {span.nbytes} bytes is smaller than the "
-                                         f"{d.length}-byte block")
                     gpu = gpu or Copier(span.device)
                     if h is not None and h.segment in self.hbm.handles:
                         gpu.device_to_device(span.ptr, self.hbm.pointer(h.segment) + h.offset, d.length)
@@ -512,20 +514,23 @@ class ClientCore:
                         gpu.host_to_device(span.ptr, host_address(self.segments.maps[d.segment], d.offset, d.length),
                                            d.length)
                     hits[start + j] = True
+                    nbytes[start + j] = d.length
                 if gpu is not None:
                     gpu.wait()  # the pins end only once the copies are done
             finally:
                 if pinned:
                     yield from self.release_soon(pinned)
-        return hits
+        return GetResult(hits, nbytes)
 
-    def _get_stream(self, keys: Sequence[bytes], outs: Sequence[memoryview | None], allocate: bool) -> Step:
-        """TCP byte stream: ``read`` requests whose replies carry the blocks; hit flags, or with
+    def _get_stream(self, keys: Sequence[bytes], outs: Sequence[memoryview | None], allocate: bool,
+                    exact: bool = True, where: Sequence[int] | None = None) -> Op[Any]:
+        """TCP byte stream: ``read`` requests whose replies carry the blocks; a ``GetResult``, or with
         ``allocate`` fresh buffers (None for misses). Keys that found no DRAM room to come back
         from NVMe (NO_SPACE) are asked again while each round makes progress."""
         got: list[Any] = [None if allocate else False] * len(keys)
+        nbytes = [0] * len(keys)
         todo = list(range(len(keys)))
-        too_small: list[int] = []
+        misfit: list[tuple[int, int]] = []  # (key, block bytes) whose buffer does not fit: checked after the read
         while todo:
             retry = []
             progress = False
@@ -538,37 +543,37 @@ class ClientCore:
                         if not n:
                             continue
                         view = outs[j] if not allocate else None
-                        if view is None or view.nbytes < n:
-                            if view is not None:
-                                too_small.append(j)
+                        if view is None or view.nbytes < n or (exact and view.nbytes != n):
+                            if view is not None:  # the bytes must still be read off the stream
+                                misfit.append((j, n))
                             view = memoryview(bytearray(n))
                             if allocate:
                                 got[j] = view
                         out.append(view[:n])
                     return out
 
-                reply, _ = yield "read", (P.Read(id=self._id(), keys=[keys[j] for j in idx]), sinks)
+                reply, _ = yield ReadCall(P.Read(id=self._id(), keys=[keys[j] for j in idx]), sinks)
                 for j, n, code in zip(idx, reply.lengths, reply.codes):
                     if n:
                         progress = True
+                        nbytes[j] = n
                         if not allocate:
                             got[j] = True
                     elif code == ErrorCode.NO_SPACE:
                         retry.append(j)
-            if too_small:
-                j = too_small[0]
-                raise ValueError(f"get_into: buffer of {outs[j].nbytes} bytes is smaller than its block")  # type: ignore[union-attr]
+            for j, n in misfit:
+                check_fit(where[j] if where is not None else j, outs[j].nbytes, n, exact)  # type: ignore[union-attr]
             todo = retry if progress else []
-        return got
+        return got if allocate else GetResult(got, nbytes)
 
-    def copies(self, keys: Sequence[bytes]) -> Step:
+    def copies(self, keys: Sequence[bytes]) -> Op[list[memoryview | None]]:
         """Remote clients' ``get``: the blocks copied into fresh buffers (None for misses); no pins stay."""
         if self.transport == P.TRANSPORT_TCP:
             return (yield from self._get_stream(keys, [None] * len(keys), True))
         codes, descriptors = yield from self.acquire(keys)
         views: list[memoryview | None] = [None if d is None else memoryview(bytearray(d.length)) for d in descriptors]
         try:
-            yield "transfer", ("READ", descriptors, views)
+            yield Transfer("READ", descriptors, views)
         finally:
             pinned = [k for k, d in zip(keys, descriptors) if d is not None]
             if pinned:
@@ -584,37 +589,26 @@ class ClientCore:
         """Read-only zero-copy view of a block in its mapped segment."""
         return memoryview(self.segments.maps[d.segment])[d.offset : d.offset + d.length].toreadonly()
 
-    def copy_out(self, descriptors: Sequence[P.Descriptor | None], outs: Sequence[Any]) -> Step:
+    def copy_out(self, descriptors: Sequence[P.Descriptor | None], outs: Sequence[Any], exact: bool = True,
+                 where: Sequence[int] | None = None) -> Op[list[bool]]:
         """Copy pinned blocks into caller buffers (from the mapped segments, or one NIXL READ); hit flags.
-
-        NIXL transfers are yielded as ``("transfer", (op, descriptors, views))`` steps: the sync client
-        runs them in place, the asyncio client in a worker thread."""
+        Every buffer is checked against its block's size before any byte is copied."""
+        views = [None if d is None else byte_view(out, writable=True) for d, out in zip(descriptors, outs)]
+        for j, (d, view) in enumerate(zip(descriptors, views)):
+            if d is not None:
+                check_fit(where[j] if where is not None else j, view.nbytes, d.length, exact)  # type: ignore[union-attr]
         if self.nixl is not None:
-            views = [None if d is None else byte_view(out, writable=True) for d, out in zip(descriptors, outs)]
-            for d, view in zip(descriptors, views):
-                if d is not None and view.nbytes < d.length:  # type: ignore[union-attr]
-                    raise ValueError(f"get_into: buffer of {view.nbytes} bytes is smaller than the {d.length}-byte block")  # type: ignore[union-attr]
-            yield "transfer", ("READ", descriptors, views)
+            yield Transfer("READ", descriptors, views)
             return [d is not None for d in descriptors]
-        return self.copy_mapped(descriptors, outs)
-
-    def copy_mapped(self, descriptors: Sequence[P.Descriptor | None], outs: Sequence[Any]) -> list[bool]:
-        hits = []
         maps = self.segments.maps
-        for d, out in zip(descriptors, outs):
-            if d is None:
-                hits.append(False)
-                continue
-            view = byte_view(out, writable=True)
-            if view.nbytes < d.length:
-                raise ValueError(f"get_into: buffer of {view.nbytes} bytes is smaller than the {d.length}-byte block")
-            copy(view, 0, maps[d.segment], d.offset, d.length)
-            hits.append(True)
-        return hits
+        for d, view in zip(descriptors, views):
+            if d is not None:
+                copy(view, 0, maps[d.segment], d.offset, d.length)
+        return [d is not None for d in descriptors]
 
 
 def check_put(result: PutResult, message: str, raise_on_error: bool) -> PutResult:
     if raise_on_error and result.failed:
         first = result.codes[result.failed[0]]
-        raise KvrackError(first, message or f"{len(result.failed)} of {len(result.codes)} keys not stored", result.codes)
+        raise error_for(first, message or f"{len(result.failed)} of {len(result.codes)} keys not stored", result.codes)
     return result

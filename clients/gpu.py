@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvrack import _native
-from kvrack.tiers.hbm import Copier, IpcMaps
+from kvrack.tiers.hbm_ipc import Copier, IpcMaps
 
 
 class DeviceSpan:

@@ -1,7 +1,7 @@
 """Content-addressed block keys: the one place where tokens become keys.
 
 ``key_0 = H(namespace_salt, model_fingerprint, layout_id, tokens_0)`` and
-``key_i = H(key_{i-1}, tokens_i)`` (DESIGN.md §1), with H = blake3 over a
+``key_i = H(key_{i-1}, tokens_i)`` (docs/index.md, Concepts), with H = blake3 over a
 length-delimited encoding so that no two different inputs share bytes. A key
 names its whole prefix, so looking up a chain tells how many leading blocks
 are cached. The daemon never hashes tokens.

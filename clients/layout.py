@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import blake3
 
@@ -58,6 +59,23 @@ class Layout:
             f"dtype={self.dtype};block_tokens={self.block_tokens};tp_rank={self.tp_rank};"
             f"tp_size={self.tp_size};kv_order={self.kv_order}"
         )
+
+    def mismatch(self, buffer: Any, nbytes: int) -> str | None:
+        """Why ``buffer`` (``nbytes`` long) cannot hold one block of this layout, or None when it can.
+
+        Raw bytes (uint8 arrays, bytearrays) need only the size; a typed array or tensor must also be of
+        the layout's dtype, so that a float32 tensor is not stored under a bfloat16 layout."""
+        if nbytes != self.block_nbytes:
+            return (f"{nbytes} bytes, but a block of this layout has {self.block_nbytes} (2 x {self.layers} layers x "
+                    f"{self.kv_heads} kv heads x {self.head_dim} head dim x {self.block_tokens} tokens x "
+                    f"{DTYPE_BYTES[self.dtype]} bytes of {self.dtype})")
+        dtype = getattr(buffer, "dtype", None)
+        if dtype is None:
+            return None
+        name = str(dtype).removeprefix("torch.")
+        if name not in ("uint8", self.dtype):
+            return f"dtype {name}, but the layout's dtype is {self.dtype}"
+        return None
 
     @property
     def layout_id(self) -> bytes:

@@ -9,7 +9,6 @@ and ``write`` frames on the control connection.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import secrets
 import socket
@@ -21,43 +20,10 @@ from typing import Any
 import numpy as np
 
 from kvrack import _native
-from kvrack.clients.errors import KvrackError
+from kvrack import protocol as P
+from kvrack.address import DEFAULT_TCP_PORT, Address, parse_address  # noqa: F401  (re-exported)
+from kvrack.clients.errors import DaemonUnreachable, KvrackError, RequestTimeout
 from kvrack.clients.transport import kernel_timeouts
-from kvrack.daemon import protocol as P
-
-DEFAULT_TCP_PORT = 7433
-
-
-@dataclasses.dataclass(frozen=True)
-class Address:
-    scheme: str  # "unix", "tcp" or "tls"
-    path: str = ""
-    host: str = ""
-    port: int = DEFAULT_TCP_PORT
-
-
-def parse_address(address: str, default_unix: str) -> Address:
-    """``unix:///path``, ``unix:/path``, a plain path, ``tcp://host:port`` or ``tls://host:port``."""
-    for prefix in ("unix://", "unix:"):
-        if address.startswith(prefix):
-            return Address("unix", path=address[len(prefix):] or default_unix)
-    scheme, sep, rest = address.partition("://")
-    if not sep:
-        return Address("unix", path=address)
-    if scheme not in ("tcp", "tls"):
-        raise ValueError(f"unsupported address {address!r}: use unix://PATH, tcp://HOST:PORT or tls://HOST:PORT")
-    rest = rest.rstrip("/")
-    if rest.startswith("["):  # [v6-address]:port
-        host, _, port = rest[1:].partition("]")
-        port = port.lstrip(":")
-    else:
-        host, _, port = rest.rpartition(":") if ":" in rest else (rest, "", "")
-    if not host:
-        raise ValueError(f"address {address!r} names no host")
-    try:
-        return Address(scheme, host=host, port=int(port) if port else DEFAULT_TCP_PORT)
-    except ValueError:
-        raise ValueError(f"address {address!r}: the port must be a number") from None
 
 
 def client_tls_context(ca_file: str | None = None, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
@@ -75,8 +41,8 @@ def tcp_socket(host: str, port: int, timeout: float | None, tls: ssl.SSLContext 
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as exc:
-        raise ConnectionError(f"cannot reach kvrackd at {host}:{port} ({exc.strerror or exc}); is tcp.enabled set "
-                              "and the port open?") from None
+        raise DaemonUnreachable(message=f"cannot reach kvrackd at {host}:{port} ({exc.strerror or exc}); is "
+                                        "tcp.enabled set and the port open?") from exc
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     if tls is not None:
@@ -84,7 +50,7 @@ def tcp_socket(host: str, port: int, timeout: float | None, tls: ssl.SSLContext 
             sock = tls.wrap_socket(sock, server_hostname=host)
         except (OSError, ssl.SSLError) as exc:
             sock.close()
-            raise ConnectionError(f"TLS with {host}:{port} failed: {exc}") from None
+            raise DaemonUnreachable(message=f"TLS with {host}:{port} failed: {exc}") from exc
         sock.settimeout(timeout)  # SO_RCVTIMEO does not mix with the ssl module's own blocking
         return sock
     kernel_timeouts(sock, timeout)
@@ -170,7 +136,7 @@ class NixlData:
                 state = agent.check_xfer_state(handle)
                 polls += 1
                 if deadline is not None and not polls % 1024 and time.monotonic() > deadline:
-                    raise TimeoutError(f"NIXL {op} of {len(local)} block(s) did not finish in {self.timeout}s")
+                    raise RequestTimeout(message=f"NIXL {op} of {len(local)} block(s) did not finish in {self.timeout}s")
         finally:
             try:
                 agent.release_xfer_handle(handle)

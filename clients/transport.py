@@ -15,8 +15,8 @@ from typing import Any
 
 import msgspec
 
-from kvrack.clients.errors import KvrackError
-from kvrack.daemon import protocol as P
+from kvrack import protocol as P
+from kvrack.clients.errors import ConnectionLost, DaemonUnreachable, RequestTimeout, error_for
 
 _ANC_BYTES = socket.CMSG_SPACE(256 * 4)
 _RECV_BYTES = 1 << 20
@@ -41,7 +41,7 @@ class FrameBuffer:
         """Take one ``recvmsg_into`` result; zero bytes means the daemon hung up."""
         if not n:
             self.close_fds()
-            raise ConnectionError("kvrackd closed the connection")
+            raise ConnectionLost(message="kvrackd closed the connection")
         self.feed(memoryview(buf)[:n], ancdata)
 
     def next_frame(self) -> bytes | None:
@@ -84,7 +84,7 @@ def decode_reply(op: str, body: bytes) -> P.Reply:
     except msgspec.ValidationError:
         reply = _error_decoder.decode(body)  # an error reply lacks the op's fields' shapes
     if reply.code != 0:
-        raise KvrackError(reply.code, reply.message)
+        raise error_for(reply.code, reply.message)
     return reply
 
 
@@ -101,7 +101,7 @@ def unix_socket(path: str, timeout: float | None) -> socket.socket:
         sock.connect(path)
     except (FileNotFoundError, ConnectionRefusedError) as exc:
         sock.close()
-        raise ConnectionError(f"no kvrackd listening on {path} ({exc.strerror}); start one with `kvrackd` or `make run`") from None
+        raise DaemonUnreachable(message=f"no kvrackd listening on {path} ({exc.strerror})") from exc
     kernel_timeouts(sock, timeout)
     return sock
 
@@ -151,7 +151,7 @@ class SyncChannel:
         try:
             self.sock.sendall(frame)
         except BlockingIOError:
-            raise TimeoutError(f"kvrackd did not take {op} in time") from None
+            raise RequestTimeout(message=f"kvrackd did not take {op} in time") from None
         self.posted.append(op)
 
     def _recv_once(self, flags: int) -> tuple[int, list[tuple[int, int, bytes]]]:
@@ -178,7 +178,7 @@ class SyncChannel:
             self.sock.sendall(frame)
             return self._reply(op)
         except BlockingIOError:  # SO_RCVTIMEO / SO_SNDTIMEO ran out
-            raise TimeoutError(f"kvrackd did not answer {op} in time") from None
+            raise RequestTimeout(message=f"kvrackd did not answer {op} in time") from None
 
     def _send_all(self, parts: list[memoryview]) -> None:
         if self.tls:
@@ -199,7 +199,7 @@ class SyncChannel:
             self._send_all([memoryview(frame), *payload])
             return self._reply(op)
         except BlockingIOError:
-            raise TimeoutError(f"kvrackd did not answer {op} in time") from None
+            raise RequestTimeout(message=f"kvrackd did not answer {op} in time") from None
 
     def call_read(self, op: str, frame: bytes, sinks: Callable[[P.Reply], list[memoryview]]) -> tuple[P.Reply, list[int]]:
         """Send a frame; the reply is followed by block bytes, which go where ``sinks(reply)`` says, in order."""
@@ -211,11 +211,11 @@ class SyncChannel:
                 while got < len(view):
                     n = self.sock.recv_into(view[got:])
                     if not n:
-                        raise ConnectionError("kvrackd closed the connection in the middle of a read")
+                        raise ConnectionLost(message="kvrackd closed the connection in the middle of a read")
                     got += n
             return reply, fds
         except BlockingIOError:
-            raise TimeoutError(f"kvrackd did not send the {op} bytes in time") from None
+            raise RequestTimeout(message=f"kvrackd did not send the {op} bytes in time") from None
 
     def _reply(self, op: str) -> tuple[P.Reply, list[int]]:
         self.requests += 1
@@ -342,7 +342,7 @@ class AsyncChannel:
                 while got < len(view):
                     n = await self.when_ready(functools.partial(self.sock.recv_into, view[got:]))
                     if not n:
-                        raise ConnectionError("kvrackd closed the connection in the middle of a read")
+                        raise ConnectionLost(message="kvrackd closed the connection in the middle of a read")
                     got += n
             return reply, fds
 

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from kvrack import _native
-from kvrack.daemon import protocol as P
+from kvrack import protocol as P
 from kvrack.daemon.copy_worker import CopyWorker
 from kvrack.daemon.index import COMMITTED, Entry
 from kvrack.tiers.hbm import HbmArena

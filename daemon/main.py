@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import ctypes
 import ctypes.util
+import fcntl
 import gc
 import logging
 import os
@@ -15,20 +16,22 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from kvrack import __version__, nixl_agent
 from kvrack.daemon.cxl_pool import CxlPool, region_paths
 from kvrack.daemon.hbm_pool import HbmPool
 from kvrack.daemon.mover import Mover
 from kvrack.daemon.nixl_export import NixlExport
-from kvrack.daemon.server import ControlServer
-from kvrack.daemon.settings import Config, ConfigError, example_toml, format_size, load_config
+from kvrack.daemon.server import ControlServer, socket_answers
+from kvrack.daemon.settings import Config, ConfigError, example_toml, load_config
 from kvrack.daemon.store import Store
 from kvrack.daemon.tcp_listener import TcpListener, tls_context
+from kvrack.sizes import format_size
 from kvrack.tiers.dram import DramAdoption, open_dram_tier
 from kvrack.tiers.dram_state import ShmDirBacking, save_state
-from kvrack.tiers.hbm import probe as hbm_probe
-from kvrack.tiers.nvme import open_nvme_tier
+from kvrack.tiers.hbm_ipc import probe as hbm_probe
+from kvrack.tiers.nvme import NvmeTier, Recovery, open_nvme_tier
 from kvrack.tiers.nvme_index import GeometryMismatch
 
 log = logging.getLogger("kvrackd")
@@ -58,30 +61,70 @@ def _notify(state: str) -> None:
         log.debug("sd_notify failed: %s", exc)
 
 
+class TierError(RuntimeError):
+    """A configured tier cannot be used and the configuration says that is fatal."""
+
+
+def claim_socket(path: str) -> int:
+    """Lock ``PATH.lock`` for this daemon's life, and refuse a socket another daemon answers on: checked before
+    any memory is allocated, so a second daemon costs nothing. Returns the lock's fd."""
+    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise TierError(f"another kvrackd (pid {holder}) is already listening on (or starting up on) {path}") from None
+    if socket_answers(path):
+        os.close(fd)
+        raise TierError(f"another kvrackd is already listening on {path}")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 class Daemon:
     """The daemon's whole life as one object."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.started = time.time()
+        self.socket_lock: int | None = None
+        self.nvme_error = ""
+        self.nvme_opened_in = 0.0
         self.stop_event: asyncio.Event | None = None
         self.store: Store | None = None
         self.server: ControlServer | None = None
 
+    def claim(self) -> None:
+        """Make sure this daemon is the only one on its socket before anything is allocated: a second
+        kvrackd stops here, not after prefaulting its DRAM."""
+        self.socket_lock = claim_socket(self.config["server.socket_path"])
+
     def open(self) -> None:
+        """Open the tiers: NVMe first (its index lock and recovery need no memory), then DRAM, then the rest."""
         c = self.config
+        nvme = self._open_nvme() if c["nvme.enabled"] else None
         t0 = time.perf_counter()
-        tier, adoption = open_dram_tier(c["dram.capacity_bytes"], c["dram.segment_bytes"], c["dram.hugepages"],
-                                        c["dram.prefault"], c["dram.shm_dir"])
+        try:
+            tier, adoption = open_dram_tier(c["dram.capacity_bytes"], c["dram.segment_bytes"], c["dram.hugepages"],
+                                            c["dram.prefault"], c["dram.shm_dir"])
+        except BaseException:
+            if nvme is not None:
+                nvme[0].close()
+            raise
         log.info("dram tier ready: %s in %.2fs", format_size(tier.capacity), time.perf_counter() - t0)
         tier.warm_in_background()
         self.store = Store(tier, c.namespaces, c["leases.reserve_timeout_s"], c["leases.pin_timeout_s"],
                            policy=c["dram.policy"])
-        if c["nvme.enabled"]:
-            self._open_nvme()
-        else:
+        if nvme is not None:
+            self._attach_nvme(*nvme)
+        elif not c["nvme.enabled"]:
             log.info("nvme tier disabled (nvme.enabled = false): blocks live in DRAM only%s",
                      "" if c["dram.shm_dir"] else " and do not survive a restart")
+        else:
+            self.store.nvme_unavailable = self.nvme_error
         self._adopt_dram(adoption)
         self.server = ControlServer(self.store, c["server.socket_path"], c["server.max_frame_bytes"],
                                     c["server.max_batch_keys"], c["server.socket_mode"], self._stats_extra)
@@ -148,10 +191,9 @@ class Daemon:
                  f"nixl (agent {self.server.nixl.name}), tcp" if self.server.nixl else "tcp",
                  "; TLS on" + (" with client certificates" if c["tcp.tls_client_ca"] else "") if tls else "")
 
-    def _open_nvme(self) -> None:
-        """Open, recover and attach the NVMe tier; if it cannot open, serve from DRAM and say why."""
+    def _open_nvme(self) -> tuple[NvmeTier, Recovery, list[Any]] | None:
+        """Open and recover the NVMe tier. If it cannot open: stop (nvme.required), or go on without it."""
         c = self.config
-        assert self.store is not None
         t0 = time.perf_counter()
         nvme = None
         try:
@@ -161,9 +203,18 @@ class Daemon:
         except (OSError, ValueError, GeometryMismatch) as exc:
             if nvme is not None:
                 nvme.close()
-            self.store.nvme_unavailable = str(exc)
-            log.error("nvme tier unavailable, serving from DRAM only: %s", exc)
-            return
+            if c["nvme.required"]:
+                raise TierError(f"the nvme tier cannot open: {exc} (nvme.required = true; set it to false to serve "
+                                "from DRAM only when this happens, or nvme.enabled = false)") from None
+            self.nvme_error = str(exc)
+            log.error("nvme tier unavailable, serving from DRAM only (nvme.required = false): %s", exc)
+            return None
+        self.nvme_opened_in = time.perf_counter() - t0
+        return nvme, report, blocks
+
+    def _attach_nvme(self, nvme: NvmeTier, report: Recovery, blocks: list[Any]) -> None:
+        c = self.config
+        assert self.store is not None
         if c["nvme.region_bytes"] < c["dram.segment_bytes"]:
             log.warning("nvme.region_bytes (%s) < dram.segment_bytes (%s): blocks larger than a region stay in DRAM only",
                         format_size(c["nvme.region_bytes"]), format_size(c["dram.segment_bytes"]))
@@ -174,7 +225,7 @@ class Daemon:
         log.info("nvme tier ready: %s on %s, index %s; recovered %d block(s), %s, in %.2fs (%d dropped); opened in %.2fs",
                  format_size(nvme.capacity), ", ".join(p.path for p in nvme.paths), nvme.index.env.path(),
                  report.blocks, format_size(report.bytes) if report.bytes else "0 bytes", report.seconds, report.dropped,
-                 time.perf_counter() - t0)
+                 self.nvme_opened_in)
 
     def _adopt_dram(self, adoption: DramAdoption) -> None:
         """Index the DRAM blocks a clean shutdown left in dram.shm_dir (after NVMe recovery)."""
@@ -314,6 +365,9 @@ class Daemon:
             if self.store.mover is not None:
                 self.store.mover.close()
             self.store.tier.close()
+        if self.socket_lock is not None:
+            os.close(self.socket_lock)
+            self.socket_lock = None
         log.info("kvrackd stopped")
 
 
@@ -356,16 +410,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvrackd: configuration error: {exc}", file=sys.stderr)
         return 2
     if args.print_config:
+        for warning in config.warnings:
+            print(f"kvrackd: warning: {warning}", file=sys.stderr)
         sys.stdout.write(config.to_toml())
         return 0
 
     logging.basicConfig(level=config["log.level"].upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log.info("kvrackd %s starting (pid %d, config: %s)", __version__, os.getpid(), args.config or "embedded defaults")
+    log.info("kvrackd %s starting (pid %d, config: %s)", __version__, os.getpid(), config.origin())
+    for warning in config.warnings:
+        log.warning("%s", warning)
     daemon = Daemon(config)
     try:
+        daemon.claim()
         daemon.open()
+    except TierError as exc:
+        log.error("%s", exc)
+        daemon.close()
+        return 1
     except (OSError, ValueError) as exc:
         log.error("cannot open tiers: %s", exc)
+        daemon.close()
         return 1
     _install_loop()
     try:

@@ -31,8 +31,8 @@ from kvrack.daemon.counters import SlotCounters
 from kvrack.daemon.index import COMMITTED, Entry
 from kvrack.daemon.policies import EvictionPolicy, make_policy
 from kvrack.daemon.progress import ProgressSignal
-from kvrack.daemon.protocol import ErrorCode
 from kvrack.daemon.session import Session
+from kvrack.protocol import ErrorCode
 from kvrack.tiers.base import Segment
 from kvrack.tiers.nvme import NvmeTier, Record, Recovery
 

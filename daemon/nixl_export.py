@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kvrack import nixl_agent
-from kvrack.daemon.protocol import RemoteSegment
+from kvrack.protocol import RemoteSegment
 from kvrack.tiers.base import Segment
 from kvrack.tiers.dram import MemoryTier
 

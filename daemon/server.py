@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from kvrack.daemon import protocol as P
+from kvrack import protocol as P
 from kvrack.daemon.hbm_pool import absent_stats
 from kvrack.daemon.session import PeerCredentials, Session
 from kvrack.daemon.store import KeysResult, Store
@@ -48,6 +48,19 @@ _RECV_BYTES = 1 << 20
 # how long a reserve may wait for write-behind copies to NVMe to free DRAM before it says NO_SPACE
 _WAIT_FOR_ROOM_S = 10.0
 _IOV_MAX = 512  # buffers per gathering sendmsg (the kernel allows 1024)
+
+
+def socket_answers(path: str) -> bool:
+    """Whether something accepts connections on the Unix socket ``path`` (a running daemon)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def accepted(listener: socket.socket, what: str) -> Iterator[tuple[socket.socket, Any]]:
@@ -352,15 +365,9 @@ class ControlServer:
         path = self.socket_path
         os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
         if os.path.exists(path):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-            except OSError:
-                os.unlink(path)  # stale socket of a daemon that did not shut down cleanly
-            else:
+            if socket_answers(path):
                 raise RuntimeError(f"another kvrackd is already listening on {path}")
-            finally:
-                probe.close()
+            os.unlink(path)  # stale socket of a daemon that did not shut down cleanly
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(path)
         os.chmod(path, self.socket_mode)
@@ -532,8 +539,13 @@ class ControlServer:
             # one answer for "no such namespace", "no TCP access" and "wrong token": nothing to probe
             log.warning("session %d: %s: hello for namespace %r refused (no token or a wrong one)",
                         s.id, s.remote, req.namespace[:64])
-            conn.fail(P.ErrorCode.UNAUTHENTICATED, f"namespace {req.namespace[:64]!r} does not accept this token "
-                      "(or is not open to TCP clients)", req.id)
+            if not req.token:  # saying that none was given tells a prober nothing about the namespace
+                conn.fail(P.ErrorCode.UNAUTHENTICATED, "no token was given: a TCP client must present its "
+                          f"namespace's token (Client.connect(..., token=...) or $KVRACK_TOKEN); namespace "
+                          f"{req.namespace[:64]!r}", req.id)
+            else:
+                conn.fail(P.ErrorCode.UNAUTHENTICATED, f"namespace {req.namespace[:64]!r} does not accept this "
+                          "token (or is not open to TCP clients)", req.id)
             return None
         s.namespace = ns
         s.client_name = req.client_name[:128]

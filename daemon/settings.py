@@ -9,63 +9,26 @@ Namespaces are a list of tables (``[[namespaces]]``) described by
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
-import tempfile
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+from kvrack.address import user_socket_path
+from kvrack.sizes import format_size, human_size, parse_size
+from kvrack.tiers.nvme import default_nvme_capacity, default_nvme_dir
 
 
 class ConfigError(ValueError):
     """A setting is unknown, of the wrong type or out of bounds."""
 
 
-def parse_size(value: Any) -> int:
-    """Bytes from an int or a string like ``"64MiB"``/``"2G"`` (binary units)."""
-    if isinstance(value, bool):
-        raise ConfigError(f"expected a size, got {value!r}")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        m = _SIZE_RE.match(value)
-        if m:
-            unit = (m.group(2) or "").upper()[:1]
-            return int(float(m.group(1)) * _UNITS[unit])
-    raise ConfigError(f"expected a size such as 1073741824 or \"1GiB\", got {value!r}")
-
-
-def format_size(n: int) -> str:
-    """The shortest exact binary-unit form of ``n`` bytes."""
-    for unit, mult in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if n >= mult and n % mult == 0:
-            return f"{n // mult}{unit}"
-    return str(n)
-
-
-def _runtime_dir() -> str:
-    return os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-
-
-def default_socket_path() -> str:
-    """``$XDG_RUNTIME_DIR/kvrack/kvrack.sock``, or under /tmp when that is unset."""
-    return os.path.join(_runtime_dir(), "kvrack", "kvrack.sock")
-
-
-def _nvme_defaults() -> Any:
-    from kvrack.tiers import nvme  # imported late: settings must load without the tier's dependencies
-
-    return nvme
-
-
 def default_dram_capacity() -> int:
     """min(2 GiB, a quarter of physical memory)."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return min(2 * 1024**3, total // 4)
+    return min(2 * 1024**3, physical_memory() // 4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +102,7 @@ POLICY_NAMES = ("lru", "chain", "s3fifo", "sieve", "lfu")
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("server.socket_path", "str", None, "Unix socket the control server listens on.",
-            dynamic_default=default_socket_path, default_doc="$XDG_RUNTIME_DIR/kvrack/kvrack.sock, else /tmp/kvrack/kvrack.sock"),
+            dynamic_default=user_socket_path, default_doc="$XDG_RUNTIME_DIR/kvrack/kvrack.sock, else /tmp/kvrack/kvrack.sock"),
     Setting("server.socket_mode", "int", 0o666, "Permission bits of the socket file; namespaces restrict who may use them.",
             min=0, max=0o777),
     Setting("server.max_frame_bytes", "size", 16 * MiB, "Largest request frame accepted; larger frames close the connection.",
@@ -174,8 +137,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("nvme.enabled", "bool", True,
             "Keep every committed block on the NVMe tier too (written behind the commit), so blocks outlive DRAM "
             "eviction and daemon restarts."),
+    Setting("nvme.required", "bool", True,
+            "With nvme.enabled, a tier that cannot open (unwritable directory, index in use, wrong geometry) stops "
+            "the daemon at start-up (true), or is left out with an error logged and blocks kept in DRAM only "
+            "(false: available, but nothing survives a restart)."),
     Setting("nvme.dir", "str", None, "Directory of the default data file (when nvme.paths is empty) and of the index.",
-            dynamic_default=lambda: _nvme_defaults().default_nvme_dir(),
+            dynamic_default=default_nvme_dir,
             default_doc="$XDG_DATA_HOME/kvrack (~/.local/share/kvrack); /var/lib/kvrack for a systemd service run as root"),
     Setting("nvme.paths", "list", [],
             "Data files or block devices, each \"PATH\" or \"PATH=SIZE\" (e.g. \"/dev/nvme1n1\" for a local or NVMe-oF "
@@ -253,6 +220,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log.level", "choice", "info", "Log verbosity.", choices=("debug", "info", "warning", "error"), runtime=True),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
+BY_ENV = {s.env: s for s in SETTINGS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,13 +260,35 @@ class Config:
     values: dict[str, Any]
     namespaces: tuple[NamespaceConfig, ...]
     sources: dict[str, str]
+    warnings: tuple[str, ...] = ()  # said at start-up: settings that load but look like mistakes
+    path: str | None = None  # the config file, if any
 
     def __getitem__(self, name: str) -> Any:
         return self.values[name]
 
     def to_toml(self) -> str:
-        """The effective settings as TOML, with where each came from."""
-        return render_toml(self.values, self.namespaces, self.sources)
+        """The effective settings as TOML, with where each came from and what a computed one resolves to."""
+        return render_toml(self.values, self.namespaces, self.sources, resolved_values(self))
+
+    def origin(self) -> str:
+        """Where the settings came from, for the start-up line: the file (or embedded defaults) and overrides."""
+        envs = sorted({src for src in self.sources.values() if src.startswith("KVRACK_")})
+        parts = [self.path or "embedded defaults"]
+        if envs:
+            parts.append(f"environment {', '.join(envs)}")
+        overridden = sum(1 for src in self.sources.values() if src == "command line")
+        if overridden:
+            parts.append(f"{overridden} setting(s) from the command line")
+        return " + ".join(parts)
+
+
+def resolved_values(config: Config) -> dict[str, str]:
+    """Settings whose configured value stands for one computed at start-up, as that value will be."""
+    out = {}
+    if config["nvme.enabled"] and not config["nvme.capacity_bytes"] and not config["nvme.paths"]:
+        n = default_nvme_capacity(config["nvme.dir"])
+        out["nvme.capacity_bytes"] = f"{human_size(n)} ({n} bytes)"
+    return out
 
 
 def _toml_value(setting: Setting | None, value: Any) -> str:
@@ -318,7 +308,7 @@ def _toml_value(setting: Setting | None, value: Any) -> str:
 
 
 def render_toml(values: dict[str, Any] | None, namespaces: tuple[NamespaceConfig, ...] | None,
-                sources: dict[str, str] | None = None) -> str:
+                sources: dict[str, str] | None = None, resolved: dict[str, str] | None = None) -> str:
     """TOML for the given values; with ``values=None`` the documented example file."""
     lines = ["# kvrack daemon configuration (kvrackd --config PATH).",
              "# Every setting can also be set by an environment variable, shown with it.",
@@ -347,6 +337,8 @@ def render_toml(values: dict[str, Any] | None, namespaces: tuple[NamespaceConfig
                 lines.append(f"{key} = {_toml_value(s, s.default)}")
         else:
             src = f"  # from {sources[s.name]}" if sources and s.name in sources else ""
+            if resolved and s.name in resolved:
+                src += f"; in use: {resolved[s.name]}"
             lines.append(f"{key} = {_toml_value(s, values[s.name])}{src}")
     lines += ["", "# Namespaces: isolated key spaces. With none configured, one open namespace", "# named \"default\" exists."]
     for f in NAMESPACE_FIELDS:
@@ -449,6 +441,9 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         if s.env in environ:
             values[s.name] = s.coerce(environ[s.env], s.env)
             sources[s.name] = s.env
+    warnings = [_unknown_env_warning(name) for name in sorted(environ)
+                if name.startswith("KVRACK_") and name not in BY_ENV and name not in CLIENT_ENV
+                and not name.startswith(OTHER_ENV_PREFIXES)]
     for name, value in (overrides or {}).items():
         if name not in BY_NAME:
             raise ConfigError(f"unknown setting {name!r}")
@@ -459,12 +454,37 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
             values[s.name] = s.resolve_default()
             sources[s.name] = "default"
     _check_together(values, sources)
-    return Config(values, namespaces, sources)
+    return Config(values, namespaces, sources, tuple(warnings), str(path) if path is not None else None)
+
+
+# KVRACK_* variables that are not settings: read by clients and by the test and benchmark tools
+CLIENT_ENV = ("KVRACK_ADDRESS", "KVRACK_TOKEN", "KVRACK_TRANSPORT")
+OTHER_ENV_PREFIXES = ("KVRACK_TEST_", "KVRACK_STRESS_", "KVRACK_BENCH_")
+
+
+def _unknown_env_warning(name: str) -> str:
+    close = difflib.get_close_matches(name, list(BY_ENV) + list(CLIENT_ENV), n=1, cutoff=0.75)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"environment variable {name} is not a kvrack setting and is ignored{hint}; see deploy/kvrack.example.toml"
+
+
+def physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _check_together(values: dict[str, Any], sources: dict[str, str]) -> None:
     """Settings valid alone that make no sense together."""
+    high, low = values["dram.evict_high_watermark"], values["dram.evict_low_watermark"]
+    if low > high:
+        raise ConfigError(f"dram.evict_low_watermark ({low}, from {sources['dram.evict_low_watermark']}) is above "
+                          f"dram.evict_high_watermark ({high}, from {sources['dram.evict_high_watermark']}): the "
+                          "evictor stops at the low one, so it must not exceed the high one")
     cap, seg = values["dram.capacity_bytes"], values["dram.segment_bytes"]
+    memory = physical_memory()
+    if cap > memory:
+        raise ConfigError(f"dram.capacity_bytes ({format_size(cap)}, from {sources['dram.capacity_bytes']}) is more "
+                          f"than this machine's memory ({format_size(memory)}): the DRAM tier would be killed for "
+                          "memory before it filled; give it at most what the machine can spare")
     if cap < seg:  # the tier is whole segments: it would hold nothing and refuse every put
         raise ConfigError(f"dram.capacity_bytes ({format_size(cap)}, from {sources['dram.capacity_bytes']}) is less "
                           f"than one dram.segment_bytes ({format_size(seg)}, from {sources['dram.segment_bytes']}): "

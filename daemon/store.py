@@ -18,9 +18,9 @@ from kvrack.daemon.counters import SlotCounters
 from kvrack.daemon.index import COMMITTED, DELETED, RESERVED, Entry, LruList, Namespace, PolicyOrder
 from kvrack.daemon.policies.admission import Admission, make_admission
 from kvrack.daemon.policies.base import LeafFirst, leaf_first
-from kvrack.daemon.protocol import KEY_BYTES, Descriptor, ErrorCode, TierId
 from kvrack.daemon.session import Session
 from kvrack.daemon.settings import NamespaceConfig
+from kvrack.protocol import KEY_BYTES, Descriptor, ErrorCode, TierId
 from kvrack.tiers.base import Segment, Tier
 
 if TYPE_CHECKING:
@@ -215,6 +215,7 @@ class Store:
                 continue
             if size <= 0:
                 res.codes[i] = ErrorCode.INVALID_SIZE
+                res.message = f"key {i}: a block must have at least 1 byte, this one has {size}"
                 continue
             if size > max_bytes:
                 res.codes[i] = ErrorCode.VALUE_TOO_LARGE
@@ -223,11 +224,19 @@ class Store:
                 continue
             e = ns.entries.get(key)
             if e is not None:
-                if e.state == COMMITTED:
+                mine = e.state != COMMITTED and session.holds_reservation(key, e)
+                if e.nbytes != size and (e.state == COMMITTED or mine):
+                    # one key cannot name blocks of two sizes: the caller's layout is wrong (another client's
+                    # write in progress is IN_PROGRESS; once committed, a put of another size lands here)
+                    res.codes[i] = ErrorCode.INVALID_SIZE
+                    res.message = (f"key {i} is {'stored' if e.state == COMMITTED else 'reserved'} with "
+                                   f"{e.nbytes} bytes; this put has {size} (a block of another layout under "
+                                   "the same key?)")
+                elif e.state == COMMITTED:
                     res.codes[i] = ErrorCode.ALREADY_EXISTS
                     if e.prev is not None:
                         self.lru.touch(e)  # a second put of a block is a sign of reuse
-                elif session.holds_reservation(key, e):  # retried reserve: same slot again
+                elif mine:  # retried reserve (or the key twice in one batch): the same slot again
                     res.descriptors[i] = self.descriptor(e)
                 else:
                     res.codes[i] = ErrorCode.IN_PROGRESS

@@ -13,7 +13,7 @@ import socket
 import ssl
 from typing import Any
 
-from kvrack.daemon import protocol as P
+from kvrack import protocol as P
 from kvrack.daemon.server import ControlServer, accepted
 
 log = logging.getLogger("kvrack.tcp")

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from kvrack import install_hint
+
 # UCX over TCP moves 8 KiB segments by default; 1 MiB segments triple loopback throughput
 # (0.66 -> 1.7-2.2 GB/s for 2 MiB blocks here). Set before the first agent; an operator's
 # own UCX_* environment wins.
@@ -34,7 +36,7 @@ def load() -> Any:
     try:
         from nixl_cu12 import _api  # type: ignore[import-not-found]
     except ImportError as exc:
-        raise NixlUnavailable(f"the nixl package is not installed ({exc}); pip install 'kvrack[nixl]'") from None
+        raise NixlUnavailable(f"the nixl package is not installed ({exc}); {install_hint('nixl')}") from None
     except OSError as exc:  # a shared library of the wheel does not load
         raise NixlUnavailable(f"the nixl package does not load: {exc}") from None
     if "NIXL_LOG_LEVEL" not in os.environ:  # its INFO lines on every agent are noise in a daemon's log

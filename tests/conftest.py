@@ -11,8 +11,8 @@ import time
 import msgspec
 import pytest
 
-from kvrack.clients.spawn import DaemonProcess
-from kvrack.daemon import protocol as P
+from kvrack import protocol as P
+from kvrack.bench.spawn import DaemonProcess
 
 # DRAM-only: these tests pin down DRAM-tier semantics; tests/test_nvme_daemon.py runs both tiers
 # (and no background eviction: these tests count on the whole capacity holding blocks)
@@ -97,6 +97,25 @@ def hugetlbfs_dir(tmp_path):
     os.mkdir(path, 0o700)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    setattr(item, "rep_" + outcome.get_result().when, outcome.get_result())
+
+
+@pytest.fixture(autouse=True)
+def daemon_logs_on_failure(request):
+    """Every daemon a test started leaves its log here when it stops (its temporary directory goes); the
+    logs are printed, and so shown by pytest, only when the test failed."""
+    DaemonProcess.logs = []
+    yield
+    logs, DaemonProcess.logs = DaemonProcess.logs, None
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        for where, text in logs:
+            print(f"----- kvrackd log ({where}) -----\n{text}")
 
 
 @pytest.fixture

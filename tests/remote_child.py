@@ -12,8 +12,8 @@ from __future__ import annotations
 import sys
 import time
 
+from kvrack import protocol as P
 from kvrack.clients import Client
-from kvrack.daemon import protocol as P
 
 BLOCK = 1 << 20
 KEYS = [bytes([i]) * 32 for i in range(1, 5)]

@@ -3,7 +3,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvrack.daemon.protocol import TierId
+from kvrack.protocol import TierId
 from kvrack.tiers.allocator import SlotAllocator, size_class
 from kvrack.tiers.dram import HeapBacking
 

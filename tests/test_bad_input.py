@@ -9,9 +9,9 @@ import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kvrack import protocol as P
 from kvrack.clients import Client
-from kvrack.daemon import protocol as P
-from kvrack.daemon.protocol import ErrorCode
+from kvrack.protocol import ErrorCode
 
 from .conftest import RawConn
 

@@ -11,7 +11,7 @@ import pytest
 
 def run_bench(out: Path, name: str, *args: str, timeout: int = 300) -> tuple[dict[str, Any], str]:
     """``kvrack bench NAME --json OUT ARGS`` in a subprocess: its JSON and its console output."""
-    res = subprocess.run([sys.executable, "-m", "kvrack.clients.cli", "bench", name, "--json", str(out), *args],
+    res = subprocess.run([sys.executable, "-m", "kvrack.cli.main", "bench", name, "--json", str(out), *args],
                          capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, res.stdout + res.stderr
     return json.loads(out.read_text()), res.stdout
@@ -85,7 +85,7 @@ def test_bench_overwrite_writes_the_contracted_json(tmp_path):
 
 def test_bench_hbm_writes_the_contracted_json(tmp_path):
     """With a GPU the figures; without one, null figures and the reason (the run still succeeds)."""
-    from kvrack.tiers.hbm import probe
+    from kvrack.tiers.hbm_ipc import probe
 
     out = tmp_path / "hbm.json"
     data, _ = run_bench(out, "hbm", "--working-set", "64MiB", "--repeats", "1", timeout=600)

@@ -12,9 +12,9 @@ import time
 import numpy as np
 import pytest
 
+from kvrack.bench.spawn import DaemonProcess
 from kvrack.clients import Client, TierId
 from kvrack.clients.core import TOUCH_BATCH
-from kvrack.clients.spawn import DaemonProcess
 from kvrack.tiers.cxl import CxlRegion
 
 BLOCK = 1 << 20
@@ -214,7 +214,7 @@ def test_clients_that_cannot_map_the_region_are_served_from_it(region_dir):
     the fabric) still finds it (lookup says CXL) and gets it (the daemon copies it back up into DRAM)."""
     import socket as _socket
 
-    from kvrack.daemon import protocol as P
+    from kvrack import protocol as P
     from tests.conftest import recv_exact as exact
     from tests.conftest import recv_frame as recv
     from tests.conftest import send_frame as send
@@ -247,7 +247,7 @@ def test_clients_that_cannot_map_the_region_are_served_from_it(region_dir):
 def test_status_shows_the_cxl_tier(region_dir):
     d = start(region_dir)
     try:
-        res = subprocess.run([sys.executable, "-m", "kvrack.clients.cli", "status", "--socket", d.socket_path],
+        res = subprocess.run([sys.executable, "-m", "kvrack.cli.main", "status", "--socket", d.socket_path],
                              capture_output=True, text=True, timeout=60, cwd=ROOT)
         assert res.returncode == 0, res.stdout + res.stderr
         assert "cxl" in res.stdout and "dram" in res.stdout

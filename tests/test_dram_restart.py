@@ -11,9 +11,9 @@ import msgspec
 import numpy as np
 import pytest
 
+from kvrack.bench.spawn import DaemonProcess
 from kvrack.clients import Client
-from kvrack.clients.spawn import DaemonProcess
-from kvrack.daemon.protocol import TierId
+from kvrack.protocol import TierId
 from kvrack.tiers.dram_state import (
     MAPPED_MAGIC,
     MAPPED_STATE,

@@ -8,10 +8,10 @@ import time
 import numpy as np
 import pytest
 
+from kvrack.bench.spawn import DaemonProcess
 from kvrack.clients import Client
 from kvrack.clients.gpu import device_span
-from kvrack.clients.spawn import DaemonProcess
-from kvrack.tiers.hbm import probe
+from kvrack.tiers.hbm_ipc import probe
 
 BLOCK = 256 * 1024
 PRESENT, WHY_ABSENT = probe(0)
@@ -67,7 +67,7 @@ def test_daemon_with_the_tier_off_says_so():
 
 def test_arena_allocator_recarves_an_empty_segment_in_place():
     """HBM segments keep their id and memory for the daemon's life (clients hold IPC mappings of them)."""
-    from kvrack.daemon.protocol import TierId
+    from kvrack.protocol import TierId
     from kvrack.tiers.dram import HeapBacking
     from kvrack.tiers.hbm import ArenaAllocator
 

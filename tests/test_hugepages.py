@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from kvrack.bench.spawn import DaemonProcess
 from kvrack.clients import Client
-from kvrack.clients.spawn import DaemonProcess
 
 SETTINGS = {"dram.capacity_bytes": "16MiB", "dram.segment_bytes": "2MiB", "nvme.enabled": "false",
             "dram.hugepages": "true"}

@@ -13,8 +13,8 @@ import textwrap
 import numpy as np
 import pytest
 
+from kvrack.bench.spawn import DaemonProcess
 from kvrack.clients import AsyncClient, Client, ErrorCode, KeyBuilder, KvrackError, Layout, TierId
-from kvrack.clients.spawn import DaemonProcess
 
 from .conftest import SMALL, eventually
 
@@ -120,7 +120,7 @@ def test_killed_client_reservations_and_pins_are_reclaimed(daemon):
         child = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
             import sys, time
             from kvrack.clients import Client
-            from kvrack.daemon import protocol as P
+            from kvrack import protocol as P
             c = Client.connect(sys.argv[1])
             c._channel.call("reserve", P.encode_frame(P.Reserve(id=99, keys=[bytes.fromhex(sys.argv[2])], sizes=[4096])))
             lease = c.get([bytes.fromhex(sys.argv[3])])
@@ -141,7 +141,7 @@ def test_killed_client_reservations_and_pins_are_reclaimed(daemon):
 
 def test_concurrent_writer_can_be_waited_for(daemon):
     with Client.connect(daemon.socket_path) as a, Client.connect(daemon.socket_path) as b:
-        from kvrack.daemon import protocol as P
+        from kvrack import protocol as P
 
         key = os.urandom(32)
         reply, _ = a._channel.call("reserve", P.encode_frame(P.Reserve(id=1, keys=[key], sizes=[4096])))
@@ -154,7 +154,7 @@ def test_concurrent_writer_can_be_waited_for(daemon):
 def test_reservation_lease_expires():
     with DaemonProcess({**SMALL, "leases.reserve_timeout_s": 0.3, "leases.sweep_interval_s": 0.05}) as d, \
             Client.connect(d.socket_path) as a, Client.connect(d.socket_path) as b:
-        from kvrack.daemon import protocol as P
+        from kvrack import protocol as P
 
         key = os.urandom(32)
         a._channel.call("reserve", P.encode_frame(P.Reserve(id=1, keys=[key], sizes=[4096])))
@@ -218,11 +218,11 @@ def test_a_second_daemon_on_the_same_socket_refuses(daemon):
 def test_status_command(daemon):
     with Client.connect(daemon.socket_path) as c:
         c.put([os.urandom(32)], [bytes(1000)])
-    out = subprocess.run([sys.executable, "-m", "kvrack.clients.cli", "status", "--socket", daemon.socket_path],
+    out = subprocess.run([sys.executable, "-m", "kvrack.cli.main", "status", "--socket", daemon.socket_path],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     assert "dram" in out.stdout and "8MiB" in out.stdout
-    missing = subprocess.run([sys.executable, "-m", "kvrack.clients.cli", "status", "--socket", "/nonexistent.sock"],
+    missing = subprocess.run([sys.executable, "-m", "kvrack.cli.main", "status", "--socket", "/nonexistent.sock"],
                              capture_output=True, text=True, timeout=30)
     assert missing.returncode == 1 and "cannot reach kvrackd" in missing.stdout
 
@@ -260,7 +260,7 @@ def test_more_segments_than_one_message_can_carry_fds_for():
 
 
 def test_background_eviction_keeps_dram_below_the_high_watermark():
-    from kvrack.clients.spawn import DaemonProcess
+    from kvrack.bench.spawn import DaemonProcess
 
     from .conftest import eventually
 

@@ -8,10 +8,10 @@ import errno
 import pytest
 
 from kvrack.daemon.mover import Mover
-from kvrack.daemon.protocol import ErrorCode, TierId
 from kvrack.daemon.session import Session
 from kvrack.daemon.settings import NamespaceConfig
 from kvrack.daemon.store import Store
+from kvrack.protocol import ErrorCode, TierId
 from kvrack.tiers.blockio import DirectFile, FaultPlan, FaultyFile
 from kvrack.tiers.dram import HeapBacking, MemoryTier
 from kvrack.tiers.nvme import BackingPath, NvmeTier

@@ -9,8 +9,8 @@ import textwrap
 
 import pytest
 
+from kvrack.bench.spawn import DaemonProcess
 from kvrack.clients import Client, ErrorCode, KvrackError
-from kvrack.clients.spawn import DaemonProcess
 
 from .conftest import RawConn
 

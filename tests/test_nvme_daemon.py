@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 
+from kvrack.bench.spawn import DaemonProcess
 from kvrack.clients import Client
-from kvrack.clients.spawn import DaemonProcess
-from kvrack.daemon.protocol import TierId
+from kvrack.protocol import TierId
 
 from .conftest import eventually
 
@@ -129,8 +129,16 @@ def test_flipped_bytes_on_disk_are_a_miss_and_an_error_metric(tmp_path):
         assert c.lookup(keys).tiers[2] == 0, "a block that failed its checksum is gone, not served later"
 
 
-def test_a_missing_nvme_directory_leaves_dram_serving(tmp_path):
+def test_a_missing_nvme_directory_stops_the_daemon_by_default(tmp_path):
     bad = settings(tmp_path, **{"nvme.paths": str(tmp_path / "no-such-dir" / "data=64MiB")})
+    with pytest.raises(RuntimeError, match=r"exited with 1(.|\n)*the nvme tier cannot open(.|\n)*does not exist"
+                                           r"(.|\n)*nvme.required = true") as err:
+        DaemonProcess(bad)
+    assert "dram tier ready" not in str(err.value), "nothing is allocated before the tier that cannot open"
+
+
+def test_a_missing_nvme_directory_leaves_dram_serving(tmp_path):
+    bad = settings(tmp_path, **{"nvme.paths": str(tmp_path / "no-such-dir" / "data=64MiB"), "nvme.required": "false"})
     keys, data = blocks(2, 6)
     with DaemonProcess(bad) as d, Client.connect(d.socket_path) as c:
         nvme = nvme_stats(c)
@@ -141,8 +149,18 @@ def test_a_missing_nvme_directory_leaves_dram_serving(tmp_path):
         assert "nvme tier unavailable, serving from DRAM only" in d.log()
 
 
+def test_a_second_daemon_on_the_same_nvme_files_stops_before_allocating(tmp_path):
+    with DaemonProcess(settings(tmp_path)) as first:
+        with pytest.raises(RuntimeError, match=r"in use by pid \d+") as err:
+            DaemonProcess(settings(tmp_path))
+        assert "dram tier ready" not in str(err.value)
+        with Client.connect(first.socket_path) as c:
+            assert nvme_stats(c)["degraded"] is None
+
+
 def test_two_daemons_never_share_nvme_files(tmp_path):
-    with DaemonProcess(settings(tmp_path)) as first, DaemonProcess(settings(tmp_path)) as second:
+    with DaemonProcess(settings(tmp_path)) as first, \
+            DaemonProcess(settings(tmp_path, **{"nvme.required": "false"})) as second:
         with Client.connect(second.socket_path) as c:
             assert "in use by pid" in nvme_stats(c)["degraded"]
         with Client.connect(first.socket_path) as c:
@@ -180,9 +198,10 @@ def test_status_shows_both_tiers_and_an_unavailable_one(tmp_path):
     import sys
 
     for extra, expect in (({}, "nvme: pending writes 0"),
-                          ({"nvme.paths": str(tmp_path / "none" / "x=64MiB")}, "nvme tier unavailable")):
+                          ({"nvme.paths": str(tmp_path / "none" / "x=64MiB"), "nvme.required": "false"},
+                           "nvme tier unavailable")):
         with DaemonProcess(settings(tmp_path, **extra)) as d:
-            out = subprocess.run([sys.executable, "-m", "kvrack.clients.cli", "status", "--socket", d.socket_path],
+            out = subprocess.run([sys.executable, "-m", "kvrack.cli.main", "status", "--socket", d.socket_path],
                                  capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
             assert out.returncode == 0, out.stderr
             assert "dram" in out.stdout and expect in out.stdout

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvrack.bench.sim.replay import Simulator
 from kvrack.daemon.policies import POLICIES, make_policy
 from kvrack.daemon.policies.admission import make_admission
-from kvrack.daemon.sim.replay import Simulator
 
 ALL = sorted(POLICIES)
 
@@ -151,10 +151,10 @@ def test_tinylfu_moves_window_blocks_into_an_empty_main_space() -> None:
 # ------------------------------------------------------------- in the daemon's store
 @pytest.mark.parametrize("name", ALL)
 def test_store_evicts_through_the_configured_policy(name: str) -> None:
-    from kvrack.daemon.protocol import ErrorCode, TierId
     from kvrack.daemon.session import Session
     from kvrack.daemon.settings import NamespaceConfig
     from kvrack.daemon.store import Store
+    from kvrack.protocol import ErrorCode, TierId
     from kvrack.tiers.dram import HeapBacking, MemoryTier
 
     seg, block = 64 * 1024, 16 * 1024

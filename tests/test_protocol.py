@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvrack.daemon import protocol as P
+from kvrack import protocol as P
 
 KEYS = st.lists(st.binary(min_size=32, max_size=32), max_size=50)
 

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from kvrack import nixl_agent
+from kvrack import protocol as P
+from kvrack.bench.spawn import DaemonProcess
 from kvrack.clients import Client, KvrackError
 from kvrack.clients.remote import client_tls_context, parse_address
-from kvrack.clients.spawn import DaemonProcess
-from kvrack.daemon import protocol as P
 from tests.conftest import recv_frame as recv
 from tests.conftest import send_frame as send
 from tests.remote_child import BLOCK, KEYS
@@ -410,11 +410,11 @@ def test_a_connection_that_never_authenticates_is_closed(tmp_path):
 def test_status_over_tcp(remote):
     d, address = remote
     env = {**os.environ, "KVRACK_TOKEN": TOKEN_A}
-    res = subprocess.run([sys.executable, "-m", "kvrack.clients.cli", "status", "--socket", address, "--namespace",
+    res = subprocess.run([sys.executable, "-m", "kvrack.cli.main", "status", "--socket", address, "--namespace",
                           "a"], capture_output=True, text=True, timeout=60, env=env)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "dram" in res.stdout
-    res = subprocess.run([sys.executable, "-m", "kvrack.clients.cli", "status", "--socket", address, "--namespace",
+    res = subprocess.run([sys.executable, "-m", "kvrack.cli.main", "status", "--socket", address, "--namespace",
                           "a"], capture_output=True, text=True, timeout=60, env={**env, "KVRACK_TOKEN": "x" * 20})
     assert res.returncode == 1 and "UNAUTHENTICATED" in res.stdout
 

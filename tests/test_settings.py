@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kvrack.daemon.settings import SETTINGS, ConfigError, example_toml, load_config, parse_size
+from kvrack.daemon.settings import SETTINGS, ConfigError, example_toml, load_config
+from kvrack.sizes import SizeError, parse_size
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,9 +66,27 @@ def test_bad_config_says_what_is_wrong(tmp_path, text, match):
 
 
 def test_sizes():
-    assert parse_size("64MiB") == 64 * 1024**2 and parse_size("2G") == 2 * 1024**3 and parse_size(4096) == 4096
-    with pytest.raises(ConfigError):
+    assert parse_size("64MiB") == 64 * 1024**2 and parse_size(4096) == 4096
+    with pytest.raises(SizeError):
         parse_size("lots")
+
+
+@pytest.mark.parametrize("text, value", [("2GiB", 2 * 2**30), ("2 GiB", 2 * 2**30), ("2GB", 2 * 10**9), ("2 GB", 2 * 10**9),
+                                         ("1.5MiB", 3 * 2**19), ("512KB", 512_000), ("4Gi", 4 * 2**30), ("7", 7),
+                                         ("7B", 7), ("1TiB", 2**40), ("1tb", 10**12)])
+def test_sizes_are_read_as_written_si_and_iec(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["2G", "2 g", "64M", "1K", "3T"])
+def test_a_bare_unit_letter_is_refused_with_both_readings(text):
+    with pytest.raises(SizeError, match="ambiguous.*iB.*B for"):
+        parse_size(text)
+
+
+def test_a_setting_written_in_si_units_is_not_read_as_binary():
+    cfg = load_config(None, env={"KVRACK_DRAM_CAPACITY_BYTES": "2 GB"})
+    assert cfg["dram.capacity_bytes"] == 2 * 10**9
 
 
 def test_kvrackd_print_config_and_bad_file(tmp_path):

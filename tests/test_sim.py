@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from kvrack.clients.cli import app
-from kvrack.daemon.sim import report, traces
-from kvrack.daemon.sim.profile import reuse_profile
-from kvrack.daemon.sim.replay import Simulator, belady, simulate
+from kvrack.bench.sim import report, traces
+from kvrack.bench.sim.profile import reuse_profile
+from kvrack.bench.sim.replay import Simulator, belady, simulate
+from kvrack.cli.main import app
 
 
 def write_mooncake(path: Path, rows: list[dict]) -> Path:

@@ -4,10 +4,10 @@ import pytest
 
 from kvrack.daemon import store as store_module
 from kvrack.daemon.index import COMMITTED
-from kvrack.daemon.protocol import ErrorCode, TierId
 from kvrack.daemon.session import Session
 from kvrack.daemon.settings import NamespaceConfig
 from kvrack.daemon.store import Store
+from kvrack.protocol import ErrorCode, TierId
 from kvrack.tiers.dram import HeapBacking, MemoryTier
 
 SEG = 64 * 1024

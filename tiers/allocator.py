@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from kvrack.daemon.protocol import TierId
+from kvrack.protocol import TierId
 from kvrack.tiers.base import Segment
 
 SMALL_ALIGN = 64  # cache line: blocks below one page
@@ -185,7 +185,8 @@ class SlotAllocator:
 
     def stats(self) -> dict[str, Any]:
         assigned = [s for s in self._segments.values() if s.owner is not None]
-        slot_bytes = sum(s.live * s.slot_size for s in assigned)
+        holding = [s for s in assigned if s.live]  # an assigned segment with no live slot is free room, not waste
+        slot_bytes = sum(s.live * s.slot_size for s in holding)
         return {
             "capacity_bytes": self.capacity,
             "segment_bytes": self.segment_bytes,
@@ -194,8 +195,8 @@ class SlotAllocator:
             "segments_empty": len(self._empty),
             "segments_retired": self.retired,
             "slot_bytes_used": slot_bytes,
-            # share of assigned segment bytes not holding a live slot
-            "fragmentation": round(1 - slot_bytes / (len(assigned) * self.segment_bytes), 4) if assigned else 0.0,
+            # share of the bytes of segments holding blocks that no live slot uses
+            "fragmentation": round(1 - slot_bytes / (len(holding) * self.segment_bytes), 4) if holding else 0.0,
         }
 
     def close(self) -> None:

@@ -7,7 +7,7 @@ import mmap
 import os
 from typing import Any, Protocol, runtime_checkable
 
-from kvrack.daemon.protocol import TierId
+from kvrack.protocol import TierId
 
 
 class Segment:

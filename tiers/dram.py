@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvrack.daemon.protocol import TierId
+from kvrack.protocol import TierId
 from kvrack.tiers.allocator import SlotAllocator
 from kvrack.tiers.base import Segment, size_segment_fd
 from kvrack.tiers.dram_state import ShmDirBacking, saved_blocks, take_state

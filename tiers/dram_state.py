@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from kvrack.daemon.protocol import KEY_BYTES
+from kvrack.protocol import KEY_BYTES
 from kvrack.tiers.base import huge_page_bytes, size_segment_fd
 
 log = logging.getLogger("kvrack.tiers.dram")

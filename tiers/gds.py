@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import xxhash
 
+from kvrack import install_hint
+
 if TYPE_CHECKING:
     from kvrack.tiers.nvme import NvmeTier
 
@@ -70,7 +72,7 @@ def unavailable_reason() -> str | None:
         import cupy
         import kvikio  # noqa: F401
     except ImportError as exc:
-        return f"the gpu extra is not installed ({exc.name} missing): pip install 'kvrack[gpu]'"
+        return f"the gpu extra is not installed ({exc.name} missing): {install_hint('gpu')}"
     try:
         if cupy.cuda.runtime.getDeviceCount() < 1:
             return "no CUDA device"

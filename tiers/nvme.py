@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from kvrack.daemon.protocol import TierId
+from kvrack.protocol import TierId
+from kvrack.sizes import parse_size
 from kvrack.tiers.allocator import PAGE_ALIGN, SlotAllocator
 from kvrack.tiers.base import Segment
 from kvrack.tiers.blockio import ALIGN, BlockFile, DirectFile, align_up, aligned_buffer
@@ -342,8 +343,6 @@ def default_nvme_capacity(directory: str) -> int:
 
 def parse_path_spec(spec: str) -> BackingPath:
     """``"PATH"`` or ``"PATH=SIZE"`` (binary units: ``"800GiB"``); a device without a size uses all of it."""
-    from kvrack.daemon.settings import parse_size  # the one size syntax of the config
-
     path, sep, size = spec.rpartition("=") if "=" in spec else (spec, "", "")
     capacity = parse_size(size) if sep else 0
     if not path:

@@ -24,6 +24,6 @@ sys.exit(0 if ok else 2)" 2>&1 | tee "$OUT/probe.txt" || exit 2
 rc=0
 timeout 420 python3 -m pytest -q -p no:cacheprovider -rs tests/test_hbm.py tests/test_gds.py tests/test_native.py \
     2>&1 | tee "$OUT/pytest-gpu.log" || rc=1
-timeout 240 python3 -m kvrack.clients.cli bench hbm --json "$OUT/bench-hbm.json" 2>&1 \
+timeout 240 python3 -m kvrack.cli.main bench hbm --json "$OUT/bench-hbm.json" 2>&1 \
     | tee "$OUT/bench-hbm.log" || rc=1
 exit $rc

@@ -6,7 +6,7 @@ same sizes measured by that process in the same run.
 
 import pytest
 
-from kvrack.clients import bench_cxl
+from kvrack.bench import cxl as bench_cxl
 
 pytestmark = pytest.mark.perf
 

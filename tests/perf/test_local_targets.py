@@ -6,7 +6,7 @@ machine rather than absolute numbers.
 
 import pytest
 
-from kvrack.clients import bench_local
+from kvrack.bench import local as bench_local
 
 pytestmark = pytest.mark.perf
 

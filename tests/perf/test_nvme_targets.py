@@ -6,7 +6,7 @@ same file system, measured in the same run.
 
 import pytest
 
-from kvrack.clients import bench_nvme
+from kvrack.bench import nvme as bench_nvme
 
 pytestmark = pytest.mark.perf
 

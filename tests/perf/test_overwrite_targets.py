@@ -7,7 +7,7 @@ every put displaces older blocks, for independent blocks and for long chains
 
 import pytest
 
-from kvrack.clients import bench_overwrite
+from kvrack.bench import overwrite as bench_overwrite
 
 pytestmark = pytest.mark.perf
 

@@ -6,7 +6,7 @@ socket and a raw NIXL READ between the same endpoints, measured in the same run.
 
 import pytest
 
-from kvrack.clients import bench_remote
+from kvrack.bench import remote as bench_remote
 
 pytestmark = pytest.mark.perf
 

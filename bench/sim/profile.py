@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from kvrack.daemon.sim.traces import Request
+from kvrack.bench.sim.traces import Request
 
 QUANTILES = (0.1, 0.5, 0.9)
 

@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from kvrack.bench.spawn import DaemonProcess
 from kvrack.clients.client import Client
 from kvrack.clients.gpu import Copier, device_span
-from kvrack.clients.spawn import DaemonProcess
-from kvrack.tiers.hbm import probe
+from kvrack.tiers.hbm_ipc import probe
 
 MiB = 1 << 20
 SIZES = {"2MiB": 2 * MiB, "256KiB": 256 * 1024}

@@ -6,7 +6,7 @@ every request carries a client-chosen ``id`` that its reply echoes. Every op
 is batched: one request names many keys, and keys that can fail on their own
 get a per-key status code in ``codes``.
 
-Clients import this module and nothing else from the daemon.
+Clients and the daemon both import this module; it imports nothing of either.
 """
 
 from __future__ import annotations
@@ -58,9 +58,11 @@ class ErrorCode(enum.IntEnum):
     INVALID_SIZE = 306
     NOT_PINNED = 307
     INVALID_PARENT = 308
+    SIZE_MISMATCH = 309  # the key is stored (or being written) with another size
     # 4xx: space and tiers
     NO_SPACE = 400
     TIER_UNAVAILABLE = 401
+    QUOTA_EXCEEDED = 402  # the namespace's quota is full of its own pinned or unevictable blocks
     # 5xx: the daemon
     INTERNAL = 500
     SHUTTING_DOWN = 501

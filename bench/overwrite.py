@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from kvrack.bench.spawn import DaemonProcess, wait_until_paged_in
 from kvrack.clients.client import Client
-from kvrack.clients.spawn import DaemonProcess, wait_until_paged_in
 
 MiB = 1 << 20
 

@@ -22,10 +22,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvrack.bench.sim.traces import Request
 from kvrack.daemon.policies import EvictionPolicy, make_policy
 from kvrack.daemon.policies.admission import Admission, make_admission
 from kvrack.daemon.policies.base import LeafFirst
-from kvrack.daemon.sim.traces import Request
 
 
 @dataclass

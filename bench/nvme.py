@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from kvrack.bench.spawn import DaemonProcess, wait_until_paged_in
 from kvrack.clients.client import Client
-from kvrack.clients.spawn import DaemonProcess, wait_until_paged_in
 from kvrack.tiers.blockio import DirectFile, aligned_buffer
 from kvrack.tiers.nvme import BackingPath, NvmeTier
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -16,6 +17,17 @@ from typing import Any
 
 from kvrack.clients.transport import is_listening
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the process that started it dies (a killed test run leaves no
+    daemon behind)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
 
 def _config_names_nvme_dir(config_path: str | None) -> bool:
     if not config_path:
@@ -28,31 +40,40 @@ def _config_names_nvme_dir(config_path: str | None) -> bool:
 class DaemonProcess:
     """A kvrackd child process on its own socket; stops with ``stop()`` or the context manager.
 
-    Unless the settings or a config file name ``nvme.dir``, its NVMe tier lives in a
-    private directory that is removed when the daemon stops.
+    Everything it needs lives in a private temporary directory (socket, log, and unless the settings or a
+    config file name ``nvme.dir``, its NVMe tier), removed when it stops. ``logs``, when a list, receives
+    each stopped daemon's log first (tests print it when they fail).
     """
+
+    logs: list[tuple[str, str]] | None = None
 
     def __init__(self, settings: dict[str, object] | None = None, socket_path: str | None = None,
                  config_path: str | None = None, log_path: str | None = None, ready_timeout: float = 30.0,
-                 command_prefix: Sequence[str] = ()) -> None:
+                 command_prefix: Sequence[str] = (), env: dict[str, str] | None = None) -> None:
         self._tmp = tempfile.mkdtemp(prefix="kvrack-")
         self.socket_path = socket_path or os.path.join(self._tmp, "kvrack.sock")
         self.log_path = log_path or os.path.join(self._tmp, "kvrackd.log")
+        self.returncode: int | None = None
+        self._final_log: str | None = None
         # command_prefix runs the daemon under another command, e.g. ["ip", "netns", "exec", NAME]
         args = [*command_prefix, sys.executable, "-m", "kvrack.daemon.main", "--socket", self.socket_path]
         if config_path:
             args += ["--config", config_path]
         settings = dict(settings or {})
-        self._private_nvme = None
         if "nvme.dir" not in settings and not _config_names_nvme_dir(config_path):
-            self._private_nvme = os.path.join(self._tmp, "nvme")
-            settings["nvme.dir"] = self._private_nvme
+            settings["nvme.dir"] = os.path.join(self._tmp, "nvme")
             settings.setdefault("nvme.capacity_bytes", "256MiB")
         for name, value in settings.items():
             args += ["--set", f"{name}={value}"]
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self._wait_ready(ready_timeout)
+        try:
+            self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         preexec_fn=_die_with_parent, env=env)
+            self._wait_ready(ready_timeout)
+        except BaseException:
+            self._log.close()
+            self._cleanup()
+            raise
 
     @property
     def pid(self) -> int:
@@ -66,14 +87,21 @@ class DaemonProcess:
             if is_listening(self.socket_path):
                 return
             time.sleep(0.02)
-        self.kill()
+        self.proc.kill()
+        self.proc.wait()
         raise TimeoutError(f"kvrackd did not listen on {self.socket_path} within {timeout}s:\n{self.log()}")
 
     def log(self) -> str:
-        return Path(self.log_path).read_text(errors="replace")
+        """Its log so far (after it stopped: the whole log, kept in memory once its directory is gone)."""
+        if self._final_log is not None:
+            return self._final_log
+        try:
+            return Path(self.log_path).read_text(errors="replace")
+        except OSError:
+            return ""
 
     def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM, then wait; SIGKILL if it does not stop in time."""
+        """SIGTERM, then wait; SIGKILL if it does not stop in time. Returns its exit status."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -81,21 +109,28 @@ class DaemonProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self._log.close()
-        self._remove_private_data()
+        self._finish()
         return self.proc.returncode
-
-    def _remove_private_data(self) -> None:
-        if self._private_nvme is not None:
-            shutil.rmtree(self._private_nvme, ignore_errors=True)
 
     def kill(self) -> None:
         """SIGKILL: no drain, no flush (what a crash looks like)."""
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._log.closed:
+            return
         self._log.close()
-        self._remove_private_data()
+        self.returncode = self.proc.returncode
+        self._final_log = self.log()
+        if DaemonProcess.logs is not None:
+            DaemonProcess.logs.append((self.socket_path, self._final_log))
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        shutil.rmtree(self._tmp, ignore_errors=True)
 
     def __enter__(self) -> DaemonProcess:
         return self

@@ -11,10 +11,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from kvrack.bench.sim.profile import reuse_profile
+from kvrack.bench.sim.replay import belady, simulate
+from kvrack.bench.sim.traces import GENERATORS, Request, unique_blocks
 from kvrack.daemon.policies import POLICIES
-from kvrack.daemon.sim.profile import reuse_profile
-from kvrack.daemon.sim.replay import belady, simulate
-from kvrack.daemon.sim.traces import GENERATORS, Request, unique_blocks
 
 DEFAULT_TRACES = ("chat", "rag")
 Progress = Callable[[str], None]

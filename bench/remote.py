@@ -40,9 +40,9 @@ import blake3
 import numpy as np
 
 from kvrack import nixl_agent
+from kvrack.bench.spawn import DaemonProcess, wait_until_paged_in
 from kvrack.clients.client import Client
 from kvrack.clients.remote import tcp_socket
-from kvrack.clients.spawn import DaemonProcess, wait_until_paged_in
 
 MiB = 1 << 20
 SIZES = {"2MiB": 2 * MiB, "64KiB": 64 * 1024}

@@ -1,0 +1,1 @@
+"""The `kvrack` command line: status and administration of a running daemon, benchmarks, the simulator."""
