@@ -66,9 +66,10 @@ lint: $(TEST_STAMP)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-## example: regenerate deploy/kvrack.example.toml from the settings table
+## example: regenerate deploy/kvrack.example.toml and daemon/settings_view.py (typed settings) from the table
 example: $(RUN_STAMP)
 	$(VENV)/bin/kvrackd --write-example deploy/kvrack.example.toml
+	$(PY) -c "from kvrack.daemon.settings import render_view; open('daemon/settings_view.py', 'w').write(render_view())"
 
 ## wheel: build dist/kvrack-VERSION-*.whl (install it elsewhere with `pip install dist/kvrack-*.whl`)
 wheel: $(PY)

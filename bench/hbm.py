@@ -98,7 +98,7 @@ def run(names: list[str], working_set: int, repeats: int, device: int = 0,
     if not present:
         return {"device": device, "hbm_unavailable": why, "hbm_get_vs_d2d_memcpy": None, "sizes": {}}
     capacity = max(64 * MiB, 2 * working_set)
-    settings = {"dram.capacity_bytes": str(capacity + 64 * MiB), "dram.segment_bytes": "32MiB",
+    settings: dict[str, object] = {"dram.capacity_bytes": str(capacity + 64 * MiB), "dram.segment_bytes": "32MiB",
                 "nvme.enabled": "false", "hbm.enabled": "true", "hbm.device": str(device),
                 "hbm.capacity_bytes": str(capacity), "hbm.segment_bytes": "64MiB", "hbm.promote_after_hits": "1"}
     sizes: dict[str, Any] = {}

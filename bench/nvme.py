@@ -37,6 +37,13 @@ BATCH_BYTES = 32 * MiB
 IO_THREADS = 4
 
 
+def _slot(tier: NvmeTier, size: int) -> tuple[Any, int]:
+    placement = tier.allocate("bench", size)
+    if placement is None:
+        raise RuntimeError("the benchmark's NVMe file has no room left; is --working-set larger than the disk allows?")
+    return placement
+
+
 def _batches(n: int, batch: int) -> list[range]:
     return [range(s, min(n, s + batch)) for s in range(0, n, batch)]
 
@@ -105,7 +112,7 @@ def tier_io(directory: str, size: int, n: int, batch: int, repeats: int, latency
         for r in _batches(n, batch):
             items = []
             for j, i in enumerate(r):
-                seg, slot = tier.allocate("bench", size)
+                seg, slot = _slot(tier, size)
                 placed.append((seg, slot))
                 items.append(("bench", keys[i], seg, slot, memoryview(src[j % len(src)])))
             errors = tier.write(items)
@@ -160,7 +167,7 @@ def gds_io(directory: str, size: int, n: int, repeats: int) -> dict[str, Any]:
     src.write(os.urandom(size))
     keys = [os.urandom(32) for _ in range(n)]
     for k in keys:
-        seg, slot = tier.allocate("bench", size)
+        seg, slot = _slot(tier, size)
         if tier.write([("bench", k, seg, slot, memoryview(src))]) != [None]:
             raise RuntimeError("tier write failed")
     order = keys[:]

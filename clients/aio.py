@@ -15,7 +15,7 @@ import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Generator, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from kvrack import protocol as P
 from kvrack.address import Address, candidate_addresses, targets, worth_trying
@@ -29,7 +29,14 @@ from kvrack.clients.results import GetResult, LookupResult, PutResult
 from kvrack.clients.steps import Call, Op, Post, ReadCall, Sleep, Step, Transfer, WriteCall
 from kvrack.clients.transport import AsyncChannel
 
-T = TypeVar("T")
+
+class AsyncResource(Protocol):
+    async def __aenter__(self) -> Any: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...
+
+
+T = TypeVar("T", bound=AsyncResource)
 
 
 class Ready(Generic[T]):
@@ -45,18 +52,19 @@ class Ready(Generic[T]):
 
     async def __aenter__(self) -> T:
         self._value = await self._make()
-        return await self._value.__aenter__()  # type: ignore[attr-defined, no-any-return]
+        return await self._value.__aenter__()
 
     async def __aexit__(self, *exc: object) -> None:
         if self._value is not None:
-            await self._value.__aexit__(*exc)  # type: ignore[attr-defined]
+            await self._value.__aexit__(*exc)
 
 
 class Done:
     """What ``close`` returns: it has already happened, and awaiting it is allowed (``await kv.close()``)."""
 
     def __await__(self) -> Generator[Any, None, None]:
-        return iter(())
+        return
+        yield  # a generator that finishes at once
 
 
 class AsyncLease(LeaseViews):
@@ -222,7 +230,7 @@ class AsyncClient:
         self._core.layout = layout
 
     async def lookup(self, keys: Sequence[bytes]) -> LookupResult:
-        return await self._run(self._core.lookup(keys))  # type: ignore[no-any-return]
+        return await self._run(self._core.lookup(keys))
 
     async def put(self, keys: Sequence[bytes], buffers: Sequence[Any], parents: Sequence[bytes | None] | None = None,
                   *, wait_timeout: float | None = None, raise_on_error: bool = True) -> PutResult:
@@ -253,13 +261,13 @@ class AsyncClient:
 
     async def get_into(self, keys: Sequence[bytes], out: Sequence[Any], *, exact: bool = True) -> GetResult:
         """As ``Client.get_into``: per-key hit flags; buffers of another size than their block raise."""
-        return await self._run(self._core.get_into(keys, out, exact))  # type: ignore[no-any-return]
+        return await self._run(self._core.get_into(keys, out, exact))
 
     async def prefetch(self, keys: Sequence[bytes], wait: bool = False) -> int:
         """Have blocks whose only copy is on NVMe read into DRAM now, before a get needs them (a decode
         node warming a prefix). Nothing stays pinned. ``wait``: return once they are in DRAM. Returns how
         many of the keys the daemon holds."""
-        return await self._run(self._core.prefetch(keys, wait))  # type: ignore[no-any-return]
+        return await self._run(self._core.prefetch(keys, wait))
 
     async def delete(self, keys: Sequence[bytes]) -> int:
         codes, _, _ = await self._run(self._core.keys_op("delete", P.Delete, keys))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+_native: Any
 try:
     from kvrack import _native
 except ImportError as _exc:  # the package imports, but says what is missing

@@ -203,6 +203,7 @@ class Client:
                 reply, _ = self._channel.call("lookup", frame)
             except OSError as exc:
                 raise as_client_error(exc) from exc
+            assert isinstance(reply, P.LookupReply)
             return LookupResult(reply.prefix, reply.tiers)
         return self._run(core.lookup(keys))
 

@@ -129,6 +129,8 @@ class ClientCore:
         self.segments = SegmentMaps()
         self.salt = b""
         self.session = 0
+        self.reserve_lease_s = 0.0
+        self.pin_lease_s = 0.0
         self.max_batch_keys = 1024
         self.max_frame_bytes = P.DEFAULT_MAX_FRAME_BYTES
         self._next_id = 1
@@ -177,6 +179,8 @@ class ClientCore:
                                                  client_name=self.client_name, token=self.token))
         self.salt = reply.salt
         self.session = reply.session
+        self.reserve_lease_s = reply.reserve_lease_s  # how long the daemon holds a reservation / a pin
+        self.pin_lease_s = reply.pin_lease_s
         self.max_batch_keys = reply.max_batch_keys or self.max_batch_keys
         self.max_frame_bytes = reply.max_frame_bytes
         if reply.cxl_path and len(fds) == len(reply.segments) + 1:
@@ -595,7 +599,7 @@ class ClientCore:
         Every buffer is checked against its block's size before any byte is copied."""
         views = [None if d is None else byte_view(out, writable=True) for d, out in zip(descriptors, outs)]
         for j, (d, view) in enumerate(zip(descriptors, views)):
-            if d is not None:
+            if d is not None and view.nbytes != d.length:  # type: ignore[union-attr]
                 check_fit(where[j] if where is not None else j, view.nbytes, d.length, exact)  # type: ignore[union-attr]
         if self.nixl is not None:
             yield Transfer("READ", descriptors, views)

@@ -1,4 +1,4 @@
-"""Client-side framing over a Unix socket, with segment fds arriving beside frames."""
+"""Client-side framing over the Unix socket (segment fds arriving beside frames), TCP and TLS."""
 
 from __future__ import annotations
 
@@ -268,7 +268,7 @@ class AsyncChannel:
         self.lock = asyncio.Lock()
         self.requests = 0  # requests sent on this connection
 
-    async def _wait(self, add, remove) -> None:  # type: ignore[no-untyped-def]
+    async def _wait(self, add: Callable[..., Any], remove: Callable[..., Any]) -> None:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         def wake() -> None:

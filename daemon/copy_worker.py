@@ -6,8 +6,10 @@ import asyncio
 import concurrent.futures
 from typing import Any
 
+from kvrack.daemon.movement import CopyingTier
 
-class CopyWorker:
+
+class CopyWorker(CopyingTier):
     """One worker thread, so copies and removals run in the order they were queued."""
 
     def __init__(self, name: str) -> None:
@@ -23,10 +25,6 @@ class CopyWorker:
             self.loop.call_soon_threadsafe(fn, *args)  # type: ignore[union-attr]
         except RuntimeError:  # the loop is gone (shutdown): pins no longer matter
             pass
-
-    def flush(self) -> None:
-        """Wait for the work queued so far."""
-        self.worker.submit(lambda: None).result()
 
     def stop_worker(self) -> None:
         worker = getattr(self, "worker", None)

@@ -19,6 +19,7 @@ from typing import Any
 
 from kvrack.daemon.policies import make_policy
 from kvrack.daemon.policies.base import LeafFirst, always, leaf_first
+from kvrack.daemon.policies.chains import Chains
 
 
 class RegionOrder:
@@ -29,7 +30,7 @@ class RegionOrder:
         self.capacity = capacity
         self.policy = make_policy(policy, max(1, capacity))
         self.parent: dict[bytes, bytes | None] = {}  # the members, with their parents
-        self.kids: dict[bytes, set[bytes]] = {}  # members' children that are members too
+        self.kids: Chains[bytes] = Chains()  # members' children that are members too
         self.touches = 0  # reads reported or seen
         self.evictions = 0  # victims named by the policy
         self._leaf_first = LeafFirst(lambda key: leaf_first(key, self._a_kid), self.parent.get, self.__contains__)
@@ -50,7 +51,7 @@ class RegionOrder:
         self.parent[key] = parent
         self.policy.insert(key, parent)
         if parent is not None and parent in self.parent:  # copies land in commit order: parents first
-            self.kids.setdefault(parent, set()).add(key)
+            self.kids.add(parent, key)
 
     def touch(self, keys: Any) -> int:
         """Reads of these blocks; returns how many are members."""
@@ -69,21 +70,19 @@ class RegionOrder:
         parent = self.parent.pop(key)
         self.policy.remove(key)
         if parent is not None:
-            siblings = self.kids.get(parent)
-            if siblings is not None:
-                siblings.discard(key)
-                if not siblings:
-                    del self.kids[parent]
-        self.kids.pop(key, None)
+            self.kids.drop(parent, key)
+        for kid in self.kids.get(key):  # orphans now: their parent left the region
+            self.kids.drop(key, kid)
         return True
 
     def victim(self) -> bytes | None:
         """The next block to go: the policy's choice, or its deepest descendant still in the region."""
-        return self._leaf_first(self.policy.victim(always))
+        victim = self.policy.victim(always)
+        assert victim is None or isinstance(victim, bytes)
+        return self._leaf_first(victim)
 
     def _a_kid(self, key: bytes) -> bytes | None:
-        kids = self.kids.get(key)
-        return next(iter(kids)) if kids else None
+        return self.kids.first(key, always)
 
     def evict(self) -> bytes | None:
         """Name the next victim and take it out of the order (the caller deletes it from the region)."""

@@ -13,6 +13,7 @@ read a block that is in CXL.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import os
 import time
@@ -21,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 from kvrack.daemon.copy_worker import CopyWorker
 from kvrack.daemon.cxl_order import RegionOrder
-from kvrack.daemon.index import COMMITTED, Entry
+from kvrack.daemon.index import COMMITTED, Entry, Namespace
 from kvrack.daemon.progress import ProgressSignal
+from kvrack.protocol import TierId
 from kvrack.tiers.cxl import CxlFull, CxlRegion
 
 if TYPE_CHECKING:
@@ -47,6 +49,9 @@ def region_paths(namespaces: Sequence[str], directory: str, paths: Sequence[str]
 
 class CxlPool(CopyWorker):
     """Regions by namespace, and the copies into them (event-loop thread, plus one worker)."""
+
+    name = "cxl"
+    tier_id = int(TierId.CXL)
 
     def __init__(self, store: Store, paths: dict[str, str], capacity: int, chunk_bytes: int, coherent: bool,
                  host_timeout_s: float, policy: str = "lru") -> None:
@@ -80,11 +85,10 @@ class CxlPool(CopyWorker):
         self.in_flight = 0
         self._next_reclaim = time.monotonic() + _RECLAIM_EVERY_S
         self._progress = ProgressSignal()  # fired when a copy finishes
-        store.commit_hooks.append(self._committed)
-        store.delete_hooks.append(self._deleted)
 
     # ------------------------------------------------------------- copies
-    def _committed(self, e: Entry) -> None:
+    def committed(self, e: Entry) -> None:
+        """Copy a freshly committed block into its namespace's region, behind the commit."""
         region = self.regions.get(e.ns.name)
         if region is None or self.loop is None or e.seg is None:
             return
@@ -101,7 +105,7 @@ class CxlPool(CopyWorker):
         self.copying[e.ns.name] += 1
         view = self.store.tier.view(e.seg, e.slot, e.nbytes)
         fut = self.worker.submit(self._copy, region, e.key, view)
-        fut.add_done_callback(lambda f, e=e: self._on_loop(self._copied, e, f))
+        fut.add_done_callback(functools.partial(self._on_loop, self._copied, e))
 
     def _copy(self, region: CxlRegion, key: bytes, view: memoryview) -> bool:
         try:
@@ -138,12 +142,16 @@ class CxlPool(CopyWorker):
         if region is not None and order is not None and (fut.result() or region.size_of(e.key) is not None):
             order.add(e.key, e.parent)  # stored now, or already there
         if e.state != COMMITTED:  # deleted while it was being copied: take the copy back out
-            self._deleted(e)
+            self.deleted(e)
 
-    def _deleted(self, e: Entry) -> None:
+    def deleted(self, e: Entry) -> None:
         # now, so no reader finds it after the client's delete returns; a copy still in flight is
         # taken back out by _copied, which sees the entry is no longer committed
         self.delete(e.ns.name, e.key)
+
+    def forget(self, ns: Namespace, key: bytes) -> bool:
+        """A block that left DRAM (and NVMe) may still be in the region: a delete removes it there too."""
+        return self.delete(ns.name, key)
 
     def delete(self, namespace: str, key: bytes) -> bool:
         """Remove a block from the namespace's region (e.g. one DRAM no longer holds); whether it was there."""
@@ -153,11 +161,12 @@ class CxlPool(CopyWorker):
         self.orders[namespace].remove(key)
         return region.delete(key)
 
-    def touch(self, namespace: str, keys: Sequence[bytes]) -> int:
+    def touch(self, ns: Namespace, keys: Sequence[bytes]) -> None:
         """Reads of region blocks that clients served themselves from the mapping (or the daemon copied
-        back up): the eviction order sees them as hits. Returns how many the order holds."""
-        order = self.orders.get(namespace)
-        return 0 if order is None else order.touch(keys)
+        back up): the eviction order sees them as hits."""
+        order = self.orders.get(ns.name)
+        if order is not None:
+            order.touch(keys)
 
     def pending(self) -> int:
         return self.in_flight
@@ -169,20 +178,22 @@ class CxlPool(CopyWorker):
         return await self._progress.wait(self.loop, timeout)
 
     # ------------------------------------------------- serving from CXL
-    def holds(self, namespace: str, keys: list[bytes]) -> list[bool]:
-        """Which keys the namespace's region holds (its shared index, no copy)."""
-        region = self.regions.get(namespace)
-        if region is None or not keys:
-            return [False] * len(keys)
-        _leading, slots = region.lookup(keys)
+    def holds(self, ns: Namespace, keys: Sequence[bytes]) -> list[bool] | None:
+        """Which keys the namespace's region holds (its shared index, no copy): hits in ``lookup``."""
+        region = self.regions.get(ns.name)
+        if region is None:
+            return None
+        if not keys:
+            return []
+        _leading, slots = region.lookup(list(keys))
         return [int(s) >= 0 for s in slots]
 
-    def promotable(self, ns: Any, keys: list[bytes]) -> list[bytes]:
+    def promotable(self, ns: Namespace, keys: Sequence[bytes]) -> list[bytes]:
         """The keys the daemon's index lacks but the namespace's region holds."""
         absent = [k for k in keys if k not in ns.entries and len(k) == 32]
-        return [k for k, held in zip(absent, self.holds(ns.name, absent)) if held]
+        return [k for k, held in zip(absent, self.holds(ns, absent) or ()) if held]
 
-    async def promote(self, ns: Any, keys: list[bytes]) -> int:
+    async def promote_keys(self, ns: Namespace, keys: list[bytes]) -> int:
         """Copy blocks that only the region holds back into DRAM, for clients that cannot map it
         (remote hosts off the fabric, the TCP byte stream, zero-copy leases): they become ordinary
         DRAM blocks. Slots are taken on the event loop, the copies run on the worker. Returns how
@@ -234,10 +245,14 @@ class CxlPool(CopyWorker):
             for region in self.regions.values():
                 self.worker.submit(region.reclaim, self.host_timeout_ms)
 
-    def hello_info(self, namespace: str) -> tuple[str, int, int] | None:
-        """(path, size, fd) of a namespace's region, for ``hello``."""
-        region = self.regions.get(namespace)
-        return None if region is None else (region.path, region.g.region_bytes, region.fd)
+    def hello(self, ns: Namespace, local: bool) -> tuple[dict[str, Any], int | None]:
+        """The namespace's region for ``hello``: its path and size, and (Unix socket) its fd; hosts on the
+        same CXL fabric open it by its path."""
+        region = self.regions.get(ns.name)
+        if region is None:
+            return {}, None
+        fields = {"cxl_path": region.path, "cxl_bytes": region.g.region_bytes, "cxl_coherent": self.coherent}
+        return fields, region.fd if local else None
 
     def stats(self, namespace: str | None = None) -> dict[str, Any]:
         """The tier's figures; with ``namespace``, its region only (what a client of it may see)."""
@@ -250,6 +265,9 @@ class CxlPool(CopyWorker):
                 "blocks": sum(r["blocks"] for r in regions.values()),
                 "used_bytes": sum(r["bytes"] for r in regions.values()),
                 "capacity_bytes": sum(r["capacity"] for r in regions.values()), "regions": regions}
+
+    def moves(self) -> dict[str, dict[str, int]]:
+        return {"dram_to_cxl": {"blocks": self.copied, "bytes": self.copied_bytes}}
 
     def close(self) -> None:
         self.stop_worker()

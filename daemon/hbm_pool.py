@@ -17,14 +17,16 @@ HBM copy is complete: they copy device to device.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from kvrack import _native
 from kvrack import protocol as P
 from kvrack.daemon.copy_worker import CopyWorker
-from kvrack.daemon.index import COMMITTED, Entry
+from kvrack.daemon.index import COMMITTED, Entry, Namespace
 from kvrack.tiers.hbm import HbmArena
 
 if TYPE_CHECKING:
@@ -35,6 +37,9 @@ log = logging.getLogger("kvrack.hbm")
 
 class HbmPool(CopyWorker):
     """Arenas by namespace and the copies into them (event-loop thread, plus one worker)."""
+
+    name = "hbm"
+    tier_id = int(P.TierId.HBM)
 
     def __init__(self, store: Store, namespaces: list[str], device: int, capacity: int, segment_bytes: int,
                  promote_after_hits: int) -> None:
@@ -61,11 +66,16 @@ class HbmPool(CopyWorker):
         self.promoted_bytes = 0
         self.dropped = 0  # HBM copies dropped to make room (their DRAM copies stay)
         self.skipped = 0  # no room: every HBM copy pinned, or a copy failed
-        store.dram_free_hooks.append(self._dram_copy_gone)
 
     # ------------------------------------------------------------ promotion
-    def read(self, entries: list[Entry]) -> None:
-        """Blocks a client acquired: count the read, copy up those read often enough."""
+    def acquired(self, entries: Sequence[Entry], local: bool) -> None:
+        """Blocks a same-host client acquired (only those can read device memory): count the read, copy up
+        those read often enough."""
+        if local:
+            self.read(entries)
+
+    def read(self, entries: Sequence[Entry]) -> None:
+        """Count each block's read; copy up those read often enough."""
         for e in entries:
             copies = self.copies.get(e.ns.name)
             if copies is None or e.seg is None:
@@ -95,7 +105,7 @@ class HbmPool(CopyWorker):
         self.in_flight[e.key] = e
         view = self.store.tier.view(e.seg, e.slot, e.nbytes)
         fut = self.worker.submit(self._upload, arena, seg, slot, view, e.nbytes)
-        fut.add_done_callback(lambda f, e=e, seg=seg, slot=slot: self._on_loop(self._uploaded, e, seg, slot, f))
+        fut.add_done_callback(functools.partial(self._upload_done, e, seg, slot))
 
     def _room(self, namespace: str, nbytes: int) -> tuple[Any, int] | None:
         arena, copies = self.arenas[namespace], self.copies[namespace]
@@ -120,6 +130,9 @@ class HbmPool(CopyWorker):
         finally:
             view.release()
 
+    def _upload_done(self, e: Entry, seg: Any, slot: int, fut: concurrent.futures.Future[None]) -> None:
+        self._on_loop(self._uploaded, e, seg, slot, fut)  # on the worker: the rest runs on the event loop
+
     def _uploaded(self, e: Entry, seg: Any, slot: int, fut: concurrent.futures.Future[None]) -> None:
         self.in_flight.pop(e.key, None)
         self.store.unpin(e)
@@ -138,7 +151,7 @@ class HbmPool(CopyWorker):
         self.promoted_bytes += e.nbytes
 
     # ------------------------------------------------------------- removal
-    def _dram_copy_gone(self, e: Entry) -> None:
+    def dram_copy_freed(self, e: Entry) -> None:
         self.reads.pop(e.key, None)
         if e.ns.name in self.copies:
             self._drop(e.ns.name, e.key)
@@ -149,10 +162,10 @@ class HbmPool(CopyWorker):
             self.arenas[namespace].free(*placement)
 
     # ----------------------------------------------------------- serving
-    def descriptors(self, namespace: str, keys: list[bytes], dram: list[P.Descriptor | None]
-                    ) -> list[P.Descriptor | None]:
+    def hbm_descriptors(self, ns: Namespace, keys: Sequence[bytes], dram: Sequence[P.Descriptor | None]
+                        ) -> list[P.Descriptor | None] | None:
         """HBM descriptors of the acquired blocks that have a complete HBM copy (None for the rest)."""
-        copies = self.copies.get(namespace)
+        copies = self.copies.get(ns.name)
         if not copies:
             return [None] * len(keys)
         out: list[P.Descriptor | None] = []
@@ -165,11 +178,13 @@ class HbmPool(CopyWorker):
                 out.append(P.Descriptor(int(P.TierId.HBM), seg.id, slot * seg.slot_size, d.length))  # type: ignore[union-attr]
         return out
 
-    def hello_segments(self, namespace: str) -> list[P.HbmSegment]:
-        arena = self.arenas.get(namespace)
-        if arena is None:
-            return []
-        return [P.HbmSegment(seg_id, size, self.device, handle) for seg_id, size, handle in arena.segments()]
+    def hello(self, ns: Namespace, local: bool) -> tuple[dict[str, Any], int | None]:
+        """A same-host client gets the arena's CUDA IPC handles (a remote one cannot use them)."""
+        arena = self.arenas.get(ns.name)
+        if arena is None or not local:
+            return {}, None
+        return {"hbm_segments": [P.HbmSegment(seg_id, size, self.device, handle)
+                                 for seg_id, size, handle in arena.segments()]}, None
 
     def stats(self, namespace: str | None = None) -> dict[str, Any]:
         arenas = {ns: {**a.stats(), "blocks": len(self.copies[ns])}
@@ -180,6 +195,9 @@ class HbmPool(CopyWorker):
                 "blocks": sum(a["blocks"] for a in arenas.values()),
                 "used_bytes": sum(a["used_bytes"] for a in arenas.values()),
                 "capacity_bytes": sum(a["capacity_bytes"] for a in arenas.values()), "arenas": arenas}
+
+    def moves(self) -> dict[str, dict[str, int]]:
+        return {"dram_to_hbm": {"blocks": self.promoted, "bytes": self.promoted_bytes}}
 
     def close(self) -> None:
         self.stop_worker()

@@ -25,14 +25,17 @@ import collections
 import concurrent.futures
 import logging
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from kvrack.daemon.counters import SlotCounters
+from kvrack.daemon.counters import NvmeCounters
 from kvrack.daemon.index import COMMITTED, Entry
+from kvrack.daemon.movement import CopyingTier
 from kvrack.daemon.policies import EvictionPolicy, make_policy
+from kvrack.daemon.policies.clock import EntryFlags
 from kvrack.daemon.progress import ProgressSignal
 from kvrack.daemon.session import Session
-from kvrack.protocol import ErrorCode
+from kvrack.protocol import ErrorCode, TierId
 from kvrack.tiers.base import Segment
 from kvrack.tiers.nvme import NvmeTier, Record, Recovery
 
@@ -40,23 +43,19 @@ if TYPE_CHECKING:
     from kvrack.daemon.store import KeysResult, Store
 
 log = logging.getLogger("kvrack.mover")
-NVME_QUEUED = 1  # the entry is in the CLOCK ring
-NVME_REFERENCED = 2  # read since the hand last passed it
 # blocks per write batch, whatever their size: bounds the batch's transient memory and its latency
 MAX_BATCH_BLOCKS = 4096
 
 
-def _unpinned(e: Entry) -> bool:  # type: ignore[misc]
+def _unpinned(e: Any) -> bool:
     return not e.pins
 
 
-class MoverCounters(SlotCounters):
-    __slots__ = ("written_blocks", "written_bytes", "write_errors", "not_persisted", "promoted_blocks",
-                 "promoted_bytes", "read_errors", "evictions", "evicted_bytes", "unindexed", "demoted_blocks")
+class Mover(CopyingTier):
+    """Owns the NVMe tier's copies: write-through, demotion, promotion, removal, NVMe eviction."""
 
-
-class Mover:
-    """Owns the NVMe tier's copies: write-through, promotion, removal, NVMe eviction."""
+    name = "nvme"
+    tier_id = int(TierId.NVME)
 
     def __init__(self, store: Store, nvme: NvmeTier, write_batch_bytes: int = 64 << 20,
                  retry_s: float = 30.0, policy: str = "clock", typical_block_bytes: int = 2 << 20) -> None:
@@ -70,14 +69,11 @@ class Mover:
         self.ordered = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvrack-mover")
         self.queue: collections.deque[Entry] = collections.deque()
         self.in_flight = 0  # blocks in the batch being written
-        # NVMe eviction order: CLOCK (second chance) over durable copies, oldest first. A ring of
-        # entries costs 8 bytes a block where an ordered dict costs ~100; entries whose copy is gone
-        # are skipped when the hand reaches them and compacted away when they pile up.
-        self.ring: collections.deque[Entry] = collections.deque()
-        self.stale = 0
-        # or a named policy (nvme.policy), which costs its per-block bookkeeping instead
-        self.policy: EvictionPolicy | None = None if policy == "clock" else \
-            make_policy(policy, max(1, nvme.capacity // max(1, typical_block_bytes)))
+        # NVMe eviction order over durable copies (nvme.policy): CLOCK by default, whose bits live in the
+        # entries (8 bytes a block for its ring), or a named policy and its per-block bookkeeping
+        capacity = max(1, nvme.capacity // max(1, typical_block_bytes))
+        self.order: EvictionPolicy = make_policy(policy, capacity, flags=EntryFlags()) if policy == "clock" \
+            else make_policy(policy, capacity)
         self.promoting: dict[Entry, asyncio.Future[str | None]] = {}
         self.writing = False
         self._unindex: list[tuple[Entry, Segment, int]] = []
@@ -86,7 +82,7 @@ class Mover:
         self.bytes = 0
         self.recovery: Recovery | None = None
         self.orphans = 0
-        self.counters = MoverCounters()
+        self.counters = NvmeCounters()
         self.closed = False
         self._progress = ProgressSignal()  # fired when a write batch finishes
         self.demoting: set[Entry] = set()  # queued because DRAM evicts them (write-back admission)
@@ -260,62 +256,25 @@ class Mover:
             self._forget_copy(victim)
 
     def _track(self, e: Entry) -> None:
-        if self.policy is not None:
-            if e not in self.policy:
-                self.policy.insert(e, None)
-            return
-        if not e.nflags & NVME_QUEUED:
-            e.nflags = NVME_QUEUED
-            self.ring.append(e)
+        self.order.insert(e, None)
 
     def _victim(self) -> Entry | None:
-        """The CLOCK hand: skip pinned and recently read copies (clearing their bit), take the first other.
-        With a named policy: its victim among the unpinned copies."""
-        if self.policy is not None:
-            return self.policy.victim(_unpinned)  # type: ignore[return-value]
-        ring = self.ring
-        for _ in range(2 * len(ring) + 1):
-            if not ring:
-                return None
-            e = ring.popleft()
-            if e.nseg is None:  # its copy went away since it was queued
-                e.nflags = 0
-                self.stale -= 1
-                continue
-            if e.pins or e.nflags & NVME_REFERENCED:
-                e.nflags = NVME_QUEUED
-                ring.append(e)
-                continue
-            e.nflags = 0
-            return e
-        return None
-
-    def _compact(self) -> None:
-        keep: collections.deque[Entry] = collections.deque()
-        for e in self.ring:
-            if e.nseg is None:
-                e.nflags = 0
-            else:
-                keep.append(e)
-        self.ring = keep
-        self.stale = 0
+        """The order's victim among the unpinned copies (CLOCK: read ones get a second chance)."""
+        victim = self.order.victim(_unpinned)
+        assert victim is None or isinstance(victim, Entry)
+        return victim
 
     def _forget_copy(self, e: Entry) -> None:
         """The entry no longer has an NVMe copy; an entry with no copy left leaves the index."""
         e.nseg = None
-        if self.policy is not None:
-            self.policy.remove(e)
-        if e.nflags & NVME_QUEUED:
-            self.stale += 1
-            if self.stale > 4096 and self.stale * 2 > len(self.ring):
-                self._compact()
+        self.order.remove(e)
         self.blocks -= 1
         self.bytes -= e.nbytes
         if e.seg is None and e.state == COMMITTED:
             self.store.forget(e)
 
     # ---------------------------------------------------------------- removal
-    def unindex(self, e: Entry) -> None:
+    def discard(self, e: Entry) -> None:
         """Drop a block's NVMe copy: its record goes (durably) with the next batch, then its slot is free."""
         self._unindex.append((e, e.nseg, e.nslot))
         self.counters.unindexed += 1
@@ -329,20 +288,20 @@ class Mover:
         self._unindex.clear()
 
     # -------------------------------------------------------------- promotion
-    def touch(self, e: Entry) -> None:
-        if self.policy is not None:
-            if e in self.policy:
-                self.policy.hit(e)
-            return
-        e.nflags |= NVME_REFERENCED
+    def referenced(self, e: Entry) -> None:
+        """A read of a block with an NVMe copy: the order hears of it (CLOCK: its reference bit)."""
+        self.order.hit(e)
 
-    async def promote(self, session: Session, keys: list[bytes], res: KeysResult,
-                      todo: list[tuple[int, Entry]]) -> None:
-        """Bring NVMe-only blocks that ``acquire`` pinned into DRAM and fill in their descriptors."""
+    async def promote(self, session: Session, keys: Sequence[bytes], res: KeysResult,
+                      todo: list[tuple[int, Entry]]) -> list[int]:
+        """Bring NVMe-only blocks that ``acquire`` pinned into DRAM and fill in their descriptors. Blocks with
+        no DRAM room to come into are NO_SPACE (the reader may ask again); returns the positions of those that
+        were lost meanwhile (NOT_FOUND now). Either way their pins are released."""
         assert self.loop is not None
         store = self.store
         reads: list[tuple[Entry, Segment, int, asyncio.Future[str | None]]] = []
         waits: list[tuple[int, Entry, asyncio.Future[str | None] | None]] = []
+        lost: list[int] = []
         for i, e in todo:
             if e.seg is not None:  # promoted by another reader meanwhile
                 waits.append((i, e, None))
@@ -374,7 +333,7 @@ class Mover:
                     log.error("nvme: cannot read a block of namespace %r back (%s); dropping that copy",
                               e.ns.name, result)
                     if e.nseg is not None:
-                        self.unindex(e)
+                        self.discard(e)
                     fut.set_result(f"its nvme copy is unreadable: {result}")
                 else:
                     store.add_dram_copy(e, seg, slot)
@@ -389,8 +348,9 @@ class Mover:
             else:
                 res.codes[i] = int(ErrorCode.NOT_FOUND)
                 res.message = f"block {i} was lost: {err or 'evicted'}"
-                store.counters.get_hits -= 1
                 store.release(session, [keys[i]])
+                lost.append(i)
+        return lost
 
     # --------------------------------------------------------------- lifecycle
     def pending(self) -> int:
@@ -403,7 +363,7 @@ class Mover:
             pass
         return not (self.writing or self.queue)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, namespace: str | None = None) -> dict[str, Any]:
         s = self.nvme.stats()
         s.update(tier_id=int(self.nvme.tier_id), blocks=self.blocks, used_bytes=self.bytes,
                  pending_writes=self.pending(), orphaned_blocks=self.orphans, **self.counters.as_dict())
@@ -412,6 +372,11 @@ class Mover:
             s["recovered"] = {"blocks": r.blocks, "bytes": r.bytes, "seconds": round(r.seconds, 3),
                               "dropped": r.dropped}
         return s
+
+    def moves(self) -> dict[str, dict[str, int]]:
+        c = self.counters
+        return {"dram_to_nvme": {"blocks": c.written_blocks, "bytes": c.written_bytes},
+                "nvme_to_dram": {"blocks": c.promoted_blocks, "bytes": c.promoted_bytes}}
 
     def close(self) -> None:
         self.closed = True

@@ -14,7 +14,8 @@ import ssl
 from typing import Any
 
 from kvrack import protocol as P
-from kvrack.daemon.server import ControlServer, accepted
+from kvrack.daemon.connection import accepted
+from kvrack.daemon.server import ControlServer
 
 log = logging.getLogger("kvrack.tcp")
 _HANDSHAKE_TIMEOUT_S = 10.0

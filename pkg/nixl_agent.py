@@ -34,7 +34,7 @@ def load() -> Any:
     for key, value in UCX_DEFAULTS.items():
         os.environ.setdefault(key, value)
     try:
-        from nixl_cu12 import _api  # type: ignore[import-not-found]
+        from nixl_cu12 import _api
     except ImportError as exc:
         raise NixlUnavailable(f"the nixl package is not installed ({exc}); {install_hint('nixl')}") from None
     except OSError as exc:  # a shared library of the wheel does not load

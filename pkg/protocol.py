@@ -124,7 +124,7 @@ TRANSPORT_NIXL = "nixl"  # one-sided READ/WRITE into the daemon's registered seg
 TRANSPORT_TCP = "tcp"  # block bytes streamed on the control connection (read / write ops)
 
 
-class Hello(msgspec.Struct, tag="hello", **_REQ):  # type: ignore[call-arg]
+class Hello(msgspec.Struct, tag="hello", **_REQ):
     id: int
     version: int
     namespace: str = "default"
@@ -133,12 +133,12 @@ class Hello(msgspec.Struct, tag="hello", **_REQ):  # type: ignore[call-arg]
     token: str = ""
 
 
-class Lookup(msgspec.Struct, tag="lookup", **_REQ):  # type: ignore[call-arg]
+class Lookup(msgspec.Struct, tag="lookup", **_REQ):
     id: int
     keys: list[bytes]
 
 
-class Reserve(msgspec.Struct, tag="reserve", **_REQ):  # type: ignore[call-arg]
+class Reserve(msgspec.Struct, tag="reserve", **_REQ):
     id: int
     keys: list[bytes]
     sizes: list[int]
@@ -146,41 +146,41 @@ class Reserve(msgspec.Struct, tag="reserve", **_REQ):  # type: ignore[call-arg]
     parents: list[bytes | None] | None = None
 
 
-class Commit(msgspec.Struct, tag="commit", **_REQ):  # type: ignore[call-arg]
+class Commit(msgspec.Struct, tag="commit", **_REQ):
     id: int
     keys: list[bytes]
 
 
-class Abort(msgspec.Struct, tag="abort", **_REQ):  # type: ignore[call-arg]
+class Abort(msgspec.Struct, tag="abort", **_REQ):
     id: int
     keys: list[bytes]
 
 
-class Acquire(msgspec.Struct, tag="acquire", **_REQ):  # type: ignore[call-arg]
+class Acquire(msgspec.Struct, tag="acquire", **_REQ):
     id: int
     keys: list[bytes]
 
 
-class Release(msgspec.Struct, tag="release", **_REQ):  # type: ignore[call-arg]
+class Release(msgspec.Struct, tag="release", **_REQ):
     id: int
     keys: list[bytes]
 
 
-class Delete(msgspec.Struct, tag="delete", **_REQ):  # type: ignore[call-arg]
+class Delete(msgspec.Struct, tag="delete", **_REQ):
     id: int
     keys: list[bytes]
 
 
-class MapSegments(msgspec.Struct, tag="map", **_REQ):  # type: ignore[call-arg]
+class MapSegments(msgspec.Struct, tag="map", **_REQ):
     id: int
     segments: list[int]
 
 
-class Stats(msgspec.Struct, tag="stats", **_REQ):  # type: ignore[call-arg]
+class Stats(msgspec.Struct, tag="stats", **_REQ):
     id: int
 
 
-class Prefetch(msgspec.Struct, tag="prefetch", **_REQ):  # type: ignore[call-arg]
+class Prefetch(msgspec.Struct, tag="prefetch", **_REQ):
     """Bring blocks whose only copy is on a lower tier up into DRAM before they are needed.
 
     Pins nothing the caller must release. ``wait``: reply once they are in DRAM (else at once)."""
@@ -190,7 +190,7 @@ class Prefetch(msgspec.Struct, tag="prefetch", **_REQ):  # type: ignore[call-arg
     wait: bool = False
 
 
-class Touch(msgspec.Struct, tag="touch", **_REQ):  # type: ignore[call-arg]
+class Touch(msgspec.Struct, tag="touch", **_REQ):
     """Blocks this client read from the CXL region by itself (no request on the read path), reported in
     batches so the region's eviction order counts them; clients post it and do not wait for the reply."""
 
@@ -198,14 +198,14 @@ class Touch(msgspec.Struct, tag="touch", **_REQ):  # type: ignore[call-arg]
     keys: list[bytes]
 
 
-class Read(msgspec.Struct, tag="read", **_REQ):  # type: ignore[call-arg]
+class Read(msgspec.Struct, tag="read", **_REQ):
     """TCP data path: the reply is followed by the bytes of every hit, in key order."""
 
     id: int
     keys: list[bytes]
 
 
-class Write(msgspec.Struct, tag="write", **_REQ):  # type: ignore[call-arg]
+class Write(msgspec.Struct, tag="write", **_REQ):
     """TCP data path: followed by ``sum(sizes)`` bytes, each key's block in order, into slots
     this session reserved; keys whose bytes arrived whole are committed."""
 

@@ -32,8 +32,10 @@ def lowest(requirements: list[str]) -> list[str]:
 
 
 def source_copy(dest: Path) -> Path:
-    """The tracked files of this checkout, so the build leaves nothing in it."""
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
+    """The files of this checkout that git tracks or would (not the ignored ones), so the build leaves nothing
+    in the checkout and sees what a fresh clone would."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, check=True).stdout.split(b"\0")
     for name in filter(None, files):
         src = ROOT / name.decode()
         if src.is_file():
@@ -85,9 +87,12 @@ def test_the_client_installs_at_its_lowest_versions_without_the_daemon_and_the_d
     daemon = subprocess.Popen([str(venv / "bin" / "kvrackd"), "--socket", sock, "--set", "dram.capacity_bytes=64MiB"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        run([py, "-c", "import sys, time\nfrom kvrack.bench.spawn import is_listening\n"
-                       "t = time.time()\nwhile not is_listening(sys.argv[1]) and time.time() - t < 60: time.sleep(0.05)",
-             sock])
+        up = subprocess.run([py, "-c", "import sys, time\nfrom kvrack.bench.spawn import is_listening\nt = time.time()\n"
+                                       "while not is_listening(sys.argv[1]) and time.time() - t < 60: time.sleep(0.05)\n"
+                                       "sys.exit(0 if is_listening(sys.argv[1]) else 1)", sock], timeout=120)
+        if up.returncode:
+            daemon.terminate()
+            pytest.fail(f"kvrackd of the lowest versions did not start:\n{daemon.communicate(timeout=30)[0]}")
         run([py, "-c", ROUND_TRIP, sock])
         status = run([str(venv / "bin" / "kvrack"), "status", "--address", sock])
         assert "dram" in status and "nvme" in status

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from kvrack.bench.sim.replay import Simulator
 from kvrack.daemon.policies import POLICIES, make_policy
 from kvrack.daemon.policies.admission import make_admission
+from kvrack.daemon.policies.chains import Chains
 
 ALL = sorted(POLICIES)
 
@@ -179,7 +180,7 @@ def test_store_evicts_through_the_configured_policy(name: str) -> None:
     assert store.lookup(s.namespace, [k(0), k(1)])[0] == 2
     assert store.counters.evictions == 30
     store.release(s, [k(0), k(1)])
-    assert store.lru.size == store.dram_blocks == 8
+    assert store.order.size == store.dram_blocks == 8
     assert store.reserve(s, [k(999)], [block], None).codes == [ErrorCode.OK]
 
 
@@ -232,12 +233,12 @@ def test_leaf_first_starts_again_from_the_victim_when_the_resume_point_cannot_go
 
 
 def test_the_simulator_evicts_a_deep_chain_in_linear_steps() -> None:
-    class CountingKids(dict):
+    class CountingKids(Chains):
         gets = 0
 
-        def get(self, *args):  # type: ignore[no-untyped-def]
+        def _load(self, parent):  # type: ignore[no-untyped-def]
             CountingKids.gets += 1
-            return super().get(*args)
+            return super()._load(parent)
 
     sim = CheckedSimulator(DEEP, "lru")
     sim.kids_dram = CountingKids()

@@ -153,3 +153,15 @@ def test_policy_settings_offer_exactly_the_shipped_policies():
     for name in ("dram.policy", "cxl.policy"):
         assert BY_NAME[name].choices == POLICY_NAMES
     assert BY_NAME["nvme.policy"].choices == ("clock", *POLICY_NAMES)
+
+
+def test_typed_settings_view_is_current_and_typed():
+    from kvrack.daemon.settings import render_view
+
+    assert (ROOT / "daemon" / "settings_view.py").read_text() == render_view(), \
+        "run `make example` to regenerate daemon/settings_view.py"
+    cfg = load_config(env={}, overrides={"dram.capacity_bytes": "64MiB", "dram.policy": "sieve"})
+    assert cfg.dram.capacity_bytes == 64 * 1024**2 and cfg.dram.policy == "sieve" and cfg.nvme.enabled is True
+    for s in SETTINGS:
+        section, key = s.name.split(".", 1)
+        assert getattr(getattr(cfg, section), key) == cfg[s.name]

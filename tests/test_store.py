@@ -2,7 +2,6 @@
 
 import pytest
 
-from kvrack.daemon import store as store_module
 from kvrack.daemon.index import COMMITTED
 from kvrack.daemon.session import Session
 from kvrack.daemon.settings import NamespaceConfig
@@ -146,7 +145,7 @@ def test_abort_and_session_close_free_reservations_and_pins(store):
     e = store.namespaces["a"].entries[key(3)]
     assert e.state == COMMITTED and e.pins == 0 and key(2) not in store.namespaces["a"].entries
     assert store.pinned_blocks == 0
-    assert store.lru.size == 1
+    assert store.order.size == 1
 
 
 def test_leases_expire_on_the_injected_clock(store, clock):
@@ -164,7 +163,7 @@ def test_leases_expire_on_the_injected_clock(store, clock):
     assert store.sweep() == (0, 0)
     clock.now += 2
     assert store.sweep() == (0, 2), "both pins of key 2 ended together"
-    assert store.namespaces["a"].entries[key(2)].pins == 0 and store.lru.size == 1
+    assert store.namespaces["a"].entries[key(2)].pins == 0 and store.order.size == 1
 
 
 def test_namespaces_are_isolated(store):
@@ -246,14 +245,14 @@ def test_a_deep_chain_is_evicted_tail_first_in_linear_steps(clock, policy, monke
     chain = [key(i) for i in range(1, depth + 1)]
     put(store, s, chain, parents=[None] + chain[:-1])
     steps = 0
-    kid_of = store_module._evictable_kid
+    kid_of = store.chains.first
 
-    def counted(e):
+    def counted(e, may_go):
         nonlocal steps
         steps += 1
-        return kid_of(e)
+        return kid_of(e, may_go)
 
-    monkeypatch.setattr(store_module, "_evictable_kid", counted)
+    monkeypatch.setattr(store.chains, "first", counted)
     for i in range(0, depth // 2, 50):
         put(store, s, [key(10_000 + j) for j in range(i, i + 50)])
     present = store.lookup(s.namespace, chain)

@@ -82,12 +82,9 @@ class SlotAllocator:
         if cls > self.segment_bytes:
             raise ValueError(f"block of {nbytes} bytes exceeds the segment size {self.segment_bytes}")
         pool = self._open.get((owner, cls))
-        if pool:
-            seg = next(iter(pool))
-        else:
-            seg = self._new_segment(owner, cls)
-            if seg is None:
-                return None
+        seg = next(iter(pool)) if pool else self._new_segment(owner, cls)
+        if seg is None:
+            return None
         slot = seg.take_slot()
         assert slot is not None
         self.used_bytes += seg.slot_size
@@ -116,7 +113,7 @@ class SlotAllocator:
         seg.give_slot(slot)
         self.used_bytes -= seg.slot_size
         if was_full:
-            self._open.setdefault((seg.owner, seg.slot_size), {})[seg] = None  # type: ignore[index]
+            self._open.setdefault((seg.owner or "", seg.slot_size), {})[seg] = None
         if seg.live == 0:
             self._empty[seg] = None
 
@@ -169,7 +166,7 @@ class SlotAllocator:
             seg.live = len(slots)
             self.used_bytes += len(slots) * seg.slot_size
             if not seg.full:
-                self._open.setdefault((seg.owner, seg.slot_size), {})[seg] = None  # type: ignore[index]
+                self._open.setdefault((seg.owner or "", seg.slot_size), {})[seg] = None
         return by_handle
 
     # -------------------------------------------------------------- queries

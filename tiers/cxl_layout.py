@@ -18,6 +18,7 @@ whole line would otherwise undo another host's write to a neighbouring word).
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 
@@ -94,7 +95,7 @@ class Geometry:
         return head + struct.pack("<Q", self.chunk_bytes)
 
     @classmethod
-    def unpack(cls, buf: bytes | memoryview, actual_bytes: int) -> Geometry:
+    def unpack(cls, buf: bytes | memoryview | mmap.mmap, actual_bytes: int) -> Geometry:
         """Geometry from a header; a clear error for anything that is not a kvrack region of this version."""
         if len(buf) < CHUNK_BYTES_AT + 8:
             raise ValueError("cxl region: too small for a header")

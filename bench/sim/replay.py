@@ -16,6 +16,7 @@ only when DRAM evicts it and the rule accepts it (demotion).
 
 from __future__ import annotations
 
+import functools
 import heapq
 import random
 from collections.abc import Iterable, Sequence
@@ -26,6 +27,7 @@ from kvrack.bench.sim.traces import Request
 from kvrack.daemon.policies import EvictionPolicy, make_policy
 from kvrack.daemon.policies.admission import Admission, make_admission
 from kvrack.daemon.policies.base import LeafFirst
+from kvrack.daemon.policies.chains import Chains
 
 
 @dataclass
@@ -95,12 +97,12 @@ class Simulator:
         self.admission: Admission = make_admission(admission, max(1, dram_blocks))
         self.write_through = admission == "all"
         self.parent: dict[Any, Any] = {}
-        self.kids_dram: dict[Any, dict[Any, None]] = {}  # resident children in DRAM
-        self.kids_any: dict[Any, dict[Any, None]] = {}  # resident children in DRAM or on NVMe
+        self.kids_dram: Chains[Any] = Chains()  # resident children in DRAM
+        self.kids_any: Chains[Any] = Chains()  # resident children in DRAM or on NVMe
         self.pinned: set[Any] = set()
         for tier in (self.dram, self.nvme):
             if tier is not None:
-                tier.leaf_first = LeafFirst(lambda key, t=tier: self._leaf_under(t, key), self.parent.get)
+                tier.leaf_first = LeafFirst(functools.partial(self._leaf_under, tier), self.parent.get)
         self.result = SimResult(policy if nvme_policy is None else f"{policy}/{nvme_policy}", admission)
         self.result.tiers["dram"] = self.dram.counts
         if self.nvme is not None:
@@ -118,9 +120,9 @@ class Simulator:
         now_dram = key in self.dram.resident
         now_any = self._cached(key)
         if now_dram != in_dram_before:
-            _set_member(self.kids_dram, p, key, now_dram)
+            (self.kids_dram.add if now_dram else self.kids_dram.drop)(p, key)
         if now_any != was_cached:
-            _set_member(self.kids_any, p, key, now_any)
+            (self.kids_any.add if now_any else self.kids_any.drop)(p, key)
 
     def _unpinned(self, key: Any) -> bool:
         return key not in self.pinned
@@ -128,7 +130,7 @@ class Simulator:
     def _leaf_under(self, tier: _Tier, key: Any) -> Any | None:
         """The first evictable leaf of ``key``'s cached subtree (``key`` itself when it is a leaf)."""
         kids = self.kids_dram if tier is self.dram else self.kids_any
-        if not kids.get(key):  # the common case: the victim is a leaf
+        if not kids.has_kids(key):  # the common case: the victim is a leaf
             return key if key in tier.resident and key not in self.pinned else None
         stack = [key]
         seen = set()  # a trace's parents may form a cycle: visit each block once
@@ -157,7 +159,7 @@ class Simulator:
             return leaf
         # the subtree is held by a pinned block or a copy in a faster tier: ask for a true leaf
         kids = self.kids_dram if tier is self.dram else self.kids_any
-        return tier.policy.victim(lambda k: k not in self.pinned and not kids.get(k))
+        return tier.policy.victim(lambda k: k not in self.pinned and not kids.has_kids(k))
 
     def _make_room(self, tier: _Tier) -> bool:
         while len(tier.resident) >= tier.capacity:
@@ -245,17 +247,6 @@ class Simulator:
         finally:
             self.pinned.difference_update(keys)
         return prefix
-
-
-def _set_member(sets: dict[Any, dict[Any, None]], owner: Any, key: Any, present: bool) -> None:
-    if present:
-        sets.setdefault(owner, {})[key] = None
-        return
-    members = sets.get(owner)
-    if members is not None:
-        members.pop(key, None)
-        if not members:
-            del sets[owner]
 
 
 def simulate(requests: Iterable[Request], dram_blocks: int, policy: str, nvme_blocks: int = 0,

@@ -1,4 +1,4 @@
-"""Segmented LRU with ghosts for prefix-structured KV blocks (kvrack's default; registered as ``chain``).
+"""Segmented LRU with ghosts for prefix-structured KV blocks (registered as ``chain``; the default is ``lru``).
 
 KV reuse follows chains: a shared system prompt or document heads many
 chains, the next turn of a conversation reads the previous prompt back, and a
@@ -24,6 +24,7 @@ optimum in docs/policies.md.
 
 from __future__ import annotations
 
+import random
 from collections import OrderedDict
 
 from kvrack.daemon.policies.base import Evictable, Key, QueuedPolicy, first_evictable
@@ -34,7 +35,7 @@ PROBATION, PROTECTED = 0, 1
 class ChainPolicy(QueuedPolicy):
     name = "chain"
 
-    def __init__(self, capacity: int, rng=None, protected_fraction: float = 0.3,  # type: ignore[no-untyped-def]
+    def __init__(self, capacity: int, rng: random.Random | None = None, protected_fraction: float = 0.3,
                  probation_floor: float = 0.05, ghost_fraction: float = 1.0) -> None:
         super().__init__(capacity, rng, 2)
         self.protected_target = max(1, int(capacity * protected_fraction))

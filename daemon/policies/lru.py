@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections import OrderedDict
 from collections.abc import Iterator
 
@@ -11,7 +12,7 @@ from kvrack.daemon.policies.base import Evictable, EvictionPolicy, Key, first_ev
 class LruPolicy(EvictionPolicy):
     name = "lru"
 
-    def __init__(self, capacity: int, rng=None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, capacity: int, rng: random.Random | None = None) -> None:
         super().__init__(capacity, rng)
         self.order: OrderedDict[Key, None] = OrderedDict()  # oldest first
 

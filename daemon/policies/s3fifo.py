@@ -10,6 +10,7 @@ straight to the main queue. The main queue is a FIFO with 2-bit frequencies
 from __future__ import annotations
 
 import itertools
+import random
 from collections import OrderedDict
 from collections.abc import Iterator
 
@@ -22,7 +23,7 @@ MAX_FREQ = 3
 class S3FifoPolicy(EvictionPolicy):
     name = "s3fifo"
 
-    def __init__(self, capacity: int, rng=None, small_fraction: float = 0.1) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, capacity: int, rng: random.Random | None = None, small_fraction: float = 0.1) -> None:
         super().__init__(capacity, rng)
         self.small_target = max(1, int(capacity * small_fraction))
         self.small = OrderedKeys()

@@ -7,6 +7,7 @@ evict are passed over like visited ones, keeping their bit.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 
 from kvrack.daemon.policies.base import Evictable, EvictionPolicy, Key
@@ -16,7 +17,7 @@ from kvrack.daemon.policies.linked import OrderedKeys
 class SievePolicy(EvictionPolicy):
     name = "sieve"
 
-    def __init__(self, capacity: int, rng=None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, capacity: int, rng: random.Random | None = None) -> None:
         super().__init__(capacity, rng)
         self.queue = OrderedKeys()
         self.visited: dict[Key, bool] = {}

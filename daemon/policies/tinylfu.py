@@ -9,6 +9,8 @@ newly popular block gets in after a few accesses. Registered as ``lfu``.
 
 from __future__ import annotations
 
+import random
+
 from kvrack.daemon.policies.base import Evictable, Key, QueuedPolicy, first_evictable
 from kvrack.daemon.policies.sketch import FrequencySketch
 
@@ -18,7 +20,7 @@ WINDOW, PROBATION, PROTECTED = 0, 1, 2
 class TinyLfuPolicy(QueuedPolicy):
     name = "lfu"
 
-    def __init__(self, capacity: int, rng=None, window_fraction: float = 0.01,  # type: ignore[no-untyped-def]
+    def __init__(self, capacity: int, rng: random.Random | None = None, window_fraction: float = 0.01,
                  protected_fraction: float = 0.8) -> None:
         super().__init__(capacity, rng, 3)
         self.window_target = max(1, int(capacity * window_fraction))

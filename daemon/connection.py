@@ -1,0 +1,310 @@
+"""One client connection of the control server: framing, an ordered output queue, and block-byte payloads.
+
+Connections are plain non-blocking sockets driven by the event loop's
+readiness callbacks rather than asyncio transports, because some replies
+carry segment fds (SCM_RIGHTS) and must go out in order with the frame they
+belong to. A bad frame gets an error reply; a frame that cannot be parsed or
+is too large also closes that one connection.
+
+A request that must wait for I/O pauses its connection until that reply is out,
+so each connection sees its replies, and their effects, in order, while other
+connections go on being served.
+"""
+
+from __future__ import annotations
+
+import array
+import collections
+import itertools
+import logging
+import socket
+import ssl
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from kvrack import protocol as P
+from kvrack.daemon.session import Session
+
+if TYPE_CHECKING:
+    from kvrack.daemon.server import ControlServer
+
+log = logging.getLogger("kvrack.server")
+MAX_QUEUED_OUT = 64 * 1024 * 1024  # stop reading from a client that does not read its replies
+RECV_BYTES = 1 << 20
+_IOV_MAX = 512  # buffers per gathering sendmsg (the kernel allows 1024)
+
+
+def socket_answers(path: str) -> bool:
+    """Whether something accepts connections on the Unix socket ``path`` (a running daemon)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def accepted(listener: socket.socket, what: str) -> Iterator[tuple[socket.socket, Any]]:
+    """The connections a non-blocking listener has ready (64 at most per readiness event), non-blocking."""
+    for _ in range(64):
+        try:
+            sock, addr = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.error("%s accept failed: %s", what, exc)
+            return
+        sock.setblocking(False)
+        yield sock, addr
+
+
+class Connection:
+    """One client socket: input buffer, ordered output queue (bytes + fds), its session.
+
+    A ``write`` request's block bytes follow its frame; while they arrive the
+    connection is in payload mode and receives straight into the reserved slots.
+    A ``read`` reply's block bytes go out from the daemon's own mapping of the
+    segments with one gathering ``sendmsg`` per readiness event.
+    """
+
+    def __init__(self, server: ControlServer, sock: socket.socket, session: Session, tls: bool = False) -> None:
+        self.server = server
+        self.sock = sock
+        self.fileno = sock.fileno()
+        self.session = session
+        self.tls = tls  # an ssl.SSLSocket: no sendmsg, and decrypted bytes may wait inside it
+        self.inbuf = bytearray()
+        # (bytes to send, fds to pass with their first byte, called once they are all sent)
+        self.out: collections.deque[tuple[memoryview, tuple[int, ...], Callable[[], None] | None]] = \
+            collections.deque()
+        self.out_bytes = 0
+        self.writing = False
+        self.reading = True
+        self.paused = False  # a deferred reply is being prepared: take no further request yet
+        self.closing = False  # close once the output queue is flushed
+        self.closed = False
+        self.sink: collections.deque[memoryview | int] | None = None  # payload targets; an int is bytes to drop
+        self.sink_done: Callable[[], None] | None = None
+
+    # -------------------------------------------------------------- reading
+    def on_readable(self) -> None:
+        rbuf = self.server.recv_buffer
+        while True:
+            direct = self.sink is not None and not self.inbuf  # payload bytes: straight to their slot
+            if direct:
+                head = self.sink[0]  # type: ignore[index]
+                target = memoryview(rbuf)[: min(head, len(rbuf))] if isinstance(head, int) else head
+            else:
+                target = rbuf
+            try:
+                n = self.sock.recv_into(target)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return
+            except OSError:
+                self.close()
+                return
+            if not n:
+                self.close()
+                return
+            if direct:
+                self._consume_sink(n)
+            else:
+                self.inbuf += rbuf[:n] if n < 4096 else memoryview(rbuf)[:n]
+            self.process()
+            # TLS keeps decrypted bytes inside the socket object, where readiness cannot see them
+            if self.closed or not self.reading or not (self.tls and self.sock.pending()):  # type: ignore[attr-defined]
+                return
+
+    def _consume_sink(self, n: int) -> None:
+        """``n`` bytes of payload were received into (or dropped for) the sink's head."""
+        sink = self.sink
+        assert sink is not None
+        head = sink[0]
+        rest = head - n if isinstance(head, int) else head[n:]
+        if rest if isinstance(rest, int) else len(rest):
+            sink[0] = rest
+        else:
+            sink.popleft()
+            if not sink:
+                self._sink_complete()
+
+    def _sink_complete(self) -> None:
+        done, self.sink, self.sink_done = self.sink_done, None, None
+        if done is not None:
+            done()
+
+    def expect_payload(self, targets: list[memoryview | int], done: Callable[[], None]) -> None:
+        """The next bytes on this connection are a payload: fill ``targets`` in order, then call ``done``."""
+        targets = [t for t in targets if (t if isinstance(t, int) else len(t))]
+        if not targets:
+            done()
+            return
+        self.sink = collections.deque(targets)
+        self.sink_done = done
+
+    def _feed_sink(self, buf: bytearray, pos: int) -> int:
+        """Move buffered bytes into the payload sink; returns the new read position."""
+        sink = self.sink
+        while sink and pos < len(buf):
+            head = sink[0]
+            want = head if isinstance(head, int) else len(head)
+            n = min(want, len(buf) - pos)
+            if not isinstance(head, int):
+                head[:n] = buf[pos: pos + n]
+            pos += n
+            self._consume_sink(n)
+            sink = self.sink
+        return pos
+
+    def process(self) -> None:
+        """Dispatch every complete frame in the input buffer, until one needs a deferred reply."""
+        buf = self.inbuf
+        max_frame = self.server.max_frame_bytes
+        pos = 0
+        while not self.closing and not self.paused:
+            if self.sink is not None:
+                pos = self._feed_sink(buf, pos)
+                if self.sink is not None:
+                    break
+                continue
+            if len(buf) - pos < P.HEADER_BYTES:
+                break
+            (n,) = P.HEADER.unpack_from(buf, pos)
+            if n > max_frame:
+                self.fail(P.ErrorCode.FRAME_TOO_LARGE, f"frame of {n} bytes exceeds server.max_frame_bytes={max_frame}")
+                break
+            end = pos + P.HEADER_BYTES + n
+            if len(buf) < end:
+                break
+            body = bytes(buf[pos + P.HEADER_BYTES : end])
+            pos = end
+            self.server.dispatch(self, body)
+        if pos:
+            del buf[:pos]
+
+    def fail(self, code: P.ErrorCode, message: str, rid: int = 0) -> None:
+        """Say why, then close this connection only."""
+        log.warning("session %d: %s: %s; closing the connection", self.session.id, code.name, message)
+        self.send(P.encode_frame(P.ErrorReply(id=rid, code=int(code), message=message)))
+        self.closing = True
+        self.stop_reading()
+        if not self.out:
+            self.close()
+
+    def stop_reading(self) -> None:
+        if self.reading:
+            self.reading = False
+            self.server.loop.remove_reader(self.fileno)
+
+    def pause(self) -> None:
+        self.paused = True
+        self.stop_reading()
+
+    def resume(self, frame: bytes, fds: tuple[int, ...], payload: list[memoryview] | None = None,
+               done: Callable[[], None] | None = None) -> None:
+        """The deferred reply is ready: send it, then go on with buffered and new requests."""
+        if self.closed:
+            return
+        self.send(frame, fds, payload, done)
+        self.paused = False
+        self.process()
+        if not (self.paused or self.closing or self.closed or self.reading or self.server.draining) \
+                and self.out_bytes <= MAX_QUEUED_OUT:
+            self.reading = True
+            self.server.loop.add_reader(self.fileno, self.on_readable)
+
+    # -------------------------------------------------------------- writing
+    def send(self, frame: bytes, fds: tuple[int, ...] = (), payload: list[memoryview] | None = None,
+             done: Callable[[], None] | None = None) -> None:
+        """Queue a frame (and block bytes after it); ``done`` runs when the last byte is out."""
+        if self.closed:
+            return
+        if payload:
+            self._queue(memoryview(frame), fds, None)
+            for view in payload[:-1]:
+                self._queue(view, (), None)
+            self._queue(payload[-1], (), done)
+        else:
+            self._queue(memoryview(frame), fds, done)
+        if not self.writing:
+            self.flush()
+
+    def _queue(self, data: memoryview, fds: tuple[int, ...], done: Callable[[], None] | None) -> None:
+        self.out.append((data, fds, done))
+        self.out_bytes += len(data)
+        if self.out_bytes > MAX_QUEUED_OUT:
+            self.stop_reading()
+
+    def _send_some(self) -> int:
+        """One send call over the head of the queue; bytes sent, or -1 once the connection is closed."""
+        out = self.out
+        data, fds, _done = out[0]
+        try:
+            if fds:
+                return self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+            if self.tls or len(out) == 1:
+                return self.sock.send(data)
+            bufs = [data]
+            for item in itertools.islice(out, 1, _IOV_MAX):
+                if item[1]:
+                    break
+                bufs.append(item[0])
+            return self.sock.sendmsg(bufs)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            return 0
+        except OSError:
+            self.close()
+            return -1
+
+    def flush(self) -> None:
+        """Send what the socket takes now; wait for writability if anything is left."""
+        out = self.out
+        while out:
+            sent = self._send_some()
+            if sent < 0:
+                return
+            if sent == 0:
+                break
+            self.out_bytes -= sent
+            while sent:
+                data, fds, done = out[0]
+                if sent < len(data):
+                    out[0] = (data[sent:], (), done)
+                    break
+                sent -= len(data)
+                out.popleft()
+                if done is not None:
+                    done()
+        loop = self.server.loop
+        if out:
+            if not self.writing:
+                self.writing = True
+                loop.add_writer(self.fileno, self.flush)
+            return
+        if self.writing:
+            self.writing = False
+            loop.remove_writer(self.fileno)
+        if self.closing:
+            self.close()
+        elif not self.reading and not self.server.draining and not self.paused:
+            self.reading = True
+            loop.add_reader(self.fileno, self.on_readable)
+
+    # -------------------------------------------------------------- closing
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        loop = self.server.loop
+        if self.reading:
+            loop.remove_reader(self.fileno)
+        if self.writing:
+            loop.remove_writer(self.fileno)
+        self.out.clear()  # pins held for unsent read payloads end with the session, below
+        self.sink = None
+        self.sink_done = None
+        self.sock.close()
+        self.server.forget(self)

@@ -1,0 +1,253 @@
+"""Every daemon setting, declared once: name, type, default, bounds, whether it may change at runtime, help.
+
+The TOML loader, the ``KVRACK_*`` environment overrides, ``kvrackd --print-config``,
+``deploy/kvrack.example.toml``, the typed attributes code reads (``kvrack.daemon.settings_view``) and the
+runtime changes (``kvrack.daemon.reload``) all come from ``SETTINGS``. Namespaces are a list of tables
+(``[[namespaces]]``) described by ``NAMESPACE_FIELDS``. ``kvrack.daemon.settings`` loads them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+from kvrack.address import user_socket_path
+from kvrack.sizes import parse_size
+from kvrack.tiers.nvme import default_nvme_dir
+
+
+def physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class ConfigError(ValueError):
+    """A setting is unknown, of the wrong type or out of bounds."""
+
+
+def default_dram_capacity() -> int:
+    """min(2 GiB, a quarter of physical memory)."""
+    return min(2 * 1024**3, physical_memory() // 4)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    name: str  # dotted: section.key
+    kind: str  # "int", "size", "float", "bool", "str", "choice", "list" (of strings)
+    default: Any
+    help: str
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[str, ...] = ()
+    runtime: bool = False  # may change without a restart
+    dynamic_default: Callable[[], Any] | None = None
+    default_doc: str = ""  # how a computed default is shown in the example file
+
+    @property
+    def env(self) -> str:
+        return "KVRACK_" + self.name.replace(".", "_").upper()
+
+    def resolve_default(self) -> Any:
+        return self.dynamic_default() if self.dynamic_default else self.default
+
+    def coerce(self, value: Any, source: str) -> Any:
+        """Check and convert one raw value (from TOML or the environment)."""
+        where = f"{self.name} (from {source})"
+        try:
+            if self.kind == "size":
+                value = parse_size(value)
+            elif self.kind == "int":
+                if isinstance(value, str):
+                    value = int(value, 0)
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ConfigError(f"expected an integer, got {value!r}")
+            elif self.kind == "float":
+                if isinstance(value, str):
+                    value = float(value)
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ConfigError(f"expected a number, got {value!r}")
+                value = float(value)
+            elif self.kind == "bool":
+                if isinstance(value, str):
+                    low = value.strip().lower()
+                    if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                        raise ConfigError(f"expected true/false, got {value!r}")
+                    value = low in ("1", "true", "yes", "on")
+                if not isinstance(value, bool):
+                    raise ConfigError(f"expected true/false, got {value!r}")
+            elif self.kind == "list":
+                if isinstance(value, str):  # environment / command line: comma-separated
+                    value = [v.strip() for v in value.split(",") if v.strip()]
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise ConfigError(f"expected a list of strings, got {value!r}")
+            elif self.kind in ("str", "choice"):
+                if not isinstance(value, str):
+                    raise ConfigError(f"expected a string, got {value!r}")
+                if self.choices and value not in self.choices:
+                    raise ConfigError(f"expected one of {', '.join(self.choices)}, got {value!r}")
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        if self.min is not None and value < self.min:
+            raise ConfigError(f"{where}: {value} is below the minimum {self.min}")
+        if self.max is not None and value > self.max:
+            raise ConfigError(f"{where}: {value} is above the maximum {self.max}")
+        return value
+
+
+KiB, MiB, GiB = 1024, 1024**2, 1024**3
+
+# the eviction policies a tier may name (kvrack.daemon.policies.POLICIES; a test keeps the two in step)
+POLICY_NAMES = ("lru", "chain", "s3fifo", "sieve", "lfu")
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("server.socket_path", "str", None, "Unix socket the control server listens on.",
+            dynamic_default=user_socket_path, default_doc="$XDG_RUNTIME_DIR/kvrack/kvrack.sock, else /tmp/kvrack/kvrack.sock"),
+    Setting("server.socket_mode", "int", 0o666, "Permission bits of the socket file; namespaces restrict who may use them.",
+            min=0, max=0o777),
+    Setting("server.max_frame_bytes", "size", 16 * MiB, "Largest request frame accepted; larger frames close the connection.",
+            min=4 * KiB, max=1 * GiB),
+    Setting("server.max_batch_keys", "int", 262144, "Most keys one request may carry.", min=1, max=16_777_216),
+    Setting("server.drain_timeout_s", "float", 5.0, "On SIGTERM, how long to wait for replies in flight before closing.",
+            min=0.0, max=600.0),
+    Setting("leases.reserve_timeout_s", "float", 30.0, "A reservation not committed or aborted within this time is freed.",
+            min=0.1, max=86400.0, runtime=True),
+    Setting("leases.pin_timeout_s", "float", 300.0, "A pin not released within this time (since its last acquire) ends.",
+            min=0.1, max=86400.0, runtime=True),
+    Setting("leases.sweep_interval_s", "float", 0.5, "How often expired leases are looked for.", min=0.01, max=60.0),
+    Setting("dram.capacity_bytes", "size", None, "Bytes of shared memory for the DRAM tier.",
+            min=0, dynamic_default=default_dram_capacity, default_doc="min(2GiB, a quarter of physical memory)"),
+    Setting("dram.segment_bytes", "size", 64 * MiB, "Size of one shared-memory segment; also the largest block.",
+            min=64 * KiB, max=64 * GiB),
+    Setting("dram.hugepages", "bool", False, "Back segments with huge pages (memfd MFD_HUGETLB; needs reserved hugepages)."),
+    Setting("dram.prefault", "bool", True, "Allocate every page of a segment when it is created, so puts do not fault."),
+    Setting("dram.shm_dir", "str", "",
+            "Directory on tmpfs (/dev/shm/kvrack) or a hugetlbfs mount for named segment files that outlive the "
+            "daemon: after a clean stop the next start re-adopts every DRAM block. Empty: anonymous memfds, DRAM "
+            "starts cold. Segment files stay (and hold memory) while the daemon is stopped."),
+    Setting("dram.policy", "choice", "lru",
+            "Eviction order of the DRAM tier (see docs/policies.md and `kvrack sim` to pick one for a workload).",
+            choices=POLICY_NAMES),
+    Setting("dram.evict_high_watermark", "float", 0.95,
+            "When more than this share of DRAM is in use, a background evictor frees blocks down to "
+            "dram.evict_low_watermark, so a put rarely has to evict on its own path (1.0 turns it off).",
+            min=0.1, max=1.0, runtime=True),
+    Setting("dram.evict_low_watermark", "float", 0.90, "Where the background evictor stops (share of DRAM in use).",
+            min=0.05, max=1.0, runtime=True),
+    Setting("nvme.enabled", "bool", True,
+            "Keep every committed block on the NVMe tier too (written behind the commit), so blocks outlive DRAM "
+            "eviction and daemon restarts."),
+    Setting("nvme.required", "bool", True,
+            "With nvme.enabled, a tier that cannot open (unwritable directory, index in use, wrong geometry) stops "
+            "the daemon at start-up (true), or is left out with an error logged and blocks kept in DRAM only "
+            "(false: available, but nothing survives a restart)."),
+    Setting("nvme.dir", "str", None, "Directory of the default data file (when nvme.paths is empty) and of the index.",
+            dynamic_default=default_nvme_dir,
+            default_doc="$XDG_DATA_HOME/kvrack (~/.local/share/kvrack); /var/lib/kvrack for a systemd service run as root"),
+    Setting("nvme.paths", "list", [],
+            "Data files or block devices, each \"PATH\" or \"PATH=SIZE\" (e.g. \"/dev/nvme1n1\" for a local or NVMe-oF "
+            "namespace, \"/mnt/nvme0/kvrack.data=800GiB\"). Empty: one file nvme.dir/kvrack-nvme.data."),
+    Setting("nvme.capacity_bytes", "size", 0,
+            "Size of the default data file; 0 = min(10GiB, 10% of the free space in nvme.dir). Files never shrink.",
+            min=0),
+    Setting("nvme.index_dir", "str", "", "LMDB index directory; empty = nvme.dir/index. Must be on durable local storage."),
+    Setting("nvme.region_bytes", "size", 64 * MiB, "Allocation region of the data files; also the largest block kept "
+            "on NVMe (keep it >= dram.segment_bytes).", min=64 * KiB, max=4 * GiB),
+    Setting("nvme.policy", "choice", "clock",
+            "Eviction order of the NVMe tier: clock (second chance; 8 bytes a block) or a named policy as for "
+            "dram.policy (its per-block bookkeeping, ~100 bytes a block).",
+            choices=("clock", *POLICY_NAMES)),
+    Setting("nvme.admission", "choice", "all",
+            "Which blocks reach NVMe: all = every commit is written through (each block survives DRAM eviction "
+            "and restarts); reused = written only when DRAM evicts a block that was read or seen twice (far fewer "
+            "flash writes; one-time blocks are simply dropped); demote = every block DRAM evicts.",
+            choices=("all", "reused", "demote")),
+    Setting("nvme.io_threads", "int", 8, "Reads and writes in flight at once (the device's queue depth).", min=1, max=256),
+    Setting("nvme.write_batch_bytes", "size", 64 * MiB, "Most bytes per durable write batch (one fdatasync and one "
+            "index commit each).", min=64 * KiB, max=16 * GiB),
+    Setting("cxl.enabled", "bool", False,
+            "CXL shared-memory tier: one region per namespace that every host mapping it reads without asking the "
+            "daemon. Committed blocks are copied into it behind the commit. See docs/cxl.md."),
+    Setting("cxl.dir", "str", "/dev/shm",
+            "Directory for region files kvrack-cxl-NAMESPACE (a DAX file system on CXL memory, hugetlbfs, or "
+            "tmpfs to try it without CXL)."),
+    Setting("cxl.paths", "list", [],
+            "Regions on devices, \"NAMESPACE=PATH\" each (e.g. \"team-a=/dev/dax0.0\"); other namespaces use cxl.dir."),
+    Setting("cxl.capacity_bytes", "size", 1 * GiB, "Size of each namespace's region file (devices use their whole size).",
+            min=16 * MiB),
+    Setting("cxl.chunk_bytes", "size", 2 * MiB, "Chunk size of a region: the largest block kept in CXL.",
+            min=4 * KiB, max=1 * GiB),
+    Setting("cxl.coherent", "bool", False,
+            "The hosts' hardware keeps the region cache-coherent (one host, or CXL 3.x sharing): readers skip the "
+            "invalidation step."),
+    Setting("cxl.policy", "choice", "lru",
+            "Eviction order of the CXL regions, leaf first as in DRAM; clients report the reads they serve "
+            "from the mapping themselves, so recency counts them (see docs/cxl.md).",
+            choices=POLICY_NAMES),
+    Setting("cxl.host_timeout_s", "float", 30.0,
+            "A writer host of another machine silent for this long is presumed dead: its half-written blocks and "
+            "unused chunks are reclaimed.", min=1.0, max=86400.0),
+    Setting("hbm.enabled", "bool", False,
+            "HBM tier: blocks read often are copied from DRAM into a per-namespace GPU arena that same-host clients "
+            "read device to device (CUDA IPC). Needs kvrack[gpu] and a CUDA device; without them the daemon says "
+            "so at start-up and runs without the tier. See docs/hbm.md."),
+    Setting("hbm.device", "int", 0, "CUDA device of the arenas.", min=0, max=63),
+    Setting("hbm.capacity_bytes", "size", 4 * GiB,
+            "GPU memory for the tier, split evenly between the namespaces and allocated at start-up.", min=16 * MiB),
+    Setting("hbm.segment_bytes", "size", 256 * MiB,
+            "Allocation unit of an arena (one cudaMalloc and one IPC handle each; the largest block kept in HBM).",
+            min=1 * MiB, max=16 * GiB),
+    Setting("hbm.promote_after_hits", "int", 2,
+            "A DRAM block is copied into HBM at its Nth read by a same-host client (1: at the first).", min=1,
+            max=1000),
+    Setting("tcp.enabled", "bool", False,
+            "Serve remote clients: the control protocol on TCP, every connection authenticated by its namespace's "
+            "token (namespaces without a token cannot be used over TCP). See docs/remote.md."),
+    Setting("tcp.host", "str", "0.0.0.0", "Address the TCP listener binds (an interface address to keep it off others)."),
+    Setting("tcp.port", "int", 7433, "TCP port of the control listener.", min=1, max=65535),
+    Setting("tcp.hello_timeout_s", "float", 10.0,
+            "A TCP connection that has not authenticated (hello with a valid token) by then is closed.",
+            min=0.1, max=600.0),
+    Setting("tcp.tls_cert", "str", "", "PEM certificate chain: with tcp.tls_key set, TCP connections speak TLS only."),
+    Setting("tcp.tls_key", "str", "", "PEM private key of tcp.tls_cert."),
+    Setting("tcp.tls_client_ca", "str", "", "PEM CA bundle: when set, clients must also present a certificate it signed."),
+    Setting("tcp.nixl", "choice", "auto",
+            "NIXL one-sided reads and writes for TCP clients: auto = offer it when the nixl package (kvrack[nixl]) "
+            "loads, on = refuse to start without it, off = TCP byte streams only.", choices=("auto", "on", "off")),
+    Setting("tcp.nixl_progress_delay_us", "int", 1000,
+            "Idle sleep of the daemon's NIXL progress thread (0 spins a core; transfers in flight are progressed "
+            "without sleeping).", min=0, max=1_000_000),
+    Setting("log.level", "choice", "info", "Log verbosity.", choices=("debug", "info", "warning", "error"), runtime=True),
+)
+BY_NAME = {s.name: s for s in SETTINGS}
+BY_ENV = {s.env: s for s in SETTINGS}
+
+
+@dataclasses.dataclass(frozen=True)
+class NamespaceField:
+    name: str
+    kind: str
+    default: Any
+    help: str
+
+
+NAMESPACE_FIELDS: tuple[NamespaceField, ...] = (
+    NamespaceField("name", "str", "default", "Namespace name that clients give in hello."),
+    NamespaceField("uids", "list[int]", [], "Unix user ids allowed to use it over the Unix socket; empty = anyone."),
+    NamespaceField("gids", "list[int]", [], "Unix group ids allowed to use it (either list may match); empty = anyone."),
+    NamespaceField("salt", "str", "", "Hex salt handed to clients for their first block keys; empty = derived from the name."),
+    NamespaceField("token", "str", "", "Secret a TCP client must present in hello (at least 16 characters); empty = "
+                   "no TCP access. Never logged or printed."),
+    NamespaceField("token_file", "str", "", "File holding the token (first line), instead of token: keep secrets "
+                   "out of the config file (mode 0600)."),
+)
+MIN_TOKEN_CHARS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class NamespaceConfig:
+    name: str
+    uids: tuple[int, ...] = ()
+    gids: tuple[int, ...] = ()
+    salt: bytes = b""
+    token: str = dataclasses.field(default="", repr=False)  # repr=False: never in a log line or traceback

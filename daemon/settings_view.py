@@ -1,0 +1,129 @@
+"""Typed access to every setting: generated from kvrack.daemon.settings_table.SETTINGS by `make example`
+(kvrack.daemon.settings.render_view); do not edit. A test fails when it is stale."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Literal
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """[server]"""
+
+    socket_path: str
+    socket_mode: int
+    max_frame_bytes: int
+    max_batch_keys: int
+    drain_timeout_s: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LeasesSettings:
+    """[leases]"""
+
+    reserve_timeout_s: float
+    pin_timeout_s: float
+    sweep_interval_s: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DramSettings:
+    """[dram]"""
+
+    capacity_bytes: int
+    segment_bytes: int
+    hugepages: bool
+    prefault: bool
+    shm_dir: str
+    policy: Literal['lru', 'chain', 's3fifo', 'sieve', 'lfu']
+    evict_high_watermark: float
+    evict_low_watermark: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NvmeSettings:
+    """[nvme]"""
+
+    enabled: bool
+    required: bool
+    dir: str
+    paths: list[str]
+    capacity_bytes: int
+    index_dir: str
+    region_bytes: int
+    policy: Literal['clock', 'lru', 'chain', 's3fifo', 'sieve', 'lfu']
+    admission: Literal['all', 'reused', 'demote']
+    io_threads: int
+    write_batch_bytes: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CxlSettings:
+    """[cxl]"""
+
+    enabled: bool
+    dir: str
+    paths: list[str]
+    capacity_bytes: int
+    chunk_bytes: int
+    coherent: bool
+    policy: Literal['lru', 'chain', 's3fifo', 'sieve', 'lfu']
+    host_timeout_s: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HbmSettings:
+    """[hbm]"""
+
+    enabled: bool
+    device: int
+    capacity_bytes: int
+    segment_bytes: int
+    promote_after_hits: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TcpSettings:
+    """[tcp]"""
+
+    enabled: bool
+    host: str
+    port: int
+    hello_timeout_s: float
+    tls_cert: str
+    tls_key: str
+    tls_client_ca: str
+    nixl: Literal['auto', 'on', 'off']
+    nixl_progress_delay_us: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LogSettings:
+    """[log]"""
+
+    level: Literal['debug', 'info', 'warning', 'error']
+
+
+class SettingsView:
+    """Every section as a typed attribute: ``config.dram.capacity_bytes``."""
+
+    server: ServerSettings
+    leases: LeasesSettings
+    dram: DramSettings
+    nvme: NvmeSettings
+    cxl: CxlSettings
+    hbm: HbmSettings
+    tcp: TcpSettings
+    log: LogSettings
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        self.server = ServerSettings(values["server.socket_path"], values["server.socket_mode"], values["server.max_frame_bytes"], values["server.max_batch_keys"], values["server.drain_timeout_s"])
+        self.leases = LeasesSettings(values["leases.reserve_timeout_s"], values["leases.pin_timeout_s"], values["leases.sweep_interval_s"])
+        self.dram = DramSettings(values["dram.capacity_bytes"], values["dram.segment_bytes"], values["dram.hugepages"], values["dram.prefault"], values["dram.shm_dir"], values["dram.policy"], values["dram.evict_high_watermark"], values["dram.evict_low_watermark"])
+        self.nvme = NvmeSettings(values["nvme.enabled"], values["nvme.required"], values["nvme.dir"], values["nvme.paths"], values["nvme.capacity_bytes"], values["nvme.index_dir"], values["nvme.region_bytes"], values["nvme.policy"], values["nvme.admission"], values["nvme.io_threads"], values["nvme.write_batch_bytes"])
+        self.cxl = CxlSettings(values["cxl.enabled"], values["cxl.dir"], values["cxl.paths"], values["cxl.capacity_bytes"], values["cxl.chunk_bytes"], values["cxl.coherent"], values["cxl.policy"], values["cxl.host_timeout_s"])
+        self.hbm = HbmSettings(values["hbm.enabled"], values["hbm.device"], values["hbm.capacity_bytes"], values["hbm.segment_bytes"], values["hbm.promote_after_hits"])
+        self.tcp = TcpSettings(values["tcp.enabled"], values["tcp.host"], values["tcp.port"], values["tcp.hello_timeout_s"], values["tcp.tls_cert"], values["tcp.tls_key"], values["tcp.tls_client_ca"], values["tcp.nixl"], values["tcp.nixl_progress_delay_us"])
+        self.log = LogSettings(values["log.level"])
