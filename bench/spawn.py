@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ class DaemonProcess:
 
     logs: list[tuple[str, str]] | None = None
 
-    def __init__(self, settings: dict[str, object] | None = None, socket_path: str | None = None,
+    def __init__(self, settings: Mapping[str, object] | None = None, socket_path: str | None = None,
                  config_path: str | None = None, log_path: str | None = None, ready_timeout: float = 30.0,
                  command_prefix: Sequence[str] = (), env: dict[str, str] | None = None) -> None:
         self._tmp = tempfile.mkdtemp(prefix="kvrack-")

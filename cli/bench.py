@@ -252,3 +252,42 @@ def bench_overwrite(json_path: JsonOpt = None,
     write_json(json_path, result)
 
 
+
+
+@bench_app.command("e2e")
+def bench_e2e(json_path: JsonOpt = None,
+              lengths: Annotated[str, typer.Option(help="prompt lengths in tokens, comma-separated")]
+              = "512,2048,4096,8192",
+              repeats: Annotated[int, typer.Option(min=1, max=10, help="runs per figure (the median is kept)")] = 2,
+              model_dir: Annotated[Path | None, typer.Option(help="where the random model is built (reused)")] = None,
+              ) -> None:
+    """Time to first token through vLLM's OpenAI server: recompute vs a prefix from kvrack's DRAM or NVMe tier."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        console.print("[red]kvrack bench e2e needs vLLM (the vllm extra): `make test-vllm` builds .venv-vllm; run "
+                      "`.venv-vllm/bin/kvrack bench e2e`")
+        raise typer.Exit(2) from None
+    from kvrack.bench import e2e
+
+    sizes = [int(x) for x in lengths.split(",") if x.strip()]
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("bench", total=None)
+        result = e2e.run(sizes, repeats, str(model_dir) if model_dir else None,
+                         progress=lambda label: progress.update(task, description=label))
+    checks = result["checks"]
+    table = Table(title=f"kvrack bench e2e (vLLM {result.get('vllm_version')}, TTFT, streaming, median of "
+                        f"{repeats}+)")
+    for col in ("prompt", "recompute", "from DRAM", "ratio", "from NVMe", "ratio", "in kvrack", "loaded"):
+        table.add_column(col, justify="right")
+    for n, r in result["lengths"].items():
+        table.add_row(n, f"{r['recompute_ttft_s']:.3f} s", f"{r['dram_hit_ttft_s']:.3f} s",
+                      f"{r['dram_hit_vs_recompute']:.3f}", f"{r['nvme_hit_ttft_s']:.3f} s",
+                      f"{r['nvme_hit_vs_recompute']:.3f}", f"{r['dram_hit_kvrack_s'] * 1000:.1f} ms",
+                      f"{r['prompt_tokens_loaded_share']:.3f}")
+    console.print(table)
+    console.print(f"4K prefix from DRAM vs recompute: {result.get('ttft_hit_vs_recompute_4k')} "
+                  f"({verdict(checks, 'ttft_hit_vs_recompute_4k')}); loaded share "
+                  f"{result.get('prompt_tokens_loaded_share_4k')} ({verdict(checks, 'prompt_tokens_loaded_share_4k')}); "
+                  f"greedy tokens identical: {result['greedy_tokens_identical']}")
+    write_json(json_path, result)

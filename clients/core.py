@@ -14,9 +14,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from kvrack import protocol as P
-from kvrack.clients.buffers import byte_view, copy
+from kvrack.clients.blocks import PieceViews, block_view, copy_in, on_device, parts_of, split
+from kvrack.clients.blocks import copy_out as scatter
 from kvrack.clients.errors import KvrackError, SizeMismatch, TierUnavailable, error_for
-from kvrack.clients.gpu import Copier, DeviceSpan, IpcMaps, any_device, device_span, host_address
+from kvrack.clients.gpu import Copier, IpcMaps, any_device, host_address
 from kvrack.clients.layout import Layout
 from kvrack.clients.results import GetResult, LookupResult, PutResult
 from kvrack.clients.steps import Call, Op, Post, ReadCall, Sleep, Transfer, WriteCall
@@ -296,13 +297,13 @@ class ClientCore:
             ) -> Op[tuple[PutResult, str]]:
         if len(buffers) != len(keys) or (parents is not None and len(parents) != len(keys)):
             raise ValueError("put: keys, buffers and parents must have the same length")
-        views: list[Any] = [device_span(b) or byte_view(b) for b in buffers]
+        views: list[Any] = [block_view(b) for b in buffers]
         if self.layout is not None:
             for i, (buf, view) in enumerate(zip(buffers, views)):
                 why = self.layout.mismatch(buf, view.nbytes)
                 if why:
                     raise SizeMismatch(ErrorCode.INVALID_SIZE, f"put: block {i}: {why}")
-        if self.transport != P.TRANSPORT_SHM and any(isinstance(v, DeviceSpan) for v in views):
+        if self.transport != P.TRANSPORT_SHM and any(on_device(v) for v in views):
             raise ValueError(f"put: GPU buffers need a same-host client (transport shm), this one uses {self.transport}")
         cxl = self.cxl_lookup(keys)
         if cxl is not None and (cxl[1] >= 0).any():  # already in the CXL region: nothing to send
@@ -334,18 +335,13 @@ class ClientCore:
         ready = []
         try:
             if self.nixl is not None:
-                yield Transfer("WRITE", [reply.descriptors[i] for i in todo], [views[start + i] for i in todo])
+                yield Transfer("WRITE", *split([reply.descriptors[i] for i in todo], [views[start + i] for i in todo]))
                 ready = [chunk[i] for i in todo]
             maps = self.segments.maps
             gpu = None
             for i in todo if self.nixl is None else ():
                 d = reply.descriptors[i]
-                view = views[start + i]
-                if isinstance(view, DeviceSpan):  # device to host, straight into the reserved slot
-                    gpu = gpu or Copier(view.device)
-                    gpu.device_to_host(host_address(maps[d.segment], d.offset, d.length), view.ptr, d.length)
-                else:
-                    copy(maps[d.segment], d.offset, view, 0, d.length)
+                gpu = copy_in(maps[d.segment], d.offset, views[start + i], gpu)
                 ready.append(chunk[i])
             if gpu is not None:
                 gpu.wait()  # the bytes are in DRAM before the commit publishes them
@@ -366,7 +362,7 @@ class ClientCore:
         batch_codes = list(reply.codes)
         if todo:
             req = P.Write(id=self._id(), keys=[chunk[i] for i in todo], sizes=[views[start + i].nbytes for i in todo])
-            wreply, _ = yield WriteCall(req, [views[start + i] for i in todo])
+            wreply, _ = yield WriteCall(req, [part for i in todo for part in parts_of(views[start + i])])
             for i, code in zip(todo, wreply.codes):
                 batch_codes[i] = code
         return batch_codes
@@ -413,16 +409,15 @@ class ClientCore:
             raise ValueError("get_into: keys and out must have the same length")
         if self.layout is not None:
             for i, out in enumerate(outs):
-                span = device_span(out)
-                why = self.layout.mismatch(out, span.nbytes if span is not None else byte_view(out).nbytes)
+                why = self.layout.mismatch(out, block_view(out).nbytes)
                 if why:
                     raise SizeMismatch(ErrorCode.INVALID_SIZE, f"get_into: buffer {i}: {why}")
-        if any_device(outs):
+        if any_device(outs) or (outs and on_device(block_view(outs[0]))):
             return (yield from self._get_into_device(keys, outs, exact))
         if self.cxl is None:
             return (yield from self._get_into_daemon(keys, outs, exact))
-        views = [byte_view(out, writable=True) for out in outs]
-        got = self.cxl.read_many(keys, views)
+        views = [block_view(out, writable=True) for out in outs]
+        got = self._read_cxl(keys, views)
         nbytes = [n or 0 for n in got]
         for i, (n, view) in enumerate(zip(got, views)):
             if n is not None:
@@ -439,6 +434,17 @@ class ClientCore:
                 hits[i] = hit
                 nbytes[i] = n
         return GetResult(hits, nbytes)
+
+    def _read_cxl(self, keys: Sequence[bytes], views: list[Any]) -> list[int | None]:
+        """Read blocks from the CXL region into their buffers; a block given in pieces is read whole into a
+        scratch buffer first (one extra copy: the region's reader fills one buffer per block)."""
+        assert self.cxl is not None
+        scratch = {i: bytearray(v.nbytes) for i, v in enumerate(views) if isinstance(v, PieceViews)}
+        got = self.cxl.read_many(keys, [scratch.get(i, v) for i, v in enumerate(views)])
+        for i, buf in scratch.items():
+            if got[i] is not None:
+                scatter(views[i], buf, 0, min(got[i] or 0, views[i].nbytes))
+        return got
 
     def _report_touches(self) -> Op[None]:
         """Tell the daemon which region blocks this client read by itself, so the region's eviction order
@@ -462,7 +468,7 @@ class ClientCore:
         ``positions``: each key's index in the caller's batch, for error messages."""
         where = list(positions) if positions is not None else list(range(len(keys)))
         if self.transport == P.TRANSPORT_TCP:
-            return (yield from self._get_stream(keys, [byte_view(o, writable=True) for o in outs], False, exact, where))
+            return (yield from self._get_stream(keys, [block_view(o, writable=True) for o in outs], False, exact, where))
         hits = [False] * len(keys)
         nbytes = [0] * len(keys)
         todo = list(range(len(keys)))
@@ -488,8 +494,8 @@ class ClientCore:
         if self.transport != P.TRANSPORT_SHM:
             raise ValueError(f"get_into: GPU buffers need a same-host client (transport shm), this one uses "
                              f"{self.transport}")
-        spans = [device_span(o) for o in outs]
-        if any(s is None for s in spans):
+        views = [block_view(o, writable=True) for o in outs]
+        if not all(on_device(v) for v in views):
             raise ValueError("get_into: pass all GPU buffers or all host buffers in one call")
         hits = [False] * len(keys)
         nbytes = [0] * len(keys)
@@ -501,22 +507,27 @@ class ClientCore:
             try:
                 for j, d in enumerate(descriptors):
                     if d is not None:
-                        check_fit(start + j, spans[start + j].nbytes, d.length, exact)  # type: ignore[union-attr]
+                        check_fit(start + j, views[start + j].nbytes, d.length, exact)
                 yield from self.map_segments(descriptors)
                 hbm = reply.hbm or [None] * len(sub)
                 gpu = None
                 for j, (d, h) in enumerate(zip(descriptors, hbm)):
                     if d is None:
                         continue
-                    span = spans[start + j]
-                    assert span is not None
-                    gpu = gpu or Copier(span.device)
+                    pos = 0
+                    for part in parts_of(views[start + j]):
+                        n = min(part.nbytes, d.length - pos)
+                        if n <= 0:
+                            break
+                        gpu = gpu or Copier(part.device)
+                        if h is not None and h.segment in self.hbm.handles:
+                            gpu.device_to_device(part.ptr, self.hbm.pointer(h.segment) + h.offset + pos, n)
+                        else:
+                            gpu.host_to_device(part.ptr, host_address(self.segments.maps[d.segment], d.offset + pos, n),
+                                               n)
+                        pos += n
                     if h is not None and h.segment in self.hbm.handles:
-                        gpu.device_to_device(span.ptr, self.hbm.pointer(h.segment) + h.offset, d.length)
                         self.hbm_reads += 1
-                    else:
-                        gpu.host_to_device(span.ptr, host_address(self.segments.maps[d.segment], d.offset, d.length),
-                                           d.length)
                     hits[start + j] = True
                     nbytes[start + j] = d.length
                 if gpu is not None:
@@ -526,7 +537,7 @@ class ClientCore:
                     yield from self.release_soon(pinned)
         return GetResult(hits, nbytes)
 
-    def _get_stream(self, keys: Sequence[bytes], outs: Sequence[memoryview | None], allocate: bool,
+    def _get_stream(self, keys: Sequence[bytes], outs: Sequence[Any], allocate: bool,
                     exact: bool = True, where: Sequence[int] | None = None) -> Op[Any]:
         """TCP byte stream: ``read`` requests whose replies carry the blocks; a ``GetResult``, or with
         ``allocate`` fresh buffers (None for misses). Keys that found no DRAM room to come back
@@ -547,13 +558,17 @@ class ClientCore:
                         if not n:
                             continue
                         view = outs[j] if not allocate else None
-                        if view is None or view.nbytes < n or (exact and view.nbytes != n):
+                        if view is None or view.nbytes < n or (exact and view.nbytes != n) or \
+                                (isinstance(view, PieceViews) and view.nbytes != n):
                             if view is not None:  # the bytes must still be read off the stream
                                 misfit.append((j, n))
                             view = memoryview(bytearray(n))
                             if allocate:
                                 got[j] = view
-                        out.append(view[:n])
+                        if isinstance(view, PieceViews):
+                            out.extend(view.parts)
+                        else:
+                            out.append(view[:n])
                     return out
 
                 reply, _ = yield ReadCall(P.Read(id=self._id(), keys=[keys[j] for j in idx]), sinks)
@@ -565,8 +580,9 @@ class ClientCore:
                             got[j] = True
                     elif code == ErrorCode.NO_SPACE:
                         retry.append(j)
-            for j, n in misfit:
-                check_fit(where[j] if where is not None else j, outs[j].nbytes, n, exact)  # type: ignore[union-attr]
+            for j, n in misfit:  # pieces are filled only when they add up to the block exactly
+                check_fit(where[j] if where is not None else j, outs[j].nbytes, n,
+                          exact or isinstance(outs[j], PieceViews))
             todo = retry if progress else []
         return got if allocate else GetResult(got, nbytes)
 
@@ -597,17 +613,17 @@ class ClientCore:
                  where: Sequence[int] | None = None) -> Op[list[bool]]:
         """Copy pinned blocks into caller buffers (from the mapped segments, or one NIXL READ); hit flags.
         Every buffer is checked against its block's size before any byte is copied."""
-        views = [None if d is None else byte_view(out, writable=True) for d, out in zip(descriptors, outs)]
+        views = [None if d is None else block_view(out, writable=True) for d, out in zip(descriptors, outs)]
         for j, (d, view) in enumerate(zip(descriptors, views)):
             if d is not None and view.nbytes != d.length:  # type: ignore[union-attr]
                 check_fit(where[j] if where is not None else j, view.nbytes, d.length, exact)  # type: ignore[union-attr]
         if self.nixl is not None:
-            yield Transfer("READ", descriptors, views)
+            yield Transfer("READ", *split(descriptors, views))
             return [d is not None for d in descriptors]
         maps = self.segments.maps
         for d, view in zip(descriptors, views):
             if d is not None:
-                copy(view, 0, maps[d.segment], d.offset, d.length)
+                scatter(view, maps[d.segment], d.offset, d.length)  # type: ignore[arg-type]
         return [d is not None for d in descriptors]
 
 

@@ -21,6 +21,7 @@ BlockKey = NewType("BlockKey", bytes)
 KEY_BYTES = 32
 _ROOT_TAG = b"kvrack-key-v1/root"
 _NEXT_TAG = b"kvrack-key-v1/next"
+_SALT_TAG = b"kvrack-key-v1/salt"
 _LEN = struct.Struct("<Q")
 
 
@@ -53,23 +54,32 @@ class KeyBuilder:
         self.block_tokens = layout.block_tokens
         self._root = _ROOT_TAG + _field(bytes(namespace_salt)) + _field(model_fingerprint) + _field(layout.layout_id)
 
-    def first_key(self, tokens: Sequence[int]) -> BlockKey:
-        """Key of a chain's first block."""
-        return BlockKey(blake3.blake3(self._root + _field(_tokens_bytes(tokens))).digest())
+    def first_key(self, tokens: Sequence[int], salt: bytes | str = b"") -> BlockKey:
+        """Key of a chain's first block. ``salt`` (a request's ``cache_salt``: one tenant's, within a namespace)
+        enters the first key, and so every key of the chain: requests salted differently never share a block."""
+        if isinstance(salt, str):
+            salt = salt.encode()
+        tail = _field(_tokens_bytes(tokens))
+        if salt:
+            tail = _SALT_TAG + _field(salt) + tail
+        return BlockKey(blake3.blake3(self._root + tail).digest())
 
     def next_key(self, parent: bytes, tokens: Sequence[int]) -> BlockKey:
         """Key of the block that follows ``parent`` in its chain."""
         return BlockKey(blake3.blake3(_NEXT_TAG + _field(parent) + _field(_tokens_bytes(tokens))).digest())
 
-    def chain(self, tokens: Sequence[int], *, partial: bool = False) -> list[BlockKey]:
-        """Keys of every full block of ``tokens`` (and the trailing partial one if asked)."""
-        keys: list[BlockKey] = []
+    def chain(self, tokens: Sequence[int], *, partial: bool = False, salt: bytes | str = b"",
+              start: Sequence[bytes] = ()) -> list[BlockKey]:
+        """Keys of every full block of ``tokens`` (and the trailing partial one if asked). ``salt``: see
+        ``first_key``. ``start``: the keys already built for the first blocks of ``tokens`` (a request that
+        grew): only the blocks after them are hashed, and the result includes them."""
+        keys: list[BlockKey] = [BlockKey(bytes(k)) for k in start]
         n = self.block_tokens
         end = len(tokens) if partial else len(tokens) - len(tokens) % n
-        parent: BlockKey | None = None
-        for start in range(0, end, n):
-            chunk = tokens[start : start + n]
-            parent = self.first_key(chunk) if parent is None else self.next_key(parent, chunk)
+        parent: BlockKey | None = keys[-1] if keys else None
+        for begin in range(len(keys) * n, end, n):
+            chunk = tokens[begin : begin + n]
+            parent = self.first_key(chunk, salt) if parent is None else self.next_key(parent, chunk)
             keys.append(parent)
         return keys
 

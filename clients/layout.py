@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import blake3
@@ -17,6 +18,8 @@ DTYPE_BYTES = {
     "uint8": 1,
 }
 KV_ORDERS = ("layer_kv_token_head_dim", "kv_layer_token_head_dim", "layer_token_kv_head_dim")
+# an engine's own page order (its connector names it): blocks of different engines or backends never share a key
+ENGINE_ORDER = re.compile(r"[a-z][a-z0-9_]*:[A-Za-z0-9_.:-]+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +47,9 @@ class Layout:
             raise ValueError(f"Layout.tp_rank must be in [0, {self.tp_size}), got {self.tp_rank}")
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"unknown dtype {self.dtype!r}; known: {', '.join(DTYPE_BYTES)}")
-        if self.kv_order not in KV_ORDERS:
-            raise ValueError(f"unknown kv_order {self.kv_order!r}; known: {', '.join(KV_ORDERS)}")
+        if self.kv_order not in KV_ORDERS and not ENGINE_ORDER.fullmatch(self.kv_order):
+            raise ValueError(f"unknown kv_order {self.kv_order!r}; known: {', '.join(KV_ORDERS)}, or an engine's "
+                             "page order as ENGINE:NAME (e.g. vllm:LBHNC:cpu)")
 
     @property
     def block_nbytes(self) -> int:

@@ -98,3 +98,21 @@ def test_token_ids_must_fit_uint32():
     kb = KeyBuilder(b"s", "m", Layout(1, 1, 1, block_tokens=1))
     with pytest.raises(ValueError, match="token ids"):
         kb.chain([2**32])
+
+
+def test_a_salt_changes_every_key_of_the_chain_and_no_salt_changes_nothing():
+    kb = KeyBuilder(b"ns", "m", Layout(layers=2, kv_heads=2, head_dim=8, block_tokens=4))
+    tokens = list(range(16))
+    plain = kb.chain(tokens)
+    assert kb.chain(tokens, salt=b"") == plain and kb.chain(tokens, salt="") == plain
+    a, b = kb.chain(tokens, salt="tenant-a"), kb.chain(tokens, salt=b"tenant-b")
+    assert not set(a) & set(plain) and not set(a) & set(b)
+    assert kb.chain(tokens, salt="tenant-a") == a
+
+
+def test_a_chain_extends_from_the_keys_already_built():
+    kb = KeyBuilder(b"ns", "m", Layout(layers=2, kv_heads=2, head_dim=8, block_tokens=4))
+    tokens = list(range(20))
+    full = kb.chain(tokens, salt="s")
+    assert kb.chain(tokens, salt="s", start=full[:2]) == full
+    assert kb.chain(tokens[:12], salt="s", start=full[:3]) == full[:3]
