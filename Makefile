@@ -15,7 +15,7 @@ TEST_STAMP := $(VENV)/.kvrack-test
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.kvrack-vllm
 
-.PHONY: run test test-vllm bench-e2e test-all test-hugepages bench bench-check stress lint example wheel clean clean-data
+.PHONY: run test system-packages test-vllm openapi panels bench-e2e test-all test-hugepages bench bench-check stress lint example wheel clean clean-data
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,12 +29,20 @@ $(TEST_STAMP): $(PY) $(SOURCES)
 	$(PIP) $(EDITABLE) -e '.[daemon,test,nixl]'
 	@touch $@ $(RUN_STAMP)
 
+# Prometheus (Debian package) for the scrape test, when it is missing and this runs as root; the test says why it
+# skipped otherwise
+system-packages:
+	@command -v prometheus >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		(apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || \
+		 (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1)) \
+		|| echo "note: Prometheus not installed (apt-get install prometheus); its scrape test will skip"; }
+
 ## run: start kvrackd in the foreground with the embedded default config
 run: $(RUN_STAMP)
 	$(VENV)/bin/kvrackd
 
 ## test: the default test run (what CI runs)
-test: $(TEST_STAMP)
+test: $(TEST_STAMP) system-packages
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
@@ -58,6 +66,15 @@ test-vllm: $(VLLM_STAMP)
 ## test-all: every test, slow ones included
 test-all: $(TEST_STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m ''
+
+## openapi: regenerate docs/openapi.json, the admin API's schema (a test checks it is current)
+openapi: $(RUN_STAMP)
+	$(PY) -m kvrack.daemon.admin.app > docs/openapi.json
+
+## panels: the Grafana dashboard's main panels as PNGs (docs/panels), from Prometheus scraping a daemon under load
+panels: $(TEST_STAMP) system-packages
+	$(PIP) 'matplotlib>=3.8'
+	$(PY) docs/plot_panels.py docs/panels
 
 ## bench: kvrack bench local, results in bench-local.json
 bench: $(RUN_STAMP)

@@ -8,8 +8,11 @@ the baseline and for kvrack alike.
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +21,7 @@ import numpy as np
 
 from kvrack.bench.spawn import DaemonProcess, rss_anon_bytes, wait_until_paged_in
 from kvrack.bench.targets import check_targets
+from kvrack.clients.admin import find_admin
 from kvrack.clients.client import Client
 
 MiB = 1024 * 1024
@@ -198,17 +202,23 @@ TARGETS = {"get_vs_memcpy": (">=", 0.8), "put_vs_memcpy": (">=", 0.7), "lookup_k
 
 
 def run(address: str | None, sizes: list[str], repeats: int, index_blocks: int,
-        progress: Callable[[str], None] = lambda _s: None, working_set: int = WORKING_SET) -> dict[str, Any]:
+        progress: Callable[[str], None] = lambda _s: None, working_set: int = WORKING_SET,
+        admin_load: bool = False) -> dict[str, Any]:
     """Every figure of the benchmark, against a private daemon started for it (its DRAM tier alone: write-through
     to NVMe is measured by ``bench nvme``), or with ``address`` against a running daemon, whose figures then
-    include whatever that daemon is configured to do (every block the benchmark stores is deleted after)."""
+    include whatever that daemon is configured to do (every block the benchmark stores is deleted after).
+    ``admin_load``: an operator's load on the admin API meanwhile, from another process (``bench.admin_load``)."""
     daemon = None
     if address is None:
         daemon = DaemonProcess({"dram.capacity_bytes": "1GiB", "nvme.enabled": "false"})
         address = daemon.socket_path
     out: dict[str, Any] = {"daemon": "private" if daemon else address, "sizes": {}, "working_set_bytes": working_set,
                            "repeats": repeats, "cpu_count": os.cpu_count()}
+    load = None
     try:
+        if admin_load:
+            load = subprocess.Popen([sys.executable, "-m", "kvrack.bench.admin_load", find_admin(None, address)],
+                                    stdout=subprocess.PIPE, text=True)
         with Client.connect(address, client_name="kvrack-bench") as client:
             wait_until_paged_in(client)
             for name in sizes:
@@ -221,6 +231,12 @@ def run(address: str | None, sizes: list[str], repeats: int, index_blocks: int,
             out.update(bench_rtt(client))
             out["rtt_vs_raw_socket"] = round(out["rtt_p50_us"] / out["raw_socket_rtt_p50_us"], 2)
     finally:
+        if load is not None:
+            load.terminate()
+            text = load.communicate(timeout=30)[0]
+            if not text.strip():
+                raise RuntimeError(f"the admin load process failed (exit {load.returncode}); see its output above")
+            out["admin_load"] = json.loads(text)
         if daemon is not None:
             daemon.stop()
     if index_blocks:

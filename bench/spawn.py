@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from kvrack.clients.admin import AdminClient
 from kvrack.clients.transport import is_listening
 
 _PR_SET_PDEATHSIG = 1
@@ -78,6 +79,15 @@ class DaemonProcess:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    @property
+    def admin_path(self) -> str:
+        """The admin API's socket (its default place, beside the data socket)."""
+        return os.path.join(os.path.dirname(self.socket_path), "kvrack-admin.sock")
+
+    def admin(self, token: str | None = None) -> AdminClient:
+        """A client of its admin API (with the token it wrote, unless ``token`` is given; "" for none)."""
+        return AdminClient(self.admin_path, token)
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -24,6 +24,9 @@ def bench_local(address: AddressOpt = None, json_path: JsonOpt = None,
                 repeats: Annotated[int, typer.Option(min=1, max=20, help="passes per figure (best kept)")] = 3,
                 index_blocks: Annotated[int, typer.Option(min=0, help="blocks for the index memory figure; 0 skips")] = 1_000_000,
                 working_set: Annotated[str, typer.Option(help="bytes moved per block size per pass")] = "256MiB",
+                admin_load: Annotated[bool, typer.Option(
+                    "--admin-load", help="meanwhile, scrape /metrics every second and poll /v1/stats ten times a "
+                                         "second from another process (what an operator's tools cost)")] = False,
                 ) -> None:
     """Same-host put/get bandwidth vs memcpy, lookup rate, round trip, index memory per block.
 
@@ -44,7 +47,7 @@ def bench_local(address: AddressOpt = None, json_path: JsonOpt = None,
         def step(label: str) -> None:
             progress.update(task, description=label, advance=0 if progress.tasks[0].description == "bench" else 1)
 
-        result = bl.run(address, names, repeats, index_blocks, step, parse_size(working_set))
+        result = bl.run(address, names, repeats, index_blocks, step, parse_size(working_set), admin_load)
         progress.update(task, completed=progress.tasks[0].total)
     checks = result["checks"]
     table = Table(title=f"kvrack bench local ({'private daemon' if address is None else address})")

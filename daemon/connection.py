@@ -211,8 +211,7 @@ class Connection:
         self.send(frame, fds, payload, done)
         self.paused = False
         self.process()
-        if not (self.paused or self.closing or self.closed or self.reading or self.server.draining) \
-                and self.out_bytes <= MAX_QUEUED_OUT:
+        if not (self.paused or self.closing or self.closed or self.reading) and self.out_bytes <= MAX_QUEUED_OUT:
             self.reading = True
             self.server.loop.add_reader(self.fileno, self.on_readable)
 
@@ -289,7 +288,7 @@ class Connection:
             loop.remove_writer(self.fileno)
         if self.closing:
             self.close()
-        elif not self.reading and not self.server.draining and not self.paused:
+        elif not self.reading and not self.paused:  # (a drain goes on reading: work in flight finishes)
             self.reading = True
             loop.add_reader(self.fileno, self.on_readable)
 

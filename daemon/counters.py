@@ -30,6 +30,8 @@ class StoreCounters(Counters):
     prefetch_keys: int = 0
     prefetched_blocks: int = 0
     background_evictions: int = 0
+    quota_evictions: int = 0  # a namespace over its quota made room among its own blocks
+    admin_evictions: int = 0  # an operator asked (POST /v1/tiers/dram/evict, a quota lowered)
 
 
 @dataclasses.dataclass(slots=True)
@@ -55,3 +57,5 @@ class NvmeCounters(Counters):
     evicted_bytes: int = 0
     unindexed: int = 0
     demoted_blocks: int = 0
+    quota_evictions: int = 0  # of ``evictions``: a namespace over its NVMe quota made room among its own copies
+    admin_evictions: int = 0  # of ``evictions``: an operator asked (POST /v1/tiers/nvme/evict)

@@ -82,6 +82,7 @@ class CxlPool(CopyWorker):
         self.copied_bytes = 0
         self.skipped = 0  # larger than a chunk, or the region had no room
         self.promoted = 0  # blocks copied back up into DRAM for clients that cannot read the region
+        self.promoted_bytes = 0
         self.in_flight = 0
         self._next_reclaim = time.monotonic() + _RECLAIM_EVERY_S
         self._progress = ProgressSignal()  # fired when a copy finishes
@@ -231,6 +232,7 @@ class CxlPool(CopyWorker):
             store.adopt_block(ns, key, seg, slot, nbytes)
             self.orders[ns.name].touch((key,))
             self.promoted += 1
+            self.promoted_bytes += nbytes
             up += 1
         return up
 
@@ -260,14 +262,15 @@ class CxlPool(CopyWorker):
                    if namespace in (None, ns)}
         return {"tier": "cxl", "tier_id": 2, "coherent": self.coherent, "copied_blocks": self.copied,
                 "policy_evictions": sum(r["policy_evictions"] for r in regions.values()),
-                "promoted_blocks": self.promoted,
+                "promoted_blocks": self.promoted, "promoted_bytes": self.promoted_bytes,
                 "copied_bytes": self.copied_bytes, "skipped_blocks": self.skipped, "copies_in_flight": self.in_flight,
                 "blocks": sum(r["blocks"] for r in regions.values()),
                 "used_bytes": sum(r["bytes"] for r in regions.values()),
                 "capacity_bytes": sum(r["capacity"] for r in regions.values()), "regions": regions}
 
     def moves(self) -> dict[str, dict[str, int]]:
-        return {"dram_to_cxl": {"blocks": self.copied, "bytes": self.copied_bytes}}
+        return {"dram_to_cxl": {"blocks": self.copied, "bytes": self.copied_bytes},
+                "cxl_to_dram": {"blocks": self.promoted, "bytes": self.promoted_bytes}}
 
     def close(self) -> None:
         self.stop_worker()

@@ -17,6 +17,7 @@ from typing import Any
 
 from kvrack import __version__, nixl_agent
 from kvrack.daemon.cxl_pool import CxlPool, region_paths
+from kvrack.daemon.drain import DrainState
 from kvrack.daemon.hbm_pool import HbmPool, absent_stats
 from kvrack.daemon.mover import Mover
 from kvrack.daemon.nixl_export import NixlExport
@@ -25,6 +26,7 @@ from kvrack.daemon.server import ControlServer, socket_answers
 from kvrack.daemon.settings import Config
 from kvrack.daemon.stats import StatsRegistry
 from kvrack.daemon.store import Store
+from kvrack.daemon.systemd import Notifier
 from kvrack.daemon.tcp_listener import TcpListener, tls_context
 from kvrack.sizes import format_size
 from kvrack.tiers.dram import DramAdoption, open_dram_tier
@@ -52,16 +54,11 @@ def _malloc_trim() -> Callable[[], None]:
     return lambda: trim(0) and None
 
 
-def notify(state: str) -> None:
-    """Tell systemd (Type=notify) where we are; a no-op outside systemd."""
-    if not os.environ.get("NOTIFY_SOCKET"):
-        return
+def _unlink(path: str) -> None:
     try:
-        import sdnotify
-
-        sdnotify.SystemdNotifier().notify(state)
-    except Exception as exc:  # notification is advisory
-        log.debug("sd_notify failed: %s", exc)
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def claim_socket(path: str) -> int:
@@ -96,6 +93,14 @@ class Daemon:
         self.socket_lock: int | None = None
         self.nvme_opened_in = 0.0
         self.reloader = Reloader(self)
+        self.pid = os.getpid()
+        self.notifier = Notifier()
+        self.heartbeat = time.monotonic()  # the event loop's last tick (/healthz, the watchdog)
+        self.serving = False
+        self.drain_state = DrainState()
+        self.admin: Any = None  # kvrack.daemon.admin.server.AdminServer, while it serves
+        self.admin_token = b""
+        self.admin_token_created = ""  # the token file this daemon wrote (removed when it stops)
 
     def claim(self) -> None:
         """Make sure this daemon is the only one on its socket before anything is allocated: a second
@@ -144,8 +149,16 @@ class Daemon:
         reg.register("namespaces", store.namespace_stats)
         reg.register("moves", lambda ns: store.movement.moves())
         reg.register("server", server.stats)
+        reg.register("requests", server.opstats.stats)
+        reg.register("errors", server.opstats.errors)
+        reg.register("transfers", server.transfer_stats)
+        reg.register("leases", store.lease_stats)
+        reg.register("hits_by_tier", store.hit_stats)
         reg.register("daemon", lambda ns: {"version": __version__, "pid": os.getpid(),
-                                           "uptime_s": round(time.time() - self.started, 1)})
+                                           "uptime_s": round(time.time() - self.started, 1),
+                                           "socket": self.config.server.socket_path,
+                                           "admin": self.admin.addresses() if self.admin else None,
+                                           "config_reloads": self.reloader.reloads})
         if server.tcp is not None:
             tcp = server.tcp
             reg.register("tcp", lambda ns: {"address": tcp.address,
@@ -259,12 +272,13 @@ class Daemon:
                  format_size(adoption.bytes) if adoption.bytes else "0 bytes", self.config.dram.shm_dir,
                  adoption.seconds, len(adoption.blocks) - n)
 
-    def _save_dram(self) -> None:
-        """Clean shutdown with dram.shm_dir: write the slot table so the next start re-adopts the segments."""
+    def _save_dram(self) -> int:
+        """Clean shutdown with dram.shm_dir: write the slot table so the next start re-adopts the segments.
+        Returns how many blocks it kept."""
         assert self.store is not None
         backing = self.store.tier.backing
         if not isinstance(backing, ShmDirBacking):
-            return
+            return 0
         t0 = time.perf_counter()
         try:
             n = save_state(backing, self.store.tier.allocator.segment_bytes, self.store.tier.capacity,
@@ -272,10 +286,11 @@ class Daemon:
                             for e in self.store.dram_copies()))
         except OSError as exc:
             log.error("dram: cannot write the clean-shutdown state in %s: %s; the next start is cold", backing.dir, exc)
-            return
+            return 0
         backing.keep_files = True
         log.info("dram: kept %d block(s) in %s for the next start (state written in %.2fs)", n, backing.dir,
                  time.perf_counter() - t0)
+        return n
 
     # ------------------------------------------------------------------ serving
     async def serve(self) -> None:
@@ -284,20 +299,77 @@ class Daemon:
         self.stop_event = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        loop.add_signal_handler(signal.SIGHUP, self.reloader.reload_from_sources)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload)
+        if self.config.admin.enabled:  # first: when clients can connect, the admin API answers too
+            self._start_admin(loop)
         self.server.start(loop)
         self.store.movement.start(loop)
         gc.freeze()  # start-up objects (config, tiers, modules) never need collecting
         names = ", ".join(self.store.namespaces)
-        log.info("kvrackd %s listening on unix:%s%s (namespaces: %s)", __version__, self.config.server.socket_path,
-                 f" and {self.server.tcp.address}" if self.server.tcp else "", names)
-        notify("READY=1\nSTATUS=serving")
-        sweeper = asyncio.create_task(self._sweep_leases())
-        evictor = asyncio.create_task(self._evict_in_background())
-        await self.stop_event.wait()
-        sweeper.cancel()
-        evictor.cancel()
-        await self.drain()
+        log.info("kvrackd %s listening on unix:%s%s (namespaces: %s)%s", __version__, self.config.server.socket_path,
+                 f" and {self.server.tcp.address}" if self.server.tcp else "", names,
+                 f"; admin API on {self.admin.addresses()}" if self.admin else "")
+        self.serving = True
+        self.notifier.ready(self.summary())
+        tasks = [asyncio.create_task(t) for t in (self._sweep_leases(), self._evict_in_background(), self._tick())]
+        try:
+            await self.stop_event.wait()
+            await self.drain()
+        finally:
+            for task in tasks:
+                task.cancel()
+            if self.admin is not None:
+                # on a worker thread: the admin API's last replies (a drain's report) may still need this loop
+                await asyncio.sleep(0.05)
+                await loop.run_in_executor(None, self.admin.stop)
+                self.admin = None
+                if self.admin_token_created:
+                    _unlink(self.admin_token_created)
+
+    def _start_admin(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The admin API and /metrics on their own thread (kvrack.daemon.admin)."""
+        from kvrack.daemon.admin.app import build_app
+        from kvrack.daemon.admin.bridge import LoopBridge
+        from kvrack.daemon.admin.server import AdminServer, admin_token
+
+        c = self.config
+        path = c.admin.socket_path or os.path.join(os.path.dirname(c.server.socket_path) or ".", "kvrack-admin.sock")
+        self.admin_token, where = admin_token(c.admin.token_file, os.path.splitext(path)[0] + ".token")
+        self.admin_token_created = "" if c.admin.token_file else where
+        admin = AdminServer(build_app(self, LoopBridge(loop)), path, c.server.socket_mode, c.admin.tcp_host,
+                            c.admin.tcp_port)
+        admin.start()
+        self.admin = admin
+        log.info("admin API on %s; mutations need the token in %s", admin.addresses(), where)
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS=: state, sessions, DRAM use, blocks, hit ratio, NVMe."""
+        store, server = self.store, self.server
+        assert store is not None and server is not None
+        c = store.counters
+        state = self.drain_state.state if self.drain_state.state != "serving" else "serving"
+        parts = [f"{state}: {len(server.connections)} session(s)",
+                 f"dram {format_size(store.dram_bytes) if store.dram_bytes else '0 bytes'} of "
+                 f"{format_size(store.tier.capacity)}, {store.dram_blocks} blocks"]
+        if store.nvme is not None:
+            parts.append(f"nvme {format_size(store.nvme.bytes)}" + (" DEGRADED" if store.nvme.nvme.degraded else ""))
+        if c.lookup_keys:
+            parts.append(f"hit ratio {c.lookup_hits / c.lookup_keys:.2f}")
+        return ", ".join(parts)
+
+    async def _tick(self) -> None:
+        """The event loop's heartbeat: pings systemd's watchdog (at half its timeout, at most every second)
+        and refreshes the STATUS= line; a wedged loop stops both, and systemd restarts the daemon."""
+        every = min(1.0, self.notifier.watchdog_s / 2) if self.notifier.watchdog_s else 1.0
+        n = 0
+        while True:
+            self.heartbeat = time.monotonic()
+            if self.notifier.watchdog_s:
+                self.notifier.watchdog()
+            if n % max(1, int(10 / every)) == 0:
+                self.notifier.status(self.summary())
+            n += 1
+            await asyncio.sleep(every)
 
     async def _evict_in_background(self) -> None:
         """Above the high watermark, evict in small batches down to the low one, yielding to requests
@@ -314,10 +386,45 @@ class Daemon:
                 await asyncio.sleep(0)
 
     def _on_signal(self, sig: int) -> None:
-        log.info("%s received: shutting down", signal.Signals(sig).name)
-        notify("STOPPING=1")
-        assert self.stop_event is not None
-        self.stop_event.set()
+        name = signal.Signals(sig).name
+        if self.drain_state.state != "serving":
+            log.warning("%s received while %s: not waiting for work in flight any longer", name,
+                        self.drain_state.state)
+            self.request_stop(name, 0.0)
+            return
+        self.request_stop(name)
+
+    def _on_reload(self) -> None:
+        self.notifier.reloading()
+        try:
+            self.reloader.reload_from_sources()
+        finally:
+            self.notifier.ready(self.summary())
+
+    def request_stop(self, reason: str, grace_s: float | None = None) -> None:
+        """Drain and exit (SIGTERM, the admin API): one path. ``grace_s``: how long work in flight may take
+        (server.drain_timeout_s by default); asking again with a shorter grace shortens it."""
+        grace = self.config.server.drain_timeout_s if grace_s is None else grace_s
+        if self.drain_state.begin(reason, grace):
+            log.info("draining (%s): no new clients or puts; waiting up to %.1f s for work in flight", reason, grace)
+            self.notifier.stopping(f"draining ({reason})")
+            if self.server is not None:
+                self.server.begin_drain()
+        if self.stop_event is not None:
+            self.stop_event.set()
+
+    def drain_status(self) -> dict[str, Any]:
+        """Where the drain is (``GET /v1/drain``): what is still held and in flight."""
+        d = self.drain_state
+        out: dict[str, Any] = {"state": d.state, "reason": d.reason, "elapsed_s": d.elapsed(), "grace_s": d.grace_s,
+                               "report": d.report}
+        server, store = self.server, self.store
+        if server is not None and store is not None and d.state in ("serving", "draining"):
+            leases = store.lease_stats()
+            out.update(sessions=len(server.connections), reservations=leases["reservations"], pins=leases["pins"],
+                       in_flight=server.in_flight(), pending_output_bytes=server.pending_output(),
+                       nvme_pending=store.nvme.pending() if store.nvme is not None else 0)
+        return out
 
     async def _sweep_leases(self) -> None:
         assert self.store is not None
@@ -337,27 +444,41 @@ class Daemon:
                 next_trim = now + 10.0
 
     async def drain(self) -> None:
-        """Stop accepting, let queued replies go out (bounded), then close every session."""
-        assert self.server is not None
-        server = self.server
+        """Stop admitting (no new clients, no new puts), let work in flight finish until nothing is held or the
+        grace period ends, close every session, write queued NVMe copies and keep the DRAM state."""
+        assert self.server is not None and self.store is not None
+        server, store, d = self.server, self.store, self.drain_state
+        if d.state == "serving":  # stop_event set some other way
+            d.begin("stop", self.config.server.drain_timeout_s)
+            server.begin_drain()
         server.stop_accepting()
-        server.begin_drain()
-        deadline = time.monotonic() + self.config.server.drain_timeout_s
-        while (server.pending_output() or server.deferred) and time.monotonic() < deadline:
+        while not server.quiet() and time.monotonic() < d.deadline:
             await asyncio.sleep(0.01)
-        n = len(server.connections)
+        d.state = "flushing"
+        self.notifier.status("flushing")
+        leases = store.lease_stats()
+        report: dict[str, Any] = {"waited_s": round(time.monotonic() - d.started, 3), "quiet": server.quiet(),
+                                  "sessions_closed": len(server.connections),
+                                  "reservations_aborted": leases["reservations"], "pins_released": leases["pins"],
+                                  "requests_abandoned": server.in_flight()}
         server.close_all()
-        log.info("closed %d session(s)", n)
-        mover = self.store.nvme if self.store is not None else None
+        log.info("drain: closed %d session(s) after %.2f s%s", report["sessions_closed"], report["waited_s"],
+                 "" if report["quiet"] else f" (grace over: {report['reservations_aborted']} reservation(s) aborted, "
+                 f"{report['pins_released']} pin(s) released, {report['requests_abandoned']} request(s) abandoned)")
+        mover = store.nvme
         if mover is not None:
             pending = mover.pending()
-            if await mover.flush(max(deadline - time.monotonic(), 0.0) + 5.0):
+            if await mover.flush(max(d.deadline - time.monotonic(), 0.0) + 5.0):
                 if pending:
                     log.info("nvme: wrote the %d block(s) still queued", pending)
             else:
                 log.warning("nvme: %d block(s) not yet on nvme at shutdown%s", mover.pending(),
                             "" if self.config.dram.shm_dir else "; they are lost")
-        self._save_dram()
+            report["nvme_not_persisted"] = mover.pending()
+        report["dram_kept_blocks"] = self._save_dram()
+        d.report = report
+        d.finished = time.monotonic()
+        d.state = "stopped"
 
     def close(self) -> None:
         if self.store is not None:
@@ -369,4 +490,5 @@ class Daemon:
         if self.socket_lock is not None:
             os.close(self.socket_lock)
             self.socket_lock = None
+        self.notifier.close()
         log.info("kvrackd stopped")

@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kvrack.daemon.counters import StoreCounters
-from kvrack.daemon.index import COMMITTED, Entry
-from kvrack.daemon.order import LruOrder, PolicyOrder
+from kvrack.daemon.index import COMMITTED, Entry, Namespace
+from kvrack.daemon.order import NamespaceOrders
 from kvrack.daemon.policies.admission import Admission
-from kvrack.daemon.policies.base import LeafFirst, leaf_first
+from kvrack.daemon.policies.base import leaf_first
 from kvrack.daemon.policies.chains import EntryChains
 from kvrack.tiers.base import Segment
 from kvrack.tiers.dram import MemoryTier
@@ -22,7 +22,7 @@ class Eviction:
     """Part of ``Store`` (kvrack.daemon.store): the attributes below are the store's."""
 
     tier: MemoryTier
-    order: LruOrder | PolicyOrder
+    order: NamespaceOrders
     chains: EntryChains
     counters: StoreCounters
     nvme: Mover | None
@@ -30,7 +30,7 @@ class Eviction:
     write_through: bool
     high_water: int
     low_water: int
-    _leaf_first: LeafFirst[Entry]
+    namespaces: dict[str, Namespace]
 
     def _free_dram_copy(self, e: Entry) -> None: ...
 
@@ -92,10 +92,45 @@ class Eviction:
         return n
 
     def _victim(self) -> Entry | None:
-        """The policy's victim, leaf first: a block whose descendants still have DRAM copies goes after
-        them (deepest first), so chains shrink from their tails and shared heads stay. The descent resumes
-        under the last victim, so a chain goes in O(depth) steps, not O(depth²)."""
-        return self._leaf_first(self.order.victim())
+        """The policy's victim, leaf first, in the namespace the tier evicts from (``NamespaceOrders.pick``): a
+        block whose descendants still have DRAM copies goes after them (deepest first), so chains shrink from
+        their tails and shared heads stay. The descent resumes under the last victim, so a chain goes in
+        O(depth) steps, not O(depth²)."""
+        for ns in self.order.pick():
+            victim = ns.leaf(ns.order.victim())
+            if victim is not None:
+                return victim
+        return None
+
+    def shed(self, ns: Namespace, nbytes: int = 0, blocks: int = 0, admin: bool = False) -> bool:
+        """Evict ``ns``'s own blocks (leaf first, by its policy) until ``nbytes`` in ``blocks`` more fit its DRAM
+        quota; never another namespace's. False when none of its blocks can go and it is still over."""
+        leaving = 0  # bytes of victims on their way to NVMe (demoted): their DRAM copies go when written
+        while ns.over_quota("dram", nbytes - leaving, blocks):
+            victim = ns.leaf(ns.order.victim())
+            if victim is None:
+                return False
+            if admin:
+                self.counters.admin_evictions += 1
+            else:
+                self.counters.quota_evictions += 1
+            if not self._evict_or_demote(victim):
+                leaving += victim.nbytes
+        return True
+
+    def evict_dram(self, nbytes: int, max_blocks: int) -> tuple[int, int]:
+        """The admin API's eviction: the policy's victims (leaf first, demoted to NVMe as the admission rule
+        says) until ``nbytes`` are on their way out or ``max_blocks`` went. Returns (blocks, bytes)."""
+        blocks = freed = 0
+        while freed < nbytes and blocks < max_blocks:
+            victim = self._victim()
+            if victim is None:
+                break
+            self._evict_or_demote(victim)
+            self.counters.admin_evictions += 1
+            blocks += 1
+            freed += victim.nbytes
+        return blocks, freed
 
     def _evict(self, e: Entry) -> None:
         """Drop a block's DRAM copy; a block with no NVMe copy leaves the index."""
@@ -107,6 +142,7 @@ class Eviction:
             self.forget(e)
 
     def _deepest_evictable(self, e: Entry) -> Entry | None:
+        """The deepest descendant of ``e`` (or ``e``) that may go now (leaf first)."""
         return leaf_first(e, lambda p: self.chains.first(p, self.order.holds))
 
     def _dram_parent(self, e: Entry) -> Entry | None:

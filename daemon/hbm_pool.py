@@ -161,6 +161,9 @@ class HbmPool(CopyWorker):
         if placement is not None:
             self.arenas[namespace].free(*placement)
 
+    def has_copy(self, ns: Namespace, key: bytes) -> bool:
+        return key in self.copies.get(ns.name, ())
+
     # ----------------------------------------------------------- serving
     def hbm_descriptors(self, ns: Namespace, keys: Sequence[bytes], dram: Sequence[P.Descriptor | None]
                         ) -> list[P.Descriptor | None] | None:

@@ -61,6 +61,11 @@ class CopyingTier:
         """Delete a copy of a block the index does not know; whether there was one."""
         return False
 
+    def has_copy(self, ns: Namespace, key: bytes) -> bool:
+        """Whether this tier holds a copy of ``key`` (the admin API's block metadata)."""
+        held = self.holds(ns, [key])
+        return bool(held and held[0])
+
     def touch(self, ns: Namespace, keys: Sequence[bytes]) -> None:
         """Reads of this tier's blocks that clients served themselves."""
 

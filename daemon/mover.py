@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from kvrack.daemon.counters import NvmeCounters
-from kvrack.daemon.index import COMMITTED, Entry
+from kvrack.daemon.index import COMMITTED, Entry, Namespace
 from kvrack.daemon.movement import CopyingTier
 from kvrack.daemon.policies import EvictionPolicy, make_policy
 from kvrack.daemon.policies.clock import EntryFlags
@@ -113,6 +113,8 @@ class Mover(CopyingTier):
             self._track(e)
             self.blocks += 1
             self.bytes += rec.length
+            ns.nvme_blocks += 1
+            ns.nvme_bytes += rec.length
         if self.orphans:
             log.warning("nvme: %d recovered block(s) belong to namespaces no longer configured; they stay on disk, "
                         "unserved, until the namespace is configured again", self.orphans)
@@ -210,6 +212,8 @@ class Mover(CopyingTier):
             else:
                 failed += 1
                 self.nvme.free(seg, slot)
+                e.ns.nvme_blocks -= 1  # counted when its slot was taken (_place)
+                e.ns.nvme_bytes -= e.nbytes
             demoted = self._undemote(e)
             self.store.unpin(e)  # a block deleted meanwhile now loses its copies
             if demoted and err is None:
@@ -238,22 +242,35 @@ class Mover(CopyingTier):
         return await self._progress.wait(self.loop, timeout)
 
     def _place(self, e: Entry, unindex: list[tuple[str, bytes]]) -> tuple[Segment, int] | None:
-        """An NVMe slot, evicting the least recently used unpinned NVMe copies until one frees up."""
-        owner = e.ns.name
+        """An NVMe slot, evicting the order's victims until one frees up: the namespace's own copies while it is
+        over its NVMe quota, anyone's otherwise. The slot counts toward the namespace's use from here on."""
+        ns = e.ns
+        while ns.quota and ns.over_quota("nvme", e.nbytes, 1):
+            victim = self.order.victim(lambda x: not x.pins and x.ns is ns)  # type: ignore[attr-defined]
+            if victim is None:
+                return None
+            assert isinstance(victim, Entry)
+            self.counters.quota_evictions += 1
+            self._evict(victim, unindex)
         while True:
-            placement = self.nvme.allocate(owner, e.nbytes)
+            placement = self.nvme.allocate(ns.name, e.nbytes)
             if placement is not None:
+                ns.nvme_blocks += 1
+                ns.nvme_bytes += e.nbytes
                 return placement
             victim = self._victim()
             if victim is None:
                 return None
-            unindex.append((victim.ns.name, victim.key))
-            self.counters.evictions += 1
-            self.counters.evicted_bytes += victim.nbytes
-            # freed now, before its record is deleted: safe only because this slot is written by the
-            # batch whose job deletes that record first (see _write_job)
-            self.nvme.free(victim.nseg, victim.nslot)
-            self._forget_copy(victim)
+            self._evict(victim, unindex)
+
+    def _evict(self, victim: Entry, unindex: list[tuple[str, bytes]]) -> None:
+        unindex.append((victim.ns.name, victim.key))
+        self.counters.evictions += 1
+        self.counters.evicted_bytes += victim.nbytes
+        # freed now, before its record is deleted: safe only because this slot is written by the
+        # batch whose job deletes that record first (see _write_job)
+        self.nvme.free(victim.nseg, victim.nslot)
+        self._forget_copy(victim)
 
     def _track(self, e: Entry) -> None:
         self.order.insert(e, None)
@@ -270,8 +287,50 @@ class Mover(CopyingTier):
         self.order.remove(e)
         self.blocks -= 1
         self.bytes -= e.nbytes
+        e.ns.nvme_blocks -= 1
+        e.ns.nvme_bytes -= e.nbytes
         if e.seg is None and e.state == COMMITTED:
             self.store.forget(e)
+
+    def created(self, e: Entry) -> float | None:
+        """When ``e``'s NVMe copy was written (unix time, from its index record), for the admin API."""
+        if e.nseg is None:
+            return None
+        rec = self.nvme.index.get(e.ns.name, e.key)
+        return None if rec is None else float(rec.created)
+
+    def evict(self, nbytes: int, max_blocks: int) -> tuple[int, int]:
+        """The admin API's eviction: drop the order's victims (unpinned NVMe copies) until ``nbytes`` went or
+        ``max_blocks``; their records go durably with the next batch, then their slots are free. A block
+        with no DRAM copy leaves the index. Returns (blocks, bytes)."""
+        blocks = freed = 0
+        while freed < nbytes and blocks < max_blocks:
+            victim = self._victim()
+            if victim is None:
+                break
+            self.counters.evictions += 1
+            self.counters.evicted_bytes += victim.nbytes
+            self.counters.admin_evictions += 1
+            blocks += 1
+            freed += victim.nbytes
+            self.discard(victim)
+        return blocks, freed
+
+    def shed(self, ns: Namespace) -> int:
+        """Bring ``ns`` within its NVMe quota now (it was lowered): drop its own unpinned copies, the order's
+        victims first. Returns how many went."""
+        n = 0
+        while ns.over_quota("nvme"):
+            victim = self.order.victim(lambda x: not x.pins and x.ns is ns)  # type: ignore[attr-defined]
+            if victim is None:
+                break
+            assert isinstance(victim, Entry)
+            self.counters.evictions += 1
+            self.counters.evicted_bytes += victim.nbytes
+            self.counters.admin_evictions += 1
+            self.discard(victim)
+            n += 1
+        return n
 
     # ---------------------------------------------------------------- removal
     def discard(self, e: Entry) -> None:
@@ -308,7 +367,12 @@ class Mover(CopyingTier):
                 continue
             fut = self.promoting.get(e)
             if fut is None:
-                placement = store.make_room(e.ns.name, e.nbytes)
+                ns = e.ns
+                if ns.quota and ns.over_quota("dram", e.nbytes, 1):
+                    # room among its own blocks first; if all are pinned, the read still comes up (pinned by its
+                    # reader, it is the first to go once released)
+                    store.shed(ns, e.nbytes, 1)
+                placement = store.make_room(ns.name, e.nbytes)
                 if placement is None:
                     res.codes[i] = int(ErrorCode.NO_SPACE)
                     res.message = (f"dram tier full: no free or evictable slot to read a block from nvme into "
@@ -318,6 +382,8 @@ class Mover(CopyingTier):
                 fut = self.loop.create_future()
                 self.promoting[e] = fut
                 store.pin(e)  # our own pin: the copy stays put even if the client goes away mid-read
+                ns.reserved_blocks += 1  # the slot counts toward the DRAM quota while the read is in flight
+                ns.reserved_bytes += e.nbytes
                 reads.append((e, placement[0], placement[1], fut))
             waits.append((i, e, fut))
         if reads:
@@ -327,6 +393,8 @@ class Mover(CopyingTier):
             results = await asyncio.gather(*pending, return_exceptions=True)
             for (e, seg, slot, fut), result in zip(reads, results):
                 del self.promoting[e]
+                e.ns.reserved_blocks -= 1
+                e.ns.reserved_bytes -= e.nbytes
                 if isinstance(result, BaseException):
                     self.dram.free(seg, slot)
                     self.counters.read_errors += 1

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol
 
-from kvrack.daemon.index import Entry
+from kvrack.daemon.index import Entry, Namespace
 from kvrack.daemon.policies import make_policy
 from kvrack.daemon.policies.base import always
 
@@ -134,3 +134,48 @@ class PolicyOrder:
 def make_order(policy: str, capacity_blocks: int) -> LruOrder | PolicyOrder:
     """LRU as the intrusive list; any other policy by its name."""
     return LruOrder() if policy == "lru" else PolicyOrder(policy, capacity_blocks)
+
+
+class NamespaceOrders:
+    """The DRAM tier's order: one order per namespace (``ns.order``), so that a namespace over its quota evicts
+    only its own blocks, and the choice of namespace when the tier itself is full (``pick``): one over its
+    quota first, then the one holding the most DRAM, so a tenant that hoards loses blocks before the others.
+    With one namespace this is that namespace's order, as it always was."""
+
+    def __init__(self, namespaces: dict[str, Namespace], policy: str, capacity_blocks: int) -> None:
+        self.namespaces = namespaces
+        for ns in namespaces.values():
+            ns.order = make_order(policy, capacity_blocks)
+        self.single = next(iter(namespaces.values())) if len(namespaces) == 1 else None
+
+    def add(self, e: Entry) -> None:
+        e.ns.order.add(e)
+
+    def remove(self, e: Entry) -> None:
+        e.ns.order.remove(e)
+
+    def touch(self, e: Entry) -> None:
+        e.ns.order.touch(e)
+
+    def holds(self, e: Entry) -> bool:
+        return bool(e.ns.order.holds(e))
+
+    @property
+    def size(self) -> int:
+        return sum(ns.order.size for ns in self.namespaces.values())
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[Entry]:
+        for ns in self.namespaces.values():
+            yield from ns.order
+
+    def pick(self) -> Iterator[Namespace]:
+        """Namespaces to evict from, in order, when the tier is full (those with evictable blocks)."""
+        if self.single is not None:
+            yield self.single
+            return
+        candidates = [ns for ns in self.namespaces.values() if ns.order.size]
+        candidates.sort(key=lambda ns: (-ns.over_quota("dram"), -ns.dram_bytes))
+        yield from candidates

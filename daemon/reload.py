@@ -7,6 +7,7 @@ restart; a value the table refuses changes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,10 @@ def _log_level(d: Daemon, c: Config) -> None:
     logging.getLogger().setLevel(c.log.level.upper())
 
 
+def _read_per_request(d: Daemon, c: Config) -> None:
+    """The admin API reads these from the config at every request or scrape: the new config is enough."""
+
+
 # setting -> how the running daemon takes its new value (given the whole new config)
 APPLIERS: dict[str, Callable[[Daemon, Config], None]] = {
     "leases.reserve_timeout_s": _leases,
@@ -43,15 +48,19 @@ APPLIERS: dict[str, Callable[[Daemon, Config], None]] = {
     "dram.evict_high_watermark": _watermarks,
     "dram.evict_low_watermark": _watermarks,
     "log.level": _log_level,
+    "admin.read_auth": _read_per_request,
+    "admin.metrics_max_namespaces": _read_per_request,
 }
 
 
 class Refused(ConfigError):
-    """Some changes cannot be made while the daemon runs (or are invalid): nothing was changed."""
+    """Some changes cannot be made while the daemon runs (or are invalid): nothing was changed. ``invalid``: a
+    value the settings table refuses (else: a restart is needed, or the values conflict with others)."""
 
-    def __init__(self, why: dict[str, str]) -> None:
+    def __init__(self, why: dict[str, str], invalid: bool = False) -> None:
         super().__init__("; ".join(f"{name}: {reason}" for name, reason in why.items()))
         self.why = why
+        self.invalid = invalid
 
 
 class Reloader:
@@ -66,16 +75,22 @@ class Reloader:
         ``Refused`` says why. Returns the values applied (unchanged ones left out)."""
         d = self.daemon
         why: dict[str, str] = {}
+        invalid = False
         changes: dict[str, Any] = {}
         for name, value in raw.items():
             setting = BY_NAME.get(name)
             if setting is None:
                 why[name] = "no such setting"
+                invalid = True
                 continue
             try:
                 coerced = setting.coerce(value, source)
             except ConfigError as exc:
-                why[name] = str(exc)
+                if name in APPLIERS:
+                    why[name] = str(exc)
+                    invalid = True
+                else:
+                    why[name] = f"cannot change while the daemon runs (it needs a restart); and {exc}"
                 continue
             if coerced == d.config[name]:
                 continue
@@ -84,12 +99,12 @@ class Reloader:
                 continue
             changes[name] = coerced
         if why:
-            raise Refused(why)
+            raise Refused(why, invalid)
         if not changes:
             return {}
         try:
             config = d.config.with_values(changes, source)
-        except ConfigError as exc:
+        except ConfigError as exc:  # the new values do not go together with the others
             raise Refused({name: str(exc) for name in changes}) from None
         d.config = config
         for applier in dict.fromkeys(APPLIERS[name] for name in changes):
@@ -119,5 +134,36 @@ class Reloader:
         except Refused as exc:
             log.error("reload refused, nothing changed: %s", exc)
             return
-        if not applied and not restart:
+        quotas = self.reload_quotas(new)
+        if not applied and not restart and not quotas:
             log.info("reload: no setting changed")
+
+    def reload_quotas(self, new: Config) -> int:
+        """Namespace quotas changed in the file take effect now (over a lowered one, the namespace's own blocks
+        are evicted); any other namespace change needs a restart. Returns how many namespaces changed quota."""
+        d = self.daemon
+        assert d.store is not None
+        old = {ns.name: ns for ns in d.config.namespaces}
+        fresh = {ns.name: ns for ns in new.namespaces}
+        changed = 0
+        kept = []
+        for name, ns in old.items():
+            other = fresh.get(name)
+            if other is None or dataclasses.replace(other, quota=ns.quota) != ns:
+                log.warning("reload: namespace %r changed (other than its quota) or was removed; that needs a "
+                            "restart", name)
+            if other is not None and other.quota != ns.quota:
+                live = d.store.namespaces[name]
+                live.quota = dict(other.quota)
+                d.store.shed(live, admin=True)
+                if d.store.nvme is not None:
+                    d.store.nvme.shed(live)
+                log.info("reload: namespace %r quota now %s", name, dict(other.quota) or "none")
+                ns = dataclasses.replace(ns, quota=other.quota)
+                changed += 1
+            kept.append(ns)
+        for name in fresh.keys() - old.keys():
+            log.warning("reload: namespace %r was added; that needs a restart", name)
+        if changed:
+            d.config.namespaces = tuple(kept)
+        return changed

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import struct
+import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ import msgspec
 
 from kvrack import protocol as P
 from kvrack.daemon.connection import RECV_BYTES, Connection, accepted, socket_answers
+from kvrack.daemon.opstats import OpStats
 from kvrack.daemon.session import PeerCredentials, Session
 from kvrack.daemon.store import KeysResult, Store
 
@@ -31,6 +33,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvrack.server")
 _PEERCRED = struct.Struct("3i")
 Answer = tuple[Any, ...]
+_now_ns = time.perf_counter_ns
+# request type -> the op name in stats and metrics
+OP_NAMES: dict[type, str] = {cls: cls.__name__.lower().replace("segments", "") for cls in (
+    P.Hello, P.Lookup, P.Reserve, P.Commit, P.Abort, P.Acquire, P.Release, P.Delete, P.MapSegments, P.Stats,
+    P.Read, P.Write, P.Prefetch, P.Touch)}
+TRANSPORTS = (P.TRANSPORT_SHM, P.TRANSPORT_NIXL, P.TRANSPORT_TCP)
 
 
 class ControlServer:
@@ -55,6 +63,10 @@ class ControlServer:
         self._next_session = 1
         self.requests = 0
         self.deferred: set[asyncio.Task[Any]] = set()
+        self.opstats = OpStats()
+        # block bytes clients wrote ("in": committed) and were handed ("out": acquired or read), by transport
+        self.transfers: dict[str, dict[str, int]] = {"in": dict.fromkeys(TRANSPORTS, 0),
+                                                     "out": dict.fromkeys(TRANSPORTS, 0)}
         # a handler answers (reply, fds[, payload, done]) now, or returns a coroutine that produces them after I/O
         self._handlers: dict[type, Callable[[Connection, Any], Any]] = {
             P.Hello: self._hello, P.Lookup: self._lookup, P.Reserve: self._reserve, P.Commit: self._commit,
@@ -95,10 +107,15 @@ class ControlServer:
                 pass
 
     def begin_drain(self) -> None:
-        """Stop taking new requests; replies already queued still go out."""
+        """Admit no new clients and no new puts (reserve answers SHUTTING_DOWN); requests on open connections
+        go on, so readers finish and writers commit what they reserved."""
         self.draining = True
-        for conn in list(self.connections):
-            conn.stop_reading()
+
+    def quiet(self) -> bool:
+        """Nothing in flight: no reservation or pin held, no request waiting on I/O, no reply still queued."""
+        if self.deferred or self.pending_output():
+            return False
+        return not any(c.session.reserved or c.session.pins or c.session.receiving for c in self.connections)
 
     def pending_output(self) -> int:
         return sum(c.out_bytes for c in self.connections)
@@ -139,15 +156,38 @@ class ControlServer:
 
     def stats(self, namespace: str | None = None) -> dict[str, int]:
         """The ``server`` section of the stats."""
-        return {"sessions": len(self.connections), "requests": self.requests}
+        return {"sessions": len(self.connections), "requests": self.requests, "in_flight": self.in_flight(),
+                "draining": int(self.draining)}
+
+    def in_flight(self) -> int:
+        """Requests started and not yet answered: deferred ones and writes whose bytes are still arriving."""
+        return len(self.deferred) + sum(1 for c in self.connections if c.session.receiving)
+
+    def transfer_stats(self, namespace: str | None = None) -> dict[str, dict[str, int]]:
+        """Bytes in and out by transport, all namespaces together (none in a tenant's view)."""
+        if namespace is not None:
+            return {}
+        return {direction: dict(by) for direction, by in self.transfers.items()}
+
+    def _account(self, conn: Connection, req: Any, reply: Any, started_ns: int) -> None:
+        """One answered request in the op stats; bytes handed out in the transfer counters."""
+        self.opstats.record(OP_NAMES[type(req)], _now_ns() - started_ns, reply.code, getattr(reply, "codes", None))
+        if type(reply) is P.KeysReply and reply.descriptors:
+            out = self.transfers["out"]
+            transport = P.TRANSPORT_SHM if conn.session.remote is None else P.TRANSPORT_NIXL
+            out[transport] += sum(d.length for d in reply.descriptors if d is not None)
+        elif type(reply) is P.ReadReply:
+            self.transfers["out"][P.TRANSPORT_TCP] += sum(reply.lengths)
 
     # ------------------------------------------------------------- dispatch
     def dispatch(self, conn: Connection, body: bytes) -> None:
+        started = _now_ns()
         self.requests += 1
         try:
             req = P.request_decoder.decode(body)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             rid, code, message = P.describe_decode_error(body, exc)
+            self.opstats.record("invalid", _now_ns() - started, int(code))
             if code == P.ErrorCode.BAD_FRAME:
                 conn.fail(code, message, rid)
             else:
@@ -173,20 +213,22 @@ class ControlServer:
                     return
                 if not isinstance(out, tuple):  # waits for I/O: answered when it is done
                     conn.pause()
-                    task = self.loop.create_task(self._deferred(conn, req, out))
+                    task = self.loop.create_task(self._deferred(conn, req, out, started))
                     self.deferred.add(task)
                     task.add_done_callback(self.deferred.discard)
                     return
                 reply, fds, *payload = out
                 conn.send(P.encode_frame(reply), fds, *payload)
+                self._account(conn, req, reply, started)
                 return
         conn.send(P.encode_frame(reply), fds)
+        self._account(conn, req, reply, started)
 
     @staticmethod
     def _internal_error(rid: int) -> tuple[P.Reply, tuple[int, ...]]:
         return P.ErrorReply(id=rid, code=int(P.ErrorCode.INTERNAL), message="internal error; see the daemon log"), ()
 
-    async def _deferred(self, conn: Connection, req: Any, work: Coroutine[Any, Any, Answer]) -> None:
+    async def _deferred(self, conn: Connection, req: Any, work: Coroutine[Any, Any, Answer], started: int) -> None:
         try:
             reply, fds, *payload = await work
         except Exception:
@@ -194,6 +236,7 @@ class ControlServer:
             reply, fds = self._internal_error(req.id)
             payload = []
         conn.resume(P.encode_frame(reply), fds, *payload)
+        self._account(conn, req, reply, started)
 
     def _then(self, out: KeysResult | Coroutine[Any, Any, KeysResult], reply: Callable[[KeysResult], Answer]) -> Any:
         """``reply(result)`` now, or a coroutine producing it once the store's result is ready."""
@@ -295,7 +338,12 @@ class ControlServer:
         return self._then(out, lambda res: self._keys_reply(req.id, res))
 
     def _commit(self, conn: Connection, req: P.Commit) -> tuple[P.Reply, tuple[int, ...]]:
-        return self._keys_reply(req.id, self.store.commit(conn.session, req.keys))
+        counters = self.store.counters
+        before = counters.put_bytes
+        res = self.store.commit(conn.session, req.keys)
+        transport = P.TRANSPORT_SHM if conn.session.remote is None else P.TRANSPORT_NIXL
+        self.transfers["in"][transport] += counters.put_bytes - before
+        return self._keys_reply(req.id, res)
 
     def _abort(self, conn: Connection, req: P.Abort) -> tuple[P.Reply, tuple[int, ...]]:
         return self._keys_reply(req.id, self.store.abort(conn.session, req.keys))
@@ -403,6 +451,7 @@ class ControlServer:
             conn.fail(P.ErrorCode.BAD_REQUEST, f"write: one size per key, each 0..{max_block} bytes", req.id)
             return None
         session = conn.session
+        started = _now_ns()
         targets: list[memoryview | int] = []
         codes = [int(P.ErrorCode.OK)] * len(req.keys)
         for i, (key, size) in enumerate(zip(req.keys, req.sizes)):
@@ -417,10 +466,14 @@ class ControlServer:
         def landed() -> None:
             session.receiving = False
             ok = [k for k, c in zip(req.keys, codes) if c == P.ErrorCode.OK]
+            before = self.store.counters.put_bytes
             committed = self.store.commit(session, ok)
+            self.transfers["in"][P.TRANSPORT_TCP] += self.store.counters.put_bytes - before
             by_key = dict(zip(ok, committed.codes))
             final = [by_key.get(k, c) if c == P.ErrorCode.OK else c for k, c in zip(req.keys, codes)]
-            conn.send(P.encode_frame(P.KeysReply(id=req.id, codes=final)))
+            reply = P.KeysReply(id=req.id, codes=final)
+            conn.send(P.encode_frame(reply))
+            self._account(conn, req, reply, started)
 
         session.receiving = True
         conn.expect_payload(targets, landed)

@@ -22,6 +22,7 @@ from kvrack.daemon.settings_table import (
     MIN_TOKEN_CHARS,
     NAMESPACE_FIELDS,
     POLICY_NAMES,
+    QUOTA_FIELDS,
     SETTINGS,
     ConfigError,
     NamespaceConfig,
@@ -30,7 +31,7 @@ from kvrack.daemon.settings_table import (
     physical_memory,
 )
 from kvrack.daemon.settings_view import SettingsView
-from kvrack.sizes import format_size, human_size
+from kvrack.sizes import format_size, human_size, parse_size
 from kvrack.tiers.nvme import default_nvme_capacity
 
 
@@ -142,6 +143,8 @@ def render_toml(values: dict[str, Any] | None, namespaces: tuple[NamespaceConfig
                   f"gids = {_toml_value(None, list(ns.gids))}"]
         if ns.salt:
             lines.append(f"salt = {_toml_value(None, ns.salt)}")
+        for name, value in ns.quota:
+            lines.append(f"quota_{name} = {value}")
         if ns.token:
             lines.append("# token: set (not shown)")
     return "\n".join(lines) + "\n"
@@ -181,7 +184,23 @@ def _parse_namespaces(raw: Any) -> tuple[NamespaceConfig, ...]:
             raise ConfigError(f"namespaces[{i}].salt: expected hex digits") from None
         if any(ns.name == name for ns in out):
             raise ConfigError(f"namespaces: {name!r} is declared twice")
-        out.append(NamespaceConfig(name, ids["uids"], ids["gids"], salt, _namespace_token(table, i)))
+        out.append(NamespaceConfig(name, ids["uids"], ids["gids"], salt, _namespace_token(table, i),
+                                   _namespace_quota(table, i)))
+    return tuple(out)
+
+
+def _namespace_quota(table: dict[str, Any], i: int) -> tuple[tuple[str, int], ...]:
+    out = []
+    for name in QUOTA_FIELDS:
+        raw = table.get(f"quota_{name}", 0)
+        try:
+            value = parse_size(raw) if name.endswith("_bytes") else raw
+        except ValueError as exc:
+            raise ConfigError(f"namespaces[{i}].quota_{name}: {exc}") from None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"namespaces[{i}].quota_{name}: expected a whole number >= 0, got {raw!r}")
+        if value:
+            out.append((name, value))
     return tuple(out)
 
 
@@ -252,7 +271,8 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
 
 
 # KVRACK_* variables that are not settings: read by clients and by the test and benchmark tools
-CLIENT_ENV = ("KVRACK_ADDRESS", "KVRACK_TOKEN", "KVRACK_TRANSPORT")
+# (KVRACK_ADMIN_TOKEN_FILE is also the setting admin.token_file: the kvrack command reads the same file)
+CLIENT_ENV = ("KVRACK_ADDRESS", "KVRACK_TOKEN", "KVRACK_TRANSPORT", "KVRACK_ADMIN", "KVRACK_ADMIN_TOKEN")
 OTHER_ENV_PREFIXES = ("KVRACK_TEST_", "KVRACK_STRESS_", "KVRACK_BENCH_")
 
 

@@ -217,6 +217,24 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tcp.nixl_progress_delay_us", "int", 1000,
             "Idle sleep of the daemon's NIXL progress thread (0 spins a core; transfers in flight are progressed "
             "without sleeping).", min=0, max=1_000_000),
+    Setting("admin.enabled", "bool", True,
+            "Serve the admin API (health, stats, blocks, quotas, config, drain) and Prometheus metrics (/metrics), "
+            "on threads of their own, off the data path. See docs/operations.md."),
+    Setting("admin.socket_path", "str", "",
+            "Unix socket of the admin API; empty = kvrack-admin.sock beside server.socket_path. Its mode is "
+            "server.socket_mode."),
+    Setting("admin.tcp_host", "str", "127.0.0.1", "Address the admin API's TCP listener binds (with admin.tcp_port)."),
+    Setting("admin.tcp_port", "int", 0, "TCP port of the admin API and /metrics; 0 = Unix socket only.", min=0,
+            max=65535),
+    Setting("admin.token_file", "str", "",
+            "File holding the bearer token that mutations need (first line). Empty = a random token written at "
+            "start to kvrack-admin.token beside the admin socket (mode 0600: readable by the daemon's user only), "
+            "which the kvrack command reads."),
+    Setting("admin.read_auth", "bool", False, "Reads (stats, config, blocks, metrics) need the token too; "
+            "/healthz and /readyz never do.", runtime=True),
+    Setting("admin.metrics_max_namespaces", "int", 32,
+            "Namespaces given their own label in /metrics, by bytes held; the rest are summed as namespace=\"other\".",
+            min=1, max=10_000, runtime=True),
     Setting("log.level", "choice", "info", "Log verbosity.", choices=("debug", "info", "warning", "error"), runtime=True),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
@@ -240,7 +258,14 @@ NAMESPACE_FIELDS: tuple[NamespaceField, ...] = (
                    "no TCP access. Never logged or printed."),
     NamespaceField("token_file", "str", "", "File holding the token (first line), instead of token: keep secrets "
                    "out of the config file (mode 0600)."),
+    NamespaceField("quota_dram_bytes", "size", 0, "Most DRAM bytes the namespace holds; past it, its puts evict its "
+                   "own blocks (leaf first), never another tenant's. 0 = no quota. Changeable at runtime (admin API, SIGHUP)."),
+    NamespaceField("quota_dram_blocks", "int", 0, "Most DRAM blocks the namespace holds (as quota_dram_bytes)."),
+    NamespaceField("quota_nvme_bytes", "size", 0, "Most NVMe bytes the namespace holds; past it, its own NVMe copies "
+                   "are evicted first."),
+    NamespaceField("quota_nvme_blocks", "int", 0, "Most NVMe blocks the namespace holds (as quota_nvme_bytes)."),
 )
+QUOTA_FIELDS = ("dram_bytes", "dram_blocks", "nvme_bytes", "nvme_blocks")
 MIN_TOKEN_CHARS = 16
 
 
@@ -251,3 +276,4 @@ class NamespaceConfig:
     gids: tuple[int, ...] = ()
     salt: bytes = b""
     token: str = dataclasses.field(default="", repr=False)  # repr=False: never in a log line or traceback
+    quota: tuple[tuple[str, int], ...] = ()  # (QUOTA_FIELDS name, limit) for each quota set

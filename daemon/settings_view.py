@@ -100,6 +100,19 @@ class TcpSettings:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class AdminSettings:
+    """[admin]"""
+
+    enabled: bool
+    socket_path: str
+    tcp_host: str
+    tcp_port: int
+    token_file: str
+    read_auth: bool
+    metrics_max_namespaces: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class LogSettings:
     """[log]"""
 
@@ -116,6 +129,7 @@ class SettingsView:
     cxl: CxlSettings
     hbm: HbmSettings
     tcp: TcpSettings
+    admin: AdminSettings
     log: LogSettings
 
     def __init__(self, values: Mapping[str, Any]) -> None:
@@ -126,4 +140,5 @@ class SettingsView:
         self.cxl = CxlSettings(values["cxl.enabled"], values["cxl.dir"], values["cxl.paths"], values["cxl.capacity_bytes"], values["cxl.chunk_bytes"], values["cxl.coherent"], values["cxl.policy"], values["cxl.host_timeout_s"])
         self.hbm = HbmSettings(values["hbm.enabled"], values["hbm.device"], values["hbm.capacity_bytes"], values["hbm.segment_bytes"], values["hbm.promote_after_hits"])
         self.tcp = TcpSettings(values["tcp.enabled"], values["tcp.host"], values["tcp.port"], values["tcp.hello_timeout_s"], values["tcp.tls_cert"], values["tcp.tls_key"], values["tcp.tls_client_ca"], values["tcp.nixl"], values["tcp.nixl_progress_delay_us"])
+        self.admin = AdminSettings(values["admin.enabled"], values["admin.socket_path"], values["admin.tcp_host"], values["admin.tcp_port"], values["admin.token_file"], values["admin.read_auth"], values["admin.metrics_max_namespaces"])
         self.log = LogSettings(values["log.level"])

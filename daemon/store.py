@@ -18,10 +18,10 @@ import blake3
 
 from kvrack.daemon.counters import StoreCounters
 from kvrack.daemon.eviction import Eviction
-from kvrack.daemon.index import COMMITTED, DELETED, RESERVED, Entry, Namespace
+from kvrack.daemon.index import COMMITTED, DELETED, HIT, RESERVED, Entry, Namespace
 from kvrack.daemon.leases import Leases
 from kvrack.daemon.movement import CopyingTier, Movement
-from kvrack.daemon.order import make_order
+from kvrack.daemon.order import NamespaceOrders
 from kvrack.daemon.policies.admission import Admission, make_admission
 from kvrack.daemon.policies.base import LeafFirst
 from kvrack.daemon.policies.chains import EntryChains
@@ -62,18 +62,20 @@ class Store(Eviction, Reads):
                  policy: str = "lru", typical_block_bytes: int = 2 << 20) -> None:
         self.tier = tier
         self.tiers: dict[int, MemoryTier] = {int(tier.tier_id): tier}  # tiers whose segments clients map
-        self.namespaces = {ns.name: Namespace(ns.name, namespace_salt(ns), ns.uids, ns.gids, ns.token)
-                           for ns in namespaces}
+        self.namespaces = {ns.name: Namespace(ns.name, namespace_salt(ns), ns.uids, ns.gids, ns.token,
+                                              dict(ns.quota)) for ns in namespaces}
         self.reserve_timeout_s = reserve_timeout_s
         self.pin_timeout_s = pin_timeout_s
         self.clock = clock
         # non-LRU policies size their queues in blocks, estimated from the capacity and a typical block size
-        self.order = make_order(policy, tier.capacity // max(1, typical_block_bytes))
+        self.order = NamespaceOrders(self.namespaces, policy, tier.capacity // max(1, typical_block_bytes))
         self.chains = EntryChains()  # children with a DRAM copy, for leaf-first eviction
-        self._leaf_first = LeafFirst(self._deepest_evictable, self._dram_parent, self.order.holds)
+        for ns in self.namespaces.values():
+            ns.leaf = LeafFirst(self._deepest_evictable, self._dram_parent, self.order.holds)
         self._typical_block = typical_block_bytes
         self.pinned_blocks = 0  # blocks with at least one pin, deleted-but-pinned included
         self.counters = StoreCounters()
+        self.hits_by_tier = {int(t): 0 for t in TierId if t}  # keys looked up that hit, by tier id
         self._sizes: dict[int, int] = {}  # interned block sizes: one int object per size, not per entry
         self.leases = Leases(self)
         self.movement = Movement()
@@ -180,6 +182,12 @@ class Store(Eviction, Reads):
                     return f"key {i} has {len(key)} bytes; keys are {KEY_BYTES} bytes"
         self.counters.lookup_keys += len(keys)
         self.counters.lookup_hits += hits
+        ns.lookup_keys += len(keys)
+        ns.lookup_hits += hits
+        if hits:
+            by_tier = self.hits_by_tier
+            for tier_id in by_tier:
+                by_tier[tier_id] += tiers.count(tier_id)
         if prefix < 0:
             return len(keys), bytes(tiers)
         if self.movement:
@@ -244,6 +252,11 @@ class Store(Eviction, Reads):
                 else:
                     res.codes[i] = ErrorCode.IN_PROGRESS
                 continue
+            if ns.quota and ns.over_quota("dram", size, 1) and not self.shed(ns, size, 1):
+                res.codes[i] = ErrorCode.QUOTA_EXCEEDED
+                res.message = (f"namespace {ns.name!r} is at its DRAM quota ({_quota_text(ns, 'dram')}) and none of "
+                               "its own blocks can go (all pinned or being written)")
+                continue
             placement = self.make_room(ns.name, size)
             if placement is None:
                 res.codes[i] = ErrorCode.NO_SPACE
@@ -257,6 +270,8 @@ class Store(Eviction, Reads):
                 parent = pe.key if pe is not None else bytes(parent)  # share the parent's key object
             e = Entry(key, ns, seg, slot, size, parent)
             ns.entries[key] = e
+            ns.reserved_blocks += 1
+            ns.reserved_bytes += size
             session.reserved[key] = (e, deadline)
             res.descriptors[i] = self.descriptor(e)
         if session.reserved:
@@ -274,6 +289,8 @@ class Store(Eviction, Reads):
         e.slot = slot
         self.dram_blocks += 1
         self.dram_bytes += e.nbytes
+        e.ns.dram_blocks += 1
+        e.ns.dram_bytes += e.nbytes
         if e.parent is not None:
             pe = e.ns.entries.get(e.parent)
             if pe is not None:
@@ -286,6 +303,8 @@ class Store(Eviction, Reads):
         e.seg = None
         self.dram_blocks -= 1
         self.dram_bytes -= e.nbytes
+        e.ns.dram_blocks -= 1
+        e.ns.dram_bytes -= e.nbytes
         if e.parent is not None:
             pe = e.ns.entries.get(e.parent)
             if pe is not None:
@@ -321,6 +340,8 @@ class Store(Eviction, Reads):
             e = held[0]
             e.state = COMMITTED
             ns = e.ns
+            ns.reserved_blocks -= 1
+            ns.reserved_bytes -= e.nbytes
             ns.blocks += 1
             ns.bytes += e.nbytes
             counters.puts += 1
@@ -348,6 +369,8 @@ class Store(Eviction, Reads):
 
     def drop_reserved(self, e: Entry) -> None:
         del e.ns.entries[e.key]
+        e.ns.reserved_blocks -= 1
+        e.ns.reserved_bytes -= e.nbytes
         e.state = DELETED
         self.counters.aborted += 1
         self.tier.free(e.seg, e.slot)
@@ -390,6 +413,7 @@ class Store(Eviction, Reads):
             else:
                 pin[0] += 1
                 pin[1] = deadline
+            e.nflags += HIT
             if e.seg is not None:
                 res.descriptors[i] = self.descriptor(e)
             else:
@@ -438,8 +462,12 @@ class Store(Eviction, Reads):
     def delete(self, session: Session, keys: Sequence[bytes]) -> KeysResult:
         """Remove blocks from the index now, and their copies in other tiers; pinned bytes stay valid until
         their last release."""
-        ns = session.namespace
-        assert ns is not None
+        assert session.namespace is not None
+        return self.delete_keys(session.namespace, keys, session)
+
+    def delete_keys(self, ns: Namespace, keys: Sequence[bytes], session: Session | None = None) -> KeysResult:
+        """``delete`` for a client's ``session`` or, without one, for the admin API (a block being written is
+        IN_PROGRESS to it)."""
         res = KeysResult(len(keys), False)
         copiers = self.movement.on_delete
         for i, key in enumerate(keys):
@@ -451,7 +479,7 @@ class Store(Eviction, Reads):
                     res.codes[i] = ErrorCode.NOT_FOUND
                 continue
             if e.state == RESERVED:
-                if session.holds_reservation(key, e):
+                if session is not None and session.holds_reservation(key, e):
                     del session.reserved[key]
                     self.drop_reserved(e)
                 else:
@@ -510,14 +538,37 @@ class Store(Eviction, Reads):
                 out.append(self.absent[name])
         return out
 
-    def namespace_stats(self, namespace: str | None = None) -> dict[str, dict[str, int]]:
-        return {ns.name: {"blocks": ns.blocks, "bytes": ns.bytes, "entries": len(ns.entries)}
+    def namespace_stats(self, namespace: str | None = None) -> dict[str, dict[str, Any]]:
+        return {ns.name: {"blocks": ns.blocks, "bytes": ns.bytes, "entries": len(ns.entries),
+                          "dram_blocks": ns.dram_blocks, "dram_bytes": ns.dram_bytes, "nvme_blocks": ns.nvme_blocks,
+                          "nvme_bytes": ns.nvme_bytes, "quota": dict(ns.quota), "lookup_keys": ns.lookup_keys,
+                          "lookup_hits": ns.lookup_hits}
                 for ns in self.namespaces.values() if namespace in (None, ns.name)}
+
+    def hit_stats(self, namespace: str | None = None) -> dict[str, int]:
+        """Keys looked up that were cached, by the tier that held them (all namespaces: none in a tenant's
+        view, which has its own namespace's lookups)."""
+        if namespace is not None:
+            return {}
+        return {TierId(t).name.lower(): n for t, n in self.hits_by_tier.items()}
+
+    def lease_stats(self, namespace: str | None = None) -> dict[str, int]:
+        """Reservations and pins held now."""
+        reservations = pins = 0
+        for s in self.leases.holders:
+            if namespace is None or (s.namespace is not None and s.namespace.name == namespace):
+                reservations += len(s.reserved)
+                pins += sum(p[0] for p in s.pins.values())
+        return {"reservations": reservations, "pins": pins}
 
     def stats(self, namespace: str | None = None) -> dict[str, Any]:
         """The store's sections of the stats (tiers, ops, namespaces, moves)."""
         return {"tiers": self.tier_stats(namespace), "ops": {**self.counters.as_dict(), **self.leases.counters.as_dict()},
                 "namespaces": self.namespace_stats(namespace), "moves": self.movement.moves()}
+
+
+def _quota_text(ns: Namespace, tier: str) -> str:
+    return ", ".join(f"{k.split('_', 1)[1]} {v}" for k, v in ns.quota.items() if k.startswith(tier)) or "none"
 
 
 __all__ = ["KeysResult", "Store", "TierId", "namespace_salt"]

@@ -7,8 +7,11 @@ import os
 import signal
 import textwrap
 
+import pytest
+
 from kvrack.bench.spawn import DaemonProcess
 from kvrack.clients import Client
+from kvrack.clients.admin import AdminApiError, AdminClient
 from kvrack.daemon.reload import APPLIERS
 from kvrack.daemon.settings import SETTINGS
 
@@ -75,4 +78,13 @@ def test_sighup_applies_each_runtime_setting_and_refuses_the_others(tmp_path):
         reload(d, path, BASE.replace("evict_low_watermark = 0.90", "evict_low_watermark = 0.99"))
         assert "reload: the configuration is not valid, nothing changed" in d.log()
         assert hello(d.socket_path)["dram"]["evict_low_water_bytes"] == int(cap * 0.90)
+
+        reload(d, path, BASE + "[admin]\nmetrics_max_namespaces = 3\n")  # read at each scrape
+        setting = d.admin().config()["settings"]["admin.metrics_max_namespaces"]
+        assert setting["value"] == 3 and setting["source"].startswith("reload of")
+        reload(d, path, BASE + "[admin]\nread_auth = true\n")
+        with pytest.raises(AdminApiError) as err:
+            AdminClient(d.admin_path, "").stats()
+        assert err.value.status == 401
+        assert d.admin().stats()["daemon"]["config_reloads"] >= 6
     assert d.returncode == 0

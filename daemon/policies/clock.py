@@ -46,15 +46,16 @@ class DictFlags:
 
 
 class EntryFlags:
-    """Bits in the index entry's ``nflags`` slot: no memory beyond the ring."""
+    """Bits in the index entry's ``nflags`` slot (its low 3 bits: QUEUED, REFERENCED, PRESENT): no memory beyond
+    the ring."""
 
     @staticmethod
     def get(key: Any) -> int:
-        return int(key.nflags)
+        return int(key.nflags) & 7
 
     @staticmethod
     def set(key: Any, bits: int) -> None:
-        key.nflags = bits
+        key.nflags = (key.nflags & ~7) | bits  # the bits above are the entry's hit count
 
 
 class ClockPolicy(EvictionPolicy):
