@@ -15,7 +15,7 @@ TEST_STAMP := $(VENV)/.kvrack-test
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.kvrack-vllm
 
-.PHONY: run test system-packages test-vllm openapi panels bench-e2e test-all test-hugepages bench bench-check stress lint example wheel clean clean-data
+.PHONY: run test system-packages test-vllm openapi panels reliability-report soak bench-e2e test-all test-hugepages bench bench-check stress lint example wheel clean clean-data
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -75,6 +75,15 @@ openapi: $(RUN_STAMP)
 panels: $(TEST_STAMP) system-packages
 	$(PIP) 'matplotlib>=3.8'
 	$(PY) docs/plot_panels.py docs/panels
+
+## reliability-report: the long reliability suite (>= 20 kill -9, >= 1,000,000 fuzzed frames, hostile clients,
+## a hoarding tenant); writes reliability-report.json at the repository's root
+reliability-report: $(TEST_STAMP)
+	$(PY) -m tests.reliability.suite --long --json reliability-report.json
+
+## soak: 30 minutes of mixed load with client churn; RSS, descriptors and latency each minute (soak-report.json)
+soak: $(TEST_STAMP)
+	$(PY) -m tests.reliability.soak --minutes 30 --interval 60 --json soak-report.json
 
 ## bench: kvrack bench local, results in bench-local.json
 bench: $(RUN_STAMP)

@@ -46,7 +46,8 @@ class DaemonProcess:
     each stopped daemon's log first (tests print it when they fail).
     """
 
-    logs: list[tuple[str, str]] | None = None
+    # (socket, log, exit status, "stop" or "kill") of each daemon stopped while a list is set (the tests' fixture)
+    logs: list[tuple[str, str, int | None, str]] | None = None
 
     def __init__(self, settings: Mapping[str, object] | None = None, socket_path: str | None = None,
                  config_path: str | None = None, log_path: str | None = None, ready_timeout: float = 30.0,
@@ -55,6 +56,7 @@ class DaemonProcess:
         self.socket_path = socket_path or os.path.join(self._tmp, "kvrack.sock")
         self.log_path = log_path or os.path.join(self._tmp, "kvrackd.log")
         self.returncode: int | None = None
+        self.how = "stop"  # how it was stopped: "stop" (SIGTERM, or it exited) or "kill" (SIGKILL)
         self._final_log: str | None = None
         # command_prefix runs the daemon under another command, e.g. ["ip", "netns", "exec", NAME]
         args = [*command_prefix, sys.executable, "-m", "kvrack.daemon.main", "--socket", self.socket_path]
@@ -124,6 +126,7 @@ class DaemonProcess:
 
     def kill(self) -> None:
         """SIGKILL: no drain, no flush (what a crash looks like)."""
+        self.how = "kill"
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
@@ -136,7 +139,7 @@ class DaemonProcess:
         self.returncode = self.proc.returncode
         self._final_log = self.log()
         if DaemonProcess.logs is not None:
-            DaemonProcess.logs.append((self.socket_path, self._final_log))
+            DaemonProcess.logs.append((self.socket_path, self._final_log, self.returncode, self.how))
         self._cleanup()
 
     def _cleanup(self) -> None:

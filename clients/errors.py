@@ -131,7 +131,7 @@ for _code in ErrorCode:
         _BY_CODE[_code] = NoSpace
     elif 200 <= _code < 300:
         _BY_CODE[_code] = AuthError
-    elif _code in (ErrorCode.TIER_UNAVAILABLE, ErrorCode.SHUTTING_DOWN):
+    elif _code in (ErrorCode.TIER_UNAVAILABLE, ErrorCode.SHUTTING_DOWN, ErrorCode.BUSY):
         _BY_CODE[_code] = TierUnavailable
     elif 100 <= _code < 400:
         _BY_CODE[_code] = InvalidRequest

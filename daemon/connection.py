@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import array
 import collections
+import errno
 import itertools
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +31,8 @@ if TYPE_CHECKING:
     from kvrack.daemon.server import ControlServer
 
 log = logging.getLogger("kvrack.server")
-MAX_QUEUED_OUT = 64 * 1024 * 1024  # stop reading from a client that does not read its replies
+MAX_QUEUED_OUT = 64 * 1024 * 1024  # queued bytes, block payloads included, past which a connection is not read
+PRE_HELLO_FRAME_BYTES = 64 * 1024  # a connection that has not said hello sends no larger frame
 RECV_BYTES = 1 << 20
 _IOV_MAX = 512  # buffers per gathering sendmsg (the kernel allows 1024)
 
@@ -47,18 +50,49 @@ def socket_answers(path: str) -> bool:
     return True
 
 
+class OutOfDescriptors(OSError):
+    """accept() failed for want of file descriptors (or kernel memory): the listener must pause, or it spins."""
+
+
+_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
 def accepted(listener: socket.socket, what: str) -> Iterator[tuple[socket.socket, Any]]:
-    """The connections a non-blocking listener has ready (64 at most per readiness event), non-blocking."""
+    """The connections a non-blocking listener has ready (64 at most per readiness event), non-blocking. Out of
+    file descriptors: ``OutOfDescriptors`` (the pending connections stay in the backlog)."""
     for _ in range(64):
         try:
             sock, addr = listener.accept()
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            log.error("%s accept failed: %s", what, exc)
-            return
+            if exc.errno in _EXHAUSTED:
+                raise OutOfDescriptors(exc.errno, exc.strerror) from None
+            log.error("%s accept failed: %s", what, exc)  # one connection's trouble (ECONNABORTED): go on
+            continue
         sock.setblocking(False)
         yield sock, addr
+
+
+class RateLimitedLog:
+    """One log line per ``every_s`` for a recurring condition, with how many times it happened in between: hostile
+    or broken clients cannot fill the log."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = 10.0) -> None:
+        self.logger = logger
+        self.every_s = every_s
+        self.last: dict[str, float] = {}
+        self.suppressed: dict[str, int] = {}
+
+    def __call__(self, level: int, key: str, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self.last.get(key, -1e9) < self.every_s:
+            self.suppressed[key] = self.suppressed.get(key, 0) + 1
+            return
+        self.last[key] = now
+        skipped = self.suppressed.pop(key, 0)
+        self.logger.log(level, msg + (f" ({skipped} more like it in the last {self.every_s:g} s)" if skipped else ""),
+                        *args)
 
 
 class Connection:
@@ -77,10 +111,14 @@ class Connection:
         self.session = session
         self.tls = tls  # an ssl.SSLSocket: no sendmsg, and decrypted bytes may wait inside it
         self.inbuf = bytearray()
-        # (bytes to send, fds to pass with their first byte, called once they are all sent)
-        self.out: collections.deque[tuple[memoryview, tuple[int, ...], Callable[[], None] | None]] = \
+        # (bytes, fds to pass with their first byte, called once all are sent, whether the bytes are a reply frame
+        # built for this client, which costs daemon memory, rather than a view of block bytes in a tier)
+        self.out: collections.deque[tuple[memoryview, tuple[int, ...], Callable[[], None] | None, bool]] = \
             collections.deque()
         self.out_bytes = 0
+        self.frame_bytes = 0  # of out_bytes, reply frames (daemon memory), bounded by server.max_queued_reply_bytes
+        self.over_since = 0.0  # when it went over its reply limit (its client stopped reading), else 0
+        self.in_process = False  # dispatching buffered frames now (a reply sent meanwhile must not re-enter)
         self.writing = False
         self.reading = True
         self.paused = False  # a deferred reply is being prepared: take no further request yet
@@ -161,10 +199,26 @@ class Connection:
 
     def process(self) -> None:
         """Dispatch every complete frame in the input buffer, until one needs a deferred reply."""
+        self.in_process = True
+        try:
+            self._process()
+        finally:
+            self.in_process = False
+        if not (self.reading or self.paused or self.closing or self.closed or self.writing) and not self.over_limit():
+            self.over_since = 0.0  # it had stopped over its limit, and its replies went out meanwhile
+            self.reading = True
+            self.server.loop.add_reader(self.fileno, self.on_readable)
+
+    def _process(self) -> None:
         buf = self.inbuf
         max_frame = self.server.max_frame_bytes
         pos = 0
         while not self.closing and not self.paused:
+            if self.frame_bytes and self.over_limit():  # its client reads no replies: take no more requests
+                self.over_since = self.over_since or time.monotonic()
+                if self.reading:
+                    self.stop_reading()
+                break
             if self.sink is not None:
                 pos = self._feed_sink(buf, pos)
                 if self.sink is not None:
@@ -176,6 +230,10 @@ class Connection:
             if n > max_frame:
                 self.fail(P.ErrorCode.FRAME_TOO_LARGE, f"frame of {n} bytes exceeds server.max_frame_bytes={max_frame}")
                 break
+            if n > PRE_HELLO_FRAME_BYTES and self.session.namespace is None:
+                self.fail(P.ErrorCode.FRAME_TOO_LARGE, f"frame of {n} bytes before hello (at most "
+                          f"{PRE_HELLO_FRAME_BYTES} until the connection has said hello)")
+                break
             end = pos + P.HEADER_BYTES + n
             if len(buf) < end:
                 break
@@ -186,8 +244,10 @@ class Connection:
             del buf[:pos]
 
     def fail(self, code: P.ErrorCode, message: str, rid: int = 0) -> None:
-        """Say why, then close this connection only."""
-        log.warning("session %d: %s: %s; closing the connection", self.session.id, code.name, message)
+        """Say why, then close this connection only (logged at most once per 10 s per code: hostile traffic cannot
+        fill the log; ``errors`` in the stats counts every one)."""
+        self.server.ratelog(logging.WARNING, code.name, "session %d: %s: %s; closing the connection", self.session.id,
+                            code.name, message)
         self.send(P.encode_frame(P.ErrorReply(id=rid, code=int(code), message=message)))
         self.closing = True
         self.stop_reading()
@@ -211,7 +271,7 @@ class Connection:
         self.send(frame, fds, payload, done)
         self.paused = False
         self.process()
-        if not (self.paused or self.closing or self.closed or self.reading) and self.out_bytes <= MAX_QUEUED_OUT:
+        if not (self.paused or self.closing or self.closed or self.reading) and not self.over_limit():
             self.reading = True
             self.server.loop.add_reader(self.fileno, self.on_readable)
 
@@ -222,25 +282,37 @@ class Connection:
         if self.closed:
             return
         if payload:
-            self._queue(memoryview(frame), fds, None)
+            self._queue(memoryview(frame), fds, None, True)
             for view in payload[:-1]:
-                self._queue(view, (), None)
-            self._queue(payload[-1], (), done)
+                self._queue(view, (), None, False)
+            self._queue(payload[-1], (), done, False)
         else:
-            self._queue(memoryview(frame), fds, done)
+            self._queue(memoryview(frame), fds, done, True)
         if not self.writing:
             self.flush()
 
-    def _queue(self, data: memoryview, fds: tuple[int, ...], done: Callable[[], None] | None) -> None:
-        self.out.append((data, fds, done))
-        self.out_bytes += len(data)
-        if self.out_bytes > MAX_QUEUED_OUT:
+    def _queue(self, data: memoryview, fds: tuple[int, ...], done: Callable[[], None] | None, frame: bool) -> None:
+        self.out.append((data, fds, done, frame))
+        n = len(data)
+        self.out_bytes += n
+        if frame:
+            self.frame_bytes += n
+            self.server.queued_frame_bytes += n
+        if self.reading and self.over_limit():
             self.stop_reading()
+            self.over_since = self.over_since or time.monotonic()
+
+    def over_limit(self) -> bool:
+        """Too much queued for a client that is not reading: this connection's replies past its limit, all
+        connections' past theirs (then every connection with replies queued waits), or block bytes past 64 MiB."""
+        limits = self.server.limits
+        return self.frame_bytes > limits.max_queued_reply_bytes or self.out_bytes > MAX_QUEUED_OUT or (
+            self.frame_bytes > 0 and self.server.queued_frame_bytes > limits.max_total_queued_reply_bytes)
 
     def _send_some(self) -> int:
         """One send call over the head of the queue; bytes sent, or -1 once the connection is closed."""
         out = self.out
-        data, fds, _done = out[0]
+        data, fds, _done, _frame = out[0]
         try:
             if fds:
                 return self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
@@ -269,9 +341,13 @@ class Connection:
                 break
             self.out_bytes -= sent
             while sent:
-                data, fds, done = out[0]
+                data, fds, done, frame = out[0]
+                n = min(sent, len(data))
+                if frame:
+                    self.frame_bytes -= n
+                    self.server.queued_frame_bytes -= n
                 if sent < len(data):
-                    out[0] = (data[sent:], (), done)
+                    out[0] = (data[sent:], (), done, frame)
                     break
                 sent -= len(data)
                 out.popleft()
@@ -288,7 +364,12 @@ class Connection:
             loop.remove_writer(self.fileno)
         if self.closing:
             self.close()
-        elif not self.reading and not self.paused:  # (a drain goes on reading: work in flight finishes)
+        elif not self.reading and not self.paused and not self.over_limit():  # (a drain goes on reading)
+            self.over_since = 0.0
+            if self.inbuf and not self.in_process:  # requests that arrived while it was over its limit
+                self.process()
+                if self.closed or self.reading or self.paused or self.over_limit():
+                    return
             self.reading = True
             loop.add_reader(self.fileno, self.on_readable)
 
@@ -302,6 +383,8 @@ class Connection:
             loop.remove_reader(self.fileno)
         if self.writing:
             loop.remove_writer(self.fileno)
+        self.server.queued_frame_bytes -= self.frame_bytes
+        self.frame_bytes = 0
         self.out.clear()  # pins held for unsent read payloads end with the session, below
         self.sink = None
         self.sink_done = None

@@ -49,7 +49,8 @@ class NvmeCounters(Counters):
     written_blocks: int = 0
     written_bytes: int = 0
     write_errors: int = 0
-    not_persisted: int = 0
+    not_persisted: int = 0  # times a block missed its NVMe copy (a failed write, a degraded or full tier, too large)
+    evicted_unpersisted: int = 0  # written-through blocks DRAM evicted before their NVMe copy existed (keep off)
     promoted_blocks: int = 0
     promoted_bytes: int = 0
     read_errors: int = 0

@@ -22,7 +22,7 @@ from kvrack.daemon.hbm_pool import HbmPool, absent_stats
 from kvrack.daemon.mover import Mover
 from kvrack.daemon.nixl_export import NixlExport
 from kvrack.daemon.reload import Reloader
-from kvrack.daemon.server import ControlServer, socket_answers
+from kvrack.daemon.server import ControlServer, ServerLimits, socket_answers
 from kvrack.daemon.settings import Config
 from kvrack.daemon.stats import StatsRegistry
 from kvrack.daemon.store import Store
@@ -131,8 +131,12 @@ class Daemon:
         else:
             store.absent["nvme"] = {"tier": "nvme", "tier_id": 4, "available": False, "degraded": nvme}
         self._adopt_dram(adoption)
+        store.max_leases_per_session = c.leases.max_per_session
+        limits = ServerLimits(c.server.hello_timeout_s, c.server.max_connections, c.server.max_connections_per_uid,
+                              c.server.max_queued_reply_bytes, c.server.max_total_queued_reply_bytes,
+                              c.server.stalled_client_timeout_s)
         self.server = ControlServer(store, c.server.socket_path, c.server.max_frame_bytes, c.server.max_batch_keys,
-                                    c.server.socket_mode, self.registry)
+                                    c.server.socket_mode, self.registry, limits=limits)
         if c.cxl.enabled:
             self._open_cxl()
         self._open_hbm()
@@ -209,7 +213,8 @@ class Daemon:
                 tls = tls_context(c.tcp.tls_cert, c.tcp.tls_key, c.tcp.tls_client_ca)
             except (OSError, ssl.SSLError) as exc:
                 raise ValueError(f"cannot load the TLS certificate or key: {exc}") from None
-        self.server.tcp = TcpListener(self.server, c.tcp.host, c.tcp.port, tls, c.tcp.hello_timeout_s)
+        self.server.tcp = TcpListener(self.server, c.tcp.host, c.tcp.port, tls, c.tcp.hello_timeout_s,
+                                      c.tcp.tls_handshake_timeout_s)
         if c.tcp.nixl != "off":
             try:
                 self.server.nixl = NixlExport(self.store.tier, c.tcp.nixl_progress_delay_us)
@@ -250,7 +255,8 @@ class Daemon:
             log.warning("nvme.region_bytes (%s) < dram.segment_bytes (%s): blocks larger than a region stay in DRAM only",
                         format_size(c.nvme.region_bytes), format_size(c.dram.segment_bytes))
         store.set_admission(c.nvme.admission)
-        mover = Mover(store, nvme, c.nvme.write_batch_bytes, policy=c.nvme.policy)
+        mover = Mover(store, nvme, c.nvme.write_batch_bytes, retry_s=c.nvme.retry_interval_s, policy=c.nvme.policy,
+                      keep_unpersisted=c.nvme.keep_unpersisted)
         mover.adopt(report, blocks)
         store.attach(mover)
         log.info("nvme tier ready: %s on %s, index %s; recovered %d block(s), %s, in %.2fs (%d dropped); opened in %.2fs",
@@ -427,13 +433,20 @@ class Daemon:
         return out
 
     async def _sweep_leases(self) -> None:
-        assert self.store is not None
+        assert self.store is not None and self.server is not None
         trim = _malloc_trim()
         next_trim = 0.0
+        queued_high = 0  # most reply bytes queued since the last trim
         while True:
             await asyncio.sleep(self.config.leases.sweep_interval_s)
             self.store.sweep()
             self.store.movement.tick()
+            self.server.close_stalled(time.monotonic())
+            queued = self.server.queued_frame_bytes
+            queued_high = max(queued_high, queued)
+            if queued_high > 16 << 20 and queued < queued_high // 4:
+                trim()  # replies queued for clients that did not read them are gone: give the memory back
+                queued_high = queued
             # Index entries are long-lived and always unlinked explicitly, so the cyclic GC has
             # nothing to find among them; without this, each full collection walks every entry
             # (~255 ms at 1 M blocks). Freezing moves what exists now out of the GC's sight.
@@ -467,14 +480,19 @@ class Daemon:
                  f"{report['pins_released']} pin(s) released, {report['requests_abandoned']} request(s) abandoned)")
         mover = store.nvme
         if mover is not None:
+            mover.retry_now()  # blocks kept for a retry get one more try, within the same bound
             pending = mover.pending()
-            if await mover.flush(max(d.deadline - time.monotonic(), 0.0) + 5.0):
-                if pending:
-                    log.info("nvme: wrote the %d block(s) still queued", pending)
-            else:
-                log.warning("nvme: %d block(s) not yet on nvme at shutdown%s", mover.pending(),
-                            "" if self.config.dram.shm_dir else "; they are lost")
-            report["nvme_not_persisted"] = mover.pending()
+            await mover.flush(max(d.deadline - time.monotonic(), 0.0) + 5.0)
+            left, left_bytes = mover.not_on_nvme()
+            if pending and not left:
+                log.info("nvme: wrote the %d block(s) still queued", pending)
+            elif left:
+                kept = self.config.dram.shm_dir
+                log.error("nvme: %d acknowledged block(s), %s, are not on nvme at shutdown (%s)%s", left,
+                          format_size(left_bytes), mover.nvme.degraded or "their writes did not finish in time",
+                          "; kept in dram.shm_dir, written at the next start" if kept else
+                          "; they are lost (set dram.shm_dir to keep them over a restart)")
+            report["nvme_not_persisted"] = left
         report["dram_kept_blocks"] = self._save_dram()
         d.report = report
         d.finished = time.monotonic()

@@ -134,6 +134,8 @@ class Eviction:
 
     def _evict(self, e: Entry) -> None:
         """Drop a block's DRAM copy; a block with no NVMe copy leaves the index."""
+        if e.nseg is None and self.write_through and self.nvme is not None:
+            self.nvme.counters.evicted_unpersisted += 1  # acknowledged as written through, never written: lost
         self.order.remove(e)
         self.counters.evictions += 1
         self.counters.evicted_bytes += e.nbytes

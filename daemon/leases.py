@@ -1,5 +1,9 @@
 """Leases: reservations and pins end on release, when their session ends, or when they expire.
 
+An expired lease ends for the index, not for the memory: a late client may still be copying into its reserved
+slot or reading its pinned bytes through the mapping, so the slot stays out of reuse until that session ends
+(``Session.expired_slots``, ``expired_pins``). ``leases.max_per_session`` bounds what one session can hold.
+
 The sweeper looks only at sessions holding reservations or pins, so lease bookkeeping costs memory per
 outstanding lease, never per request served.
 """
@@ -43,6 +47,13 @@ class Leases:
             store.unpin(e, count)
             unpinned += count
         session.pins.clear()
+        # leases that expired while the session lived: their slots may be reused now that nobody can touch them
+        for e in session.expired_slots:
+            store.tier.free(e.seg, e.slot)
+        session.expired_slots.clear()
+        for e, count in session.expired_pins:
+            store.unpin(e, count)
+        session.expired_pins.clear()
         return aborted, unpinned
 
     def sweep(self) -> tuple[int, int]:
@@ -55,13 +66,18 @@ class Leases:
             reserved = session.reserved
             # a session receiving a write's bytes into its slots keeps them until the payload is in
             # (or its connection ends): freeing one now would let the bytes land in someone else's block
+            # An expired lease ends for the index (the key is free for another writer; the pin no longer the
+            # client's to release), but its slot stays out of reuse until the session ends: the client may still be
+            # copying into the slot, or reading the pinned bytes through its mapping.
             for key in [] if session.receiving else [k for k, (_e, deadline) in reserved.items() if deadline <= now]:
-                store.drop_reserved(reserved.pop(key)[0])
+                e = reserved.pop(key)[0]
+                store.drop_reserved(e, free_slot=False)
+                session.expired_slots.append(e)
                 expired_res += 1
             pins = session.pins
             for key in [k for k, pin in pins.items() if pin[1] <= now]:
                 count, _deadline, e = pins.pop(key)
-                store.unpin(e, count)
+                session.expired_pins.append((e, count))
                 expired_pins += count
             if not reserved and not pins:
                 self.holders.discard(session)

@@ -58,7 +58,8 @@ class Mover(CopyingTier):
     tier_id = int(TierId.NVME)
 
     def __init__(self, store: Store, nvme: NvmeTier, write_batch_bytes: int = 64 << 20,
-                 retry_s: float = 30.0, policy: str = "clock", typical_block_bytes: int = 2 << 20) -> None:
+                 retry_s: float = 30.0, policy: str = "clock", typical_block_bytes: int = 2 << 20,
+                 keep_unpersisted: bool = True) -> None:
         self.store = store
         self.nvme = nvme
         self.dram = store.tier
@@ -78,6 +79,11 @@ class Mover(CopyingTier):
         self.writing = False
         self._unindex: list[tuple[Entry, Segment, int]] = []
         self._retry_at = 0.0
+        self.keep_unpersisted = keep_unpersisted
+        # written-through blocks without their NVMe copy (a failed write, a degraded tier), pinned by the mover
+        # until a retry writes them (nvme.keep_unpersisted); an ordered set
+        self.unpersisted: dict[Entry, None] = {}
+        self.probing = False
         self.blocks = 0
         self.bytes = 0
         self.recovery: Recovery | None = None
@@ -121,15 +127,72 @@ class Mover(CopyingTier):
 
     # ---------------------------------------------------------- write-through
     def enqueue(self, e: Entry) -> bool:
-        """Queue a freshly committed block for its NVMe copy; False when it will stay DRAM-only."""
-        if self.closed or e.nbytes > self.nvme.max_block_bytes or (
-                self.nvme.degraded is not None and time.monotonic() < self._retry_at):
+        """Queue a freshly committed block for its NVMe copy (True), or keep it pinned in DRAM for the retry while
+        the tier is degraded (True); False when it stays DRAM-only and evictable (too large for the tier, the tier
+        closing, or nvme.keep_unpersisted off)."""
+        if self.closed or e.nbytes > self.nvme.max_block_bytes:
             self.counters.not_persisted += 1
             return False
         self.store.pin(e)
+        if self.nvme.degraded is not None and time.monotonic() < self._retry_at:
+            return self._hold(e)
         self.queue.append(e)
         self._kick()
         return True
+
+    def _hold(self, e: Entry) -> bool:
+        """``e`` (pinned by the mover) missed its NVMe copy: keep it for the retry, or let it go evictable and say
+        so (nvme.keep_unpersisted off). Whether it is kept."""
+        self.counters.not_persisted += 1
+        if not self.keep_unpersisted:
+            self.store.unpin(e)
+            return False
+        self.unpersisted[e] = None
+        return True
+
+    def retry_now(self) -> int:
+        """Queue the blocks kept for a retry (still committed, still without an NVMe copy); their pins go with
+        them. How many were queued."""
+        kept = list(self.unpersisted)
+        self.unpersisted.clear()
+        n = 0
+        for e in kept:
+            if e.state == COMMITTED and e.seg is not None and e.nseg is None:
+                self.queue.append(e)
+                n += 1
+            else:  # deleted (or copied) meanwhile
+                self.store.unpin(e)
+        if n:
+            self._kick()
+        return n
+
+    def not_on_nvme(self) -> tuple[int, int]:
+        """Acknowledged written-through blocks with no NVMe copy yet (queued, in flight or kept for a retry)."""
+        held = [e for e in (*self.queue, *self.unpersisted) if e.state == COMMITTED and e.nseg is None]
+        return len(held) + self.in_flight, sum(e.nbytes for e in held)
+
+    def tick(self) -> None:
+        """The sweeper's cadence: once the retry interval has passed, write the blocks kept for it; with none, probe
+        a degraded tier, so that it reports healthy again without waiting for a put."""
+        if self.loop is None or self.closed or time.monotonic() < self._retry_at:
+            return
+        if self.unpersisted:
+            n = self.retry_now()
+            if n:
+                log.info("nvme: retrying %d block(s) not yet on nvme", n)
+        elif self.nvme.degraded is not None and not (self.writing or self.queue or self.probing):
+            self.probing = True
+            fut = asyncio.wrap_future(self.ordered.submit(self.nvme.probe), loop=self.loop)
+            fut.add_done_callback(self._probed)
+
+    def _probed(self, fut: asyncio.Future[str | None]) -> None:
+        self.probing = False
+        err = fut.exception() or fut.result()
+        if err is None and self.nvme.degraded is not None:
+            log.warning("nvme tier healthy again (a probe write succeeded) after: %s", self.nvme.degraded)
+            self.nvme.degraded = None
+        elif err is not None:
+            self._retry_at = time.monotonic() + self.retry_s
 
     def demote(self, e: Entry) -> bool:
         """Write a block DRAM is evicting (admission said it is worth it); its DRAM copy goes once the
@@ -167,10 +230,13 @@ class Mover(CopyingTier):
                 store.unpin(e)
                 continue
             placement = self._place(e, unindex)
-            if placement is None:
-                self.counters.not_persisted += 1
-                self._undemote(e)
-                store.unpin(e)
+            if placement is None:  # no NVMe room (its blocks pinned): a written-through block is kept for a retry
+                if self._undemote(e):
+                    self.counters.not_persisted += 1
+                    store.unpin(e)
+                else:
+                    self._retry_at = time.monotonic() + self.retry_s
+                    self._hold(e)
                 continue
             batch.append((e, placement[0], placement[1]))
             nbytes += e.nbytes
@@ -215,6 +281,9 @@ class Mover(CopyingTier):
                 e.ns.nvme_blocks -= 1  # counted when its slot was taken (_place)
                 e.ns.nvme_bytes -= e.nbytes
             demoted = self._undemote(e)
+            if err is not None and not demoted and e.state == COMMITTED and e.seg is not None:
+                self._hold(e)  # written through and acknowledged: kept (pinned) for the retry
+                continue
             self.store.unpin(e)  # a block deleted meanwhile now loses its copies
             if demoted and err is None:
                 self.counters.demoted_blocks += 1
@@ -222,8 +291,9 @@ class Mover(CopyingTier):
         if failed:
             self.counters.write_errors += failed
             self._retry_at = time.monotonic() + self.retry_s
-            log.error("nvme: %d of %d block(s) not persisted (%s); they stay in DRAM only; retrying the tier in %.0f s",
-                      failed, len(batch), self.nvme.degraded, self.retry_s)
+            log.error("nvme: %d of %d block(s) not persisted (%s); %s; retrying in %.0f s", failed, len(batch),
+                      self.nvme.degraded, "kept in DRAM for the retry" if self.keep_unpersisted else
+                      "they stay in DRAM only, evictable (nvme.keep_unpersisted = false)", self.retry_s)
         elif batch and self.nvme.degraded is not None:
             log.warning("nvme tier healthy again after: %s", self.nvme.degraded)
             self.nvme.degraded = None
@@ -434,7 +504,8 @@ class Mover(CopyingTier):
     def stats(self, namespace: str | None = None) -> dict[str, Any]:
         s = self.nvme.stats()
         s.update(tier_id=int(self.nvme.tier_id), blocks=self.blocks, used_bytes=self.bytes,
-                 pending_writes=self.pending(), orphaned_blocks=self.orphans, **self.counters.as_dict())
+                 pending_writes=self.pending(), unpersisted_blocks=len(self.unpersisted), orphaned_blocks=self.orphans,
+                 **self.counters.as_dict())
         if self.recovery is not None:
             r = self.recovery
             s["recovered"] = {"blocks": r.blocks, "bytes": r.bytes, "seconds": round(r.seconds, 3),

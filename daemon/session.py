@@ -35,7 +35,8 @@ class PeerCredentials:
 class Session:
     """State the daemon keeps per connection; everything here ends with the connection."""
 
-    __slots__ = ("id", "peer", "remote", "namespace", "client_name", "reserved", "pins", "closed", "receiving")
+    __slots__ = ("id", "peer", "remote", "namespace", "client_name", "reserved", "pins", "closed", "receiving",
+                 "expired_slots", "expired_pins")
 
     def __init__(self, session_id: int, peer: PeerCredentials | None, remote: str | None = None) -> None:
         self.id = session_id
@@ -48,6 +49,14 @@ class Session:
         self.pins: dict[bytes, list] = {}
         self.closed = False
         self.receiving = False  # a write's block bytes are arriving into this session's reserved slots
+        # leases that ran out while the session lives: the client may still be writing into those slots, or reading
+        # the pinned bytes through its mapping, so the slots stay out of reuse until the session ends
+        self.expired_slots: list[Entry] = []  # reservations: out of the index, slot kept
+        self.expired_pins: list[tuple[Entry, int]] = []  # pins: no longer the client's to release, still held
+
+    def leases(self) -> int:
+        """Reservations, pins and expired leases this session holds (``leases.max_per_session``)."""
+        return len(self.reserved) + len(self.pins) + len(self.expired_slots) + len(self.expired_pins)
 
     def holds_reservation(self, key: bytes, entry: Entry) -> bool:
         """Whether this session's reservation of ``key`` is ``entry`` (and not someone else's)."""

@@ -110,11 +110,28 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server.max_batch_keys", "int", 262144, "Most keys one request may carry.", min=1, max=16_777_216),
     Setting("server.drain_timeout_s", "float", 5.0, "On SIGTERM, how long to wait for replies in flight before closing.",
             min=0.0, max=600.0),
+    Setting("server.hello_timeout_s", "float", 10.0, "A Unix-socket connection that has not said hello within this "
+            "time is closed (TCP has tcp.hello_timeout_s).", min=0.1, max=3600.0),
+    Setting("server.max_connections", "int", 4096, "Most client connections at once (Unix socket and TCP); past it a "
+            "new connection gets a BUSY error and is closed.", min=1, max=1_000_000),
+    Setting("server.max_connections_per_uid", "int", 1024, "Most connections at once from one Unix user (the peer "
+            "credentials), so one local user cannot take them all.", min=1, max=1_000_000),
+    Setting("server.max_queued_reply_bytes", "size", 4 * MiB, "Reply bytes a connection may have queued; past it the "
+            "daemon reads no further request from it until its client reads (block bytes of TCP reads aside: they are "
+            "sent from the tier's memory).", min=64 * KiB, max=1 * GiB),
+    Setting("server.max_total_queued_reply_bytes", "size", 256 * MiB, "Reply bytes queued on all connections together; "
+            "past it, connections with replies queued are read no further until they drain.", min=1 * MiB,
+            max=64 * GiB),
+    Setting("server.stalled_client_timeout_s", "float", 60.0, "A connection kept over its reply limit this long (its "
+            "client does not read) is closed.", min=1.0, max=86400.0),
     Setting("leases.reserve_timeout_s", "float", 30.0, "A reservation not committed or aborted within this time is freed.",
             min=0.1, max=86400.0, runtime=True),
     Setting("leases.pin_timeout_s", "float", 300.0, "A pin not released within this time (since its last acquire) ends.",
             min=0.1, max=86400.0, runtime=True),
     Setting("leases.sweep_interval_s", "float", 0.5, "How often expired leases are looked for.", min=0.01, max=60.0),
+    Setting("leases.max_per_session", "int", 1 << 20, "Most reservations and pins one connection may hold at once "
+            "(expired ones it has not let go of included); past it its reserves and acquires fail per key with "
+            "NO_SPACE.", min=1, max=1 << 30),
     Setting("dram.capacity_bytes", "size", None, "Bytes of shared memory for the DRAM tier.",
             min=0, dynamic_default=default_dram_capacity, default_doc="min(2GiB, a quarter of physical memory)"),
     Setting("dram.segment_bytes", "size", 64 * MiB, "Size of one shared-memory segment; also the largest block.",
@@ -162,6 +179,13 @@ SETTINGS: tuple[Setting, ...] = (
             "and restarts); reused = written only when DRAM evicts a block that was read or seen twice (far fewer "
             "flash writes; one-time blocks are simply dropped); demote = every block DRAM evicts.",
             choices=("all", "reused", "demote")),
+    Setting("nvme.keep_unpersisted", "bool", True,
+            "A written-through block whose NVMe write failed (or that came while the tier was degraded) stays pinned "
+            "in DRAM until a retry writes it, so DRAM eviction never loses an acknowledged block; false lets DRAM "
+            "evict such blocks (counted as evicted_unpersisted) so that a long NVMe outage cannot fill DRAM with them.",
+            ),
+    Setting("nvme.retry_interval_s", "float", 30.0, "After a failed write, how long before the tier is tried again (the "
+            "blocks kept for it are written, or a probe write when there are none).", min=0.1, max=3600.0),
     Setting("nvme.io_threads", "int", 8, "Reads and writes in flight at once (the device's queue depth).", min=1, max=256),
     Setting("nvme.write_batch_bytes", "size", 64 * MiB, "Most bytes per durable write batch (one fdatasync and one "
             "index commit each).", min=64 * KiB, max=16 * GiB),
@@ -207,6 +231,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tcp.port", "int", 7433, "TCP port of the control listener.", min=1, max=65535),
     Setting("tcp.hello_timeout_s", "float", 10.0,
             "A TCP connection that has not authenticated (hello with a valid token) by then is closed.",
+            min=0.1, max=600.0),
+    Setting("tcp.tls_handshake_timeout_s", "float", 10.0, "A TLS handshake not finished by then is dropped.",
             min=0.1, max=600.0),
     Setting("tcp.tls_cert", "str", "", "PEM certificate chain: with tcp.tls_key set, TCP connections speak TLS only."),
     Setting("tcp.tls_key", "str", "", "PEM private key of tcp.tls_cert."),

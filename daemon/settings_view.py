@@ -17,6 +17,12 @@ class ServerSettings:
     max_frame_bytes: int
     max_batch_keys: int
     drain_timeout_s: float
+    hello_timeout_s: float
+    max_connections: int
+    max_connections_per_uid: int
+    max_queued_reply_bytes: int
+    max_total_queued_reply_bytes: int
+    stalled_client_timeout_s: float
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -26,6 +32,7 @@ class LeasesSettings:
     reserve_timeout_s: float
     pin_timeout_s: float
     sweep_interval_s: float
+    max_per_session: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -55,6 +62,8 @@ class NvmeSettings:
     region_bytes: int
     policy: Literal['clock', 'lru', 'chain', 's3fifo', 'sieve', 'lfu']
     admission: Literal['all', 'reused', 'demote']
+    keep_unpersisted: bool
+    retry_interval_s: float
     io_threads: int
     write_batch_bytes: int
 
@@ -92,6 +101,7 @@ class TcpSettings:
     host: str
     port: int
     hello_timeout_s: float
+    tls_handshake_timeout_s: float
     tls_cert: str
     tls_key: str
     tls_client_ca: str
@@ -133,12 +143,12 @@ class SettingsView:
     log: LogSettings
 
     def __init__(self, values: Mapping[str, Any]) -> None:
-        self.server = ServerSettings(values["server.socket_path"], values["server.socket_mode"], values["server.max_frame_bytes"], values["server.max_batch_keys"], values["server.drain_timeout_s"])
-        self.leases = LeasesSettings(values["leases.reserve_timeout_s"], values["leases.pin_timeout_s"], values["leases.sweep_interval_s"])
+        self.server = ServerSettings(values["server.socket_path"], values["server.socket_mode"], values["server.max_frame_bytes"], values["server.max_batch_keys"], values["server.drain_timeout_s"], values["server.hello_timeout_s"], values["server.max_connections"], values["server.max_connections_per_uid"], values["server.max_queued_reply_bytes"], values["server.max_total_queued_reply_bytes"], values["server.stalled_client_timeout_s"])
+        self.leases = LeasesSettings(values["leases.reserve_timeout_s"], values["leases.pin_timeout_s"], values["leases.sweep_interval_s"], values["leases.max_per_session"])
         self.dram = DramSettings(values["dram.capacity_bytes"], values["dram.segment_bytes"], values["dram.hugepages"], values["dram.prefault"], values["dram.shm_dir"], values["dram.policy"], values["dram.evict_high_watermark"], values["dram.evict_low_watermark"])
-        self.nvme = NvmeSettings(values["nvme.enabled"], values["nvme.required"], values["nvme.dir"], values["nvme.paths"], values["nvme.capacity_bytes"], values["nvme.index_dir"], values["nvme.region_bytes"], values["nvme.policy"], values["nvme.admission"], values["nvme.io_threads"], values["nvme.write_batch_bytes"])
+        self.nvme = NvmeSettings(values["nvme.enabled"], values["nvme.required"], values["nvme.dir"], values["nvme.paths"], values["nvme.capacity_bytes"], values["nvme.index_dir"], values["nvme.region_bytes"], values["nvme.policy"], values["nvme.admission"], values["nvme.keep_unpersisted"], values["nvme.retry_interval_s"], values["nvme.io_threads"], values["nvme.write_batch_bytes"])
         self.cxl = CxlSettings(values["cxl.enabled"], values["cxl.dir"], values["cxl.paths"], values["cxl.capacity_bytes"], values["cxl.chunk_bytes"], values["cxl.coherent"], values["cxl.policy"], values["cxl.host_timeout_s"])
         self.hbm = HbmSettings(values["hbm.enabled"], values["hbm.device"], values["hbm.capacity_bytes"], values["hbm.segment_bytes"], values["hbm.promote_after_hits"])
-        self.tcp = TcpSettings(values["tcp.enabled"], values["tcp.host"], values["tcp.port"], values["tcp.hello_timeout_s"], values["tcp.tls_cert"], values["tcp.tls_key"], values["tcp.tls_client_ca"], values["tcp.nixl"], values["tcp.nixl_progress_delay_us"])
+        self.tcp = TcpSettings(values["tcp.enabled"], values["tcp.host"], values["tcp.port"], values["tcp.hello_timeout_s"], values["tcp.tls_handshake_timeout_s"], values["tcp.tls_cert"], values["tcp.tls_key"], values["tcp.tls_client_ca"], values["tcp.nixl"], values["tcp.nixl_progress_delay_us"])
         self.admin = AdminSettings(values["admin.enabled"], values["admin.socket_path"], values["admin.tcp_host"], values["admin.tcp_port"], values["admin.token_file"], values["admin.read_auth"], values["admin.metrics_max_namespaces"])
         self.log = LogSettings(values["log.level"])

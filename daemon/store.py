@@ -66,6 +66,7 @@ class Store(Eviction, Reads):
                                               dict(ns.quota)) for ns in namespaces}
         self.reserve_timeout_s = reserve_timeout_s
         self.pin_timeout_s = pin_timeout_s
+        self.max_leases_per_session = 1 << 20  # leases.max_per_session
         self.clock = clock
         # non-LRU policies size their queues in blocks, estimated from the capacity and a typical block size
         self.order = NamespaceOrders(self.namespaces, policy, tier.capacity // max(1, typical_block_bytes))
@@ -215,6 +216,7 @@ class Store(Eviction, Reads):
         max_bytes = self.tier.max_block_bytes
         no_space = 0
         no_space_bytes = 0
+        room = self.max_leases_per_session - session.leases()  # reservations this session may still take
         for i, key in enumerate(keys):
             size = sizes[i]
             parent = parents[i] if parents is not None else None
@@ -252,6 +254,12 @@ class Store(Eviction, Reads):
                 else:
                     res.codes[i] = ErrorCode.IN_PROGRESS
                 continue
+            if room <= 0:
+                res.codes[i] = ErrorCode.NO_SPACE
+                res.message = (f"this connection holds {session.leases()} reservations and pins "
+                               f"(leases.max_per_session = {self.max_leases_per_session}): commit, abort or release "
+                               "some first")
+                continue
             if ns.quota and ns.over_quota("dram", size, 1) and not self.shed(ns, size, 1):
                 res.codes[i] = ErrorCode.QUOTA_EXCEEDED
                 res.message = (f"namespace {ns.name!r} is at its DRAM quota ({_quota_text(ns, 'dram')}) and none of "
@@ -269,6 +277,7 @@ class Store(Eviction, Reads):
                 pe = ns.entries.get(parent)
                 parent = pe.key if pe is not None else bytes(parent)  # share the parent's key object
             e = Entry(key, ns, seg, slot, size, parent)
+            room -= 1
             ns.entries[key] = e
             ns.reserved_blocks += 1
             ns.reserved_bytes += size
@@ -367,13 +376,16 @@ class Store(Eviction, Reads):
             self.drop_reserved(held[0])
         return res
 
-    def drop_reserved(self, e: Entry) -> None:
+    def drop_reserved(self, e: Entry, free_slot: bool = True) -> None:
+        """A reservation ends uncommitted: out of the index, its slot free (or, ``free_slot`` False, kept out of
+        reuse by its session until it ends: an expired lease whose writer may still be copying)."""
         del e.ns.entries[e.key]
         e.ns.reserved_blocks -= 1
         e.ns.reserved_bytes -= e.nbytes
         e.state = DELETED
         self.counters.aborted += 1
-        self.tier.free(e.seg, e.slot)
+        if free_slot:
+            self.tier.free(e.seg, e.slot)
 
     def _not_reserved_code(self, session: Session, key: bytes) -> int:
         if len(key) != KEY_BYTES:
@@ -392,6 +404,7 @@ class Store(Eviction, Reads):
         deadline = self.clock() + self.pin_timeout_s
         pins = session.pins
         hits = 0
+        room = self.max_leases_per_session - session.leases()  # keys this session may still pin
         record = None if self.write_through else self.admission.record  # a request counts as a sighting
         nvme = self.nvme
         for i, key in enumerate(keys):
@@ -404,11 +417,17 @@ class Store(Eviction, Reads):
                 else:
                     res.codes[i] = ErrorCode.IN_PROGRESS if e is not None else ErrorCode.NOT_FOUND
                 continue
+            pin = pins.get(key)
+            if pin is None and room <= 0:
+                res.codes[i] = ErrorCode.NO_SPACE
+                res.message = (f"this connection holds {session.leases()} reservations and pins "
+                               f"(leases.max_per_session = {self.max_leases_per_session}): release some first")
+                continue
             if not self.write_through and e.seg is not None:
                 self.admission.hit_in_dram(key)
             self.pin(e)
-            pin = pins.get(key)
             if pin is None:
+                room -= 1
                 pins[key] = [1, deadline, e]
             else:
                 pin[0] += 1

@@ -14,11 +14,10 @@ import ssl
 from typing import Any
 
 from kvrack import protocol as P
-from kvrack.daemon.connection import accepted
+from kvrack.daemon.connection import OutOfDescriptors, accepted
 from kvrack.daemon.server import ControlServer
 
 log = logging.getLogger("kvrack.tcp")
-_HANDSHAKE_TIMEOUT_S = 10.0
 
 
 def tls_context(cert: str, key: str, client_ca: str = "") -> ssl.SSLContext:
@@ -47,9 +46,10 @@ class TcpListener:
     """Listens on host:port and feeds accepted (and, with TLS, handshaken) sockets to the server."""
 
     def __init__(self, server: ControlServer, host: str, port: int, tls: ssl.SSLContext | None = None,
-                 hello_timeout_s: float = 10.0) -> None:
+                 hello_timeout_s: float = 10.0, handshake_timeout_s: float = 10.0) -> None:
         self.server = server
         self.hello_timeout_s = hello_timeout_s
+        self.handshake_timeout_s = handshake_timeout_s  # tcp.tls_handshake_timeout_s
         self.host = host
         self.port = port
         self.tls = tls
@@ -83,6 +83,13 @@ class TcpListener:
 
     def _accept(self) -> None:
         assert self.sock is not None
+        try:
+            self._accept_ready()
+        except OutOfDescriptors as exc:
+            self.server.pause_accepting(self.sock, self._accept, "tcp", exc)
+
+    def _accept_ready(self) -> None:
+        assert self.sock is not None
         for sock, addr in accepted(self.sock, "tcp"):
             tune(sock)
             remote = f"{addr[0]}:{addr[1]}"
@@ -96,7 +103,7 @@ class TcpListener:
                 sock.close()
                 continue
             self.handshakes += 1
-            timer = self.server.loop.call_later(_HANDSHAKE_TIMEOUT_S, self._give_up, tls_sock, remote)
+            timer = self.server.loop.call_later(self.handshake_timeout_s, self._give_up, tls_sock, remote)
             self._handshake(tls_sock, remote, timer)
 
     def _handshake(self, sock: ssl.SSLSocket, remote: str, timer: object) -> None:
@@ -141,7 +148,8 @@ class TcpListener:
         fd = sock.fileno()
         if fd < 0:
             return
-        log.warning("tls handshake with %s did not finish in %.0fs", remote, _HANDSHAKE_TIMEOUT_S)
+        log.warning("tls handshake with %s did not finish in %.1fs (tcp.tls_handshake_timeout_s)", remote,
+                    self.handshake_timeout_s)
         self.server.loop.remove_reader(fd)
         self.server.loop.remove_writer(fd)
         self.handshakes -= 1

@@ -66,6 +66,7 @@ class ErrorCode(enum.IntEnum):
     # 5xx: the daemon
     INTERNAL = 500
     SHUTTING_DOWN = 501
+    BUSY = 502  # too many connections (server.max_connections, server.max_connections_per_uid)
 
 
 class TierId(enum.IntEnum):

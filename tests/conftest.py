@@ -108,14 +108,26 @@ def pytest_runtest_makereport(item, call):
 @pytest.fixture(autouse=True)
 def daemon_logs_on_failure(request):
     """Every daemon a test started leaves its log here when it stops (its temporary directory goes); the
-    logs are printed, and so shown by pytest, only when the test failed."""
+    logs are printed, and so shown by pytest, only when the test failed. And every daemon must have ended
+    cleanly: exit status 0 when it was stopped (not killed), and no traceback in its log (a handler bug answers
+    INTERNAL and goes on, which a test looking only at replies would miss). A test that provokes tracebacks on
+    purpose says so with ``@pytest.mark.daemon_tracebacks``."""
     DaemonProcess.logs = []
     yield
     logs, DaemonProcess.logs = DaemonProcess.logs, None
     rep = getattr(request.node, "rep_call", None)
     if rep is not None and rep.failed:
-        for where, text in logs:
+        for where, text, _rc, _how in logs:
             print(f"----- kvrackd log ({where}) -----\n{text}")
+        return
+    if rep is None or not rep.passed:
+        return
+    tracebacks_ok = request.node.get_closest_marker("daemon_tracebacks") is not None
+    for where, text, rc, how in logs:
+        if how == "stop" and rc not in (0, None):
+            pytest.fail(f"kvrackd ({where}) exited with {rc}:\n{text[-4000:]}")
+        if not tracebacks_ok and "Traceback (most recent call last)" in text:
+            pytest.fail(f"kvrackd ({where}) logged a traceback:\n{text[-6000:]}")
 
 
 @pytest.fixture

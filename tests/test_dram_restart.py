@@ -87,10 +87,12 @@ def test_clean_restart_re_adopts_dram_blocks_bit_identical_in_lru_order(shm_dir,
 def test_kill_9_starts_cold_and_removes_the_stale_segments(shm_dir, tmp_path):
     keys, data = blocks(8, 3)
     d = DaemonProcess(settings(shm_dir, tmp_path))
-    with Client.connect(d.socket_path) as c:
-        c.put(keys, data)
-    old = segment_files(shm_dir)
-    d.kill()
+    try:
+        with Client.connect(d.socket_path) as c:
+            c.put(keys, data)
+        old = segment_files(shm_dir)
+    finally:
+        d.kill()
     with DaemonProcess(settings(shm_dir, tmp_path)) as d2, Client.connect(d2.socket_path) as c:
         assert "starting cold: no clean-shutdown state" in d2.log()
         assert "removed 8 stale segment file(s)" in d2.log()

@@ -27,6 +27,6 @@ def test_huge_page_segments_round_trip_copied_and_in_place(free_huge_pages):
             assert all(np.array_equal(a, x) for a, x in zip(lease.arrays(np.uint8), data[:3]))
 
 
-def test_huge_page_segments_must_be_whole_pages(free_huge_pages):
+def test_huge_page_segments_must_be_whole_pages():  # validation only: needs no pages in the pool
     with pytest.raises(RuntimeError, match="not a whole number of its 2048 KiB huge pages"):
         DaemonProcess({**SETTINGS, "dram.segment_bytes": "3MiB", "dram.capacity_bytes": "6MiB"})

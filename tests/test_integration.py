@@ -198,14 +198,17 @@ def test_large_batches_are_split_to_the_daemon_limits():
 
 def test_sigterm_drains_and_exits_cleanly():
     d = DaemonProcess(SMALL)
-    c = Client.connect(d.socket_path)
-    c.put([os.urandom(32)], [bytes(100)])
-    assert d.stop() == 0
-    assert not os.path.exists(d.socket_path)
-    assert "kvrackd stopped" in d.log()
-    with pytest.raises(ConnectionError):
-        c.lookup([os.urandom(32)])
-    c.close()
+    try:
+        c = Client.connect(d.socket_path)
+        c.put([os.urandom(32)], [bytes(100)])
+        assert d.stop() == 0
+        assert not os.path.exists(d.socket_path)
+        assert "kvrackd stopped" in d.log()
+        with pytest.raises(ConnectionError):
+            c.lookup([os.urandom(32)])
+        c.close()
+    finally:
+        d.stop()
 
 
 def test_a_second_daemon_on_the_same_socket_refuses(daemon):

@@ -58,7 +58,7 @@ class Rig:
         return res.codes
 
     def settle(self) -> None:
-        self.loop.run_until_complete(self.mover.flush(10.0))
+        assert self.loop.run_until_complete(self.mover.flush(10.0)), "NVMe writes still pending after 10 s"
 
     def get(self, ids: list[int]) -> list[bytes | None]:
         """acquire (+ promotion), copy out, release: what a client's get_into does."""

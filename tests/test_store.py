@@ -163,7 +163,12 @@ def test_leases_expire_on_the_injected_clock(store, clock):
     assert store.sweep() == (0, 0)
     clock.now += 2
     assert store.sweep() == (0, 2), "both pins of key 2 ended together"
-    assert store.namespaces["a"].entries[key(2)].pins == 0 and store.order.size == 1
+    e = store.namespaces["a"].entries[key(2)]
+    assert store.release(s, [key(2)]).codes == [ErrorCode.NOT_PINNED], "no longer the client's to release"
+    # but the session is still connected: its client may still read through its mapping, so the slot stays put
+    assert e.pins == 2 and store.order.size == 0
+    assert store.close_session(s) == (0, 0)
+    assert e.pins == 0 and store.order.size == 1, "the session gone, the block is evictable again"
 
 
 def test_namespaces_are_isolated(store):

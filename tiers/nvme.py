@@ -303,6 +303,26 @@ class NvmeTier:
         self.degraded = f"{what} failed: {exc}"
 
     # ---------------------------------------------------------------- stats
+    def probe(self) -> str | None:
+        """Whether the tier's file systems take a write again (after ENOSPC or EIO): a small file written, synced
+        and removed beside each data file (or beside the index, for block devices). None when they all did, else
+        the error. Never touches the data files themselves."""
+        dirs = {os.path.dirname(p.path) or "." for p in self.paths if not p.path.startswith("/dev/")}
+        dirs.add(self.index.env.path())
+        for d in sorted(dirs):
+            path = os.path.join(d, f".kvrack-probe-{os.getpid()}")
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                try:
+                    os.write(fd, bytes(4096))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                    os.unlink(path)
+            except OSError as exc:
+                return f"probe write in {d} failed: {exc.strerror or exc}"
+        return None
+
     def stats(self) -> dict[str, Any]:
         with self.lock:
             alloc = self.allocator.stats()
