@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import blake3
 
+from kvrack.daemon.adoption import Adoption
 from kvrack.daemon.counters import StoreCounters
 from kvrack.daemon.eviction import Eviction
 from kvrack.daemon.index import COMMITTED, DELETED, HIT, RESERVED, Entry, Namespace
@@ -29,6 +30,7 @@ from kvrack.daemon.reads import Reads
 from kvrack.daemon.results import KeysResult
 from kvrack.daemon.session import Session
 from kvrack.daemon.settings import NamespaceConfig
+from kvrack.daemon.store_views import StoreViews
 from kvrack.protocol import KEY_BYTES, Descriptor, ErrorCode, TierId, with_extra_hits
 from kvrack.tiers.base import Segment
 from kvrack.tiers.dram import MemoryTier
@@ -48,7 +50,7 @@ def namespace_salt(cfg: NamespaceConfig) -> bytes:
 
 
 
-class Store(Eviction, Reads):
+class Store(Eviction, Reads, StoreViews, Adoption):
     """Index + tiers + leases. One instance per daemon, driven from the event loop thread.
 
     ``tier`` is the memory tier clients map (DRAM); the copying tiers added with ``add_copier`` keep
@@ -106,44 +108,6 @@ class Store(Eviction, Reads):
         """Add the NVMe tier (through its mover): committed blocks get a durable copy there."""
         self.nvme = mover
         self.add_copier(mover)
-
-    def adopt_dram(self, blocks: Sequence[tuple[str, bytes, bytes | None, Segment, int, int]]) -> int:
-        """Index blocks the DRAM tier kept over a clean restart, oldest first; returns how many.
-
-        Runs after NVMe recovery: a block with an NVMe copy gains its DRAM copy back; one
-        without is queued for its NVMe copy like a fresh commit.
-        """
-        adopted = 0
-        for ns_name, key, parent, seg, slot, nbytes in blocks:
-            ns = self.namespaces.get(ns_name)
-            e = ns.entries.get(key) if ns is not None else None
-            if ns is None or (e is not None and (e.seg is not None or e.nbytes != nbytes)):
-                self.tier.free(seg, slot)  # namespace no longer configured, or a duplicate: drop the copy
-                continue
-            if parent is not None:
-                pe = ns.entries.get(parent)
-                parent = pe.key if pe is not None else parent
-            if e is None:
-                self.adopt_block(ns, key, seg, slot, nbytes, parent)
-            else:
-                e.parent = parent
-                self.add_dram_copy(e, seg, slot)
-                self.order.add(e)
-            adopted += 1
-        return adopted
-
-    def adopt_block(self, ns: Namespace, key: bytes, seg: Segment, slot: int, nbytes: int,
-                    parent: bytes | None = None) -> Entry:
-        """Index a committed block whose bytes are already in a DRAM slot (kept over a restart, or copied
-        up from CXL): NVMe gets it as the admission rule says; it is not copied back where it came from."""
-        e = Entry(bytes(key), ns, None, 0, self.intern_size(nbytes), parent)
-        e.state = COMMITTED
-        ns.entries[e.key] = e
-        ns.blocks += 1
-        ns.bytes += nbytes
-        self.add_dram_copy(e, seg, slot)
-        self._settle(e)
-        return e
 
     def _settle(self, e: Entry) -> None:
         """A block newly committed in DRAM: queued for its NVMe copy when written through, else evictable."""
@@ -537,54 +501,6 @@ class Store(Eviction, Reads):
 
     def tier_of(self, tier_id: int) -> MemoryTier | None:
         return self.tiers.get(tier_id)
-
-    # ---------------------------------------------------------------- stats
-    def tier_stats(self, namespace: str | None = None) -> list[dict[str, Any]]:
-        """Every tier's figures, DRAM first, then the copying tiers (and configured ones that are absent)."""
-        c = self.counters
-        dram = self.tier.stats()
-        dram.update(tier_id=int(self.tier.tier_id), blocks=self.dram_blocks, used_bytes=self.dram_bytes,
-                    evictable_blocks=self.order.size, pinned_blocks=self.pinned_blocks,
-                    evict_high_water_bytes=self.high_water, evict_low_water_bytes=self.low_water,
-                    hit_ratio=round(c.lookup_hits / c.lookup_keys, 4) if c.lookup_keys else None,
-                    get_hit_ratio=round(c.get_hits / c.get_keys, 4) if c.get_keys else None)
-        out = [dram]
-        present = {t.name: t for t in self.movement.tiers}
-        for name in ("nvme", "cxl", "hbm"):
-            if name in present:
-                out.append(present[name].stats(namespace))
-            elif name in self.absent:
-                out.append(self.absent[name])
-        return out
-
-    def namespace_stats(self, namespace: str | None = None) -> dict[str, dict[str, Any]]:
-        return {ns.name: {"blocks": ns.blocks, "bytes": ns.bytes, "entries": len(ns.entries),
-                          "dram_blocks": ns.dram_blocks, "dram_bytes": ns.dram_bytes, "nvme_blocks": ns.nvme_blocks,
-                          "nvme_bytes": ns.nvme_bytes, "quota": dict(ns.quota), "lookup_keys": ns.lookup_keys,
-                          "lookup_hits": ns.lookup_hits}
-                for ns in self.namespaces.values() if namespace in (None, ns.name)}
-
-    def hit_stats(self, namespace: str | None = None) -> dict[str, int]:
-        """Keys looked up that were cached, by the tier that held them (all namespaces: none in a tenant's
-        view, which has its own namespace's lookups)."""
-        if namespace is not None:
-            return {}
-        return {TierId(t).name.lower(): n for t, n in self.hits_by_tier.items()}
-
-    def lease_stats(self, namespace: str | None = None) -> dict[str, int]:
-        """Reservations and pins held now."""
-        reservations = pins = 0
-        for s in self.leases.holders:
-            if namespace is None or (s.namespace is not None and s.namespace.name == namespace):
-                reservations += len(s.reserved)
-                pins += sum(p[0] for p in s.pins.values())
-        return {"reservations": reservations, "pins": pins}
-
-    def stats(self, namespace: str | None = None) -> dict[str, Any]:
-        """The store's sections of the stats (tiers, ops, namespaces, moves)."""
-        return {"tiers": self.tier_stats(namespace), "ops": {**self.counters.as_dict(), **self.leases.counters.as_dict()},
-                "namespaces": self.namespace_stats(namespace), "moves": self.movement.moves()}
-
 
 def _quota_text(ns: Namespace, tier: str) -> str:
     return ", ".join(f"{k.split('_', 1)[1]} {v}" for k, v in ns.quota.items() if k.startswith(tier)) or "none"
