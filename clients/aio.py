@@ -18,9 +18,9 @@ from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
 from kvrack import protocol as P
-from kvrack.address import Address, candidate_addresses, targets, worth_trying
+from kvrack.address import Address
 from kvrack.clients.buffers import byte_view
-from kvrack.clients.client import as_client_error, unreachable
+from kvrack.clients.client import Search, as_client_error
 from kvrack.clients.core import ClientCore, LeaseViews, check_put
 from kvrack.clients.errors import ClientClosed, DaemonUnreachable
 from kvrack.clients.layout import Layout
@@ -125,13 +125,8 @@ async def _unix_channel(path: str, timeout: float | None) -> AsyncChannel:
 async def open_async_channel(address: str | None, timeout: float | None, tls: ssl.SSLContext | bool | None
                              ) -> tuple[AsyncChannel, Address]:
     """As ``open_sync_channel``, for asyncio."""
-    where_all = targets(address)
-    searched = address is None and len(candidate_addresses()) > 1
-    tried: list[str] = []
-    for i, where in enumerate(where_all):
-        if not worth_trying(where, i, len(where_all)):
-            tried.append(f"{where} (absent)")
-            continue
+    search = Search(address)
+    for where in search:
         try:
             if where.scheme == "unix":
                 return await _unix_channel(where.path, timeout), where
@@ -140,10 +135,8 @@ async def open_async_channel(address: str | None, timeout: float | None, tls: ss
             ctx = client_tls_context() if tls is True else (tls or None)
             return await asyncio.wait_for(_tcp_channel(where.host, where.port, ctx), timeout), where
         except DaemonUnreachable as exc:
-            if len(where_all) == 1:
-                raise
-            tried.append(f"{where} ({exc.__cause__.strerror if isinstance(exc.__cause__, OSError) else exc})")
-    raise unreachable(tried, searched)
+            search.failed(where, exc)
+    raise search.error()
 
 
 class AsyncClient:

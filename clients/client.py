@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from kvrack import protocol as P
@@ -42,16 +42,37 @@ def unreachable(tried: list[str], searched: bool) -> DaemonUnreachable:
     return DaemonUnreachable(message=f"no kvrackd listening at {tried[0]}; {how}")
 
 
+class Search:
+    """The places a client tries in turn (the address given, else the default search), and why each failed: the
+    error names them all."""
+
+    def __init__(self, address: str | None) -> None:
+        self.places = targets(address)
+        self.searched = address is None and len(candidate_addresses()) > 1
+        self.tried: list[str] = []
+
+    def __iter__(self) -> Iterator[Address]:
+        for i, where in enumerate(self.places):
+            if worth_trying(where, i, len(self.places)):
+                yield where
+            else:
+                self.tried.append(f"{where} (absent)")
+
+    def failed(self, where: Address, exc: DaemonUnreachable) -> None:
+        """``where`` did not answer: go on to the next place (the one place there was: its error as it is)."""
+        if len(self.places) == 1:
+            raise exc
+        self.tried.append(f"{where} ({exc.__cause__.strerror if isinstance(exc.__cause__, OSError) else exc})")
+
+    def error(self) -> DaemonUnreachable:
+        return unreachable(self.tried, self.searched)
+
+
 def open_sync_channel(address: str | None, timeout: float | None, spin_us: float,
                       tls: ssl.SSLContext | bool | None) -> tuple[SyncChannel, Address]:
     """A connected channel to the address given, else to the first place of the default search that answers."""
-    where_all = targets(address)
-    searched = address is None and len(candidate_addresses()) > 1
-    tried: list[str] = []
-    for i, where in enumerate(where_all):
-        if not worth_trying(where, i, len(where_all)):
-            tried.append(f"{where} (absent)")
-            continue
+    search = Search(address)
+    for where in search:
         try:
             if where.scheme == "unix":
                 return SyncChannel(unix_socket(where.path, timeout), spin_us), where
@@ -60,10 +81,8 @@ def open_sync_channel(address: str | None, timeout: float | None, spin_us: float
             ctx = client_tls_context() if tls is True else (tls or None)
             return StreamChannel(tcp_socket(where.host, where.port, timeout, ctx), spin_us, tls=ctx is not None), where
         except DaemonUnreachable as exc:
-            if len(where_all) == 1:
-                raise
-            tried.append(f"{where} ({exc.__cause__.strerror if isinstance(exc.__cause__, OSError) else exc})")
-    raise unreachable(tried, searched)
+            search.failed(where, exc)
+    raise search.error()
 
 
 def as_client_error(exc: BaseException) -> BaseException:
