@@ -175,6 +175,17 @@ def main(out_dir: str = "docs/panels", seconds: float = 80.0) -> None:
     settings = {"dram.capacity_bytes": "128MiB", "nvme.capacity_bytes": "512MiB", "nvme.dir": str(tmp / "nvme"),
                 "admin.tcp_port": str(admin_port)}
     log: list[str] = []
+    try:
+        run_and_plot(tmp, out, settings, admin_port, prom_port, prometheus, seconds, log)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print("\n".join(log))
+    print(f"wrote {len(PANELS)} panels to {out}")
+
+
+def run_and_plot(tmp: Path, out: Path, settings: dict[str, str], admin_port: int, prom_port: int, prometheus: str,
+                 seconds: float, log: list[str]) -> None:
+    """Daemon and Prometheus up, the load, the queries, panels.json, the plots."""
     with DaemonProcess(settings, config_path=str(tmp / "kvrack.toml")) as d:
         config = (ROOT / "deploy" / "prometheus" / "kvrack-test.yml").read_text()
         (tmp / "prometheus.yml").write_text(config.replace("KVRACK_ADMIN_TARGET", f"127.0.0.1:{admin_port}"))
@@ -212,9 +223,6 @@ def main(out_dir: str = "docs/panels", seconds: float = 80.0) -> None:
         finally:
             prom.terminate()
             prom.wait(30)
-    shutil.rmtree(tmp, ignore_errors=True)
-    print("\n".join(log))
-    print(f"wrote {len(PANELS)} panels to {out}")
 
 
 def replot(out: Path) -> None:
