@@ -14,8 +14,12 @@ TEST_STAMP := $(VENV)/.kvrack-test
 
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.kvrack-vllm
+SGLANG_VENV := .venv-sglang
+SGLANG_STAMP := $(SGLANG_VENV)/.kvrack-sglang
+SGLANG_PIP := $(SGLANG_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-warn-conflicts \
+	-c constraints-sglang.txt
 
-.PHONY: run test system-packages test-vllm openapi panels reliability-report soak bench-e2e test-all test-hugepages bench bench-check stress lint example wheel clean clean-data
+.PHONY: run test system-packages test-vllm test-sglang openapi panels reliability-report soak bench-e2e test-all test-hugepages bench bench-check stress lint example wheel clean clean-data
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -61,7 +65,22 @@ $(VLLM_STAMP): $(SOURCES) constraints-vllm.txt
 
 ## test-vllm: the vLLM connector under real vLLM engines (CPU) and a real daemon (CI runs it after `make test`)
 test-vllm: $(VLLM_STAMP)
-	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider -m engine tests/engines
+	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider -m engine tests/engines/test_vllm.py
+
+# SGLang in an environment of its own: the CPU wheel of torch, then sglang without its requirements (they pull
+# CUDA builds), then what its HiCache modules import (kvrack's `sglang` extra); pip's notes about the requirements
+# left out are silenced
+$(SGLANG_STAMP): $(SOURCES) constraints-sglang.txt
+	@test -x $(SGLANG_VENV)/bin/python || $(PYTHON) -m venv $(SGLANG_VENV)
+	$(SGLANG_PIP) torch
+	$(SGLANG_PIP) --no-deps sglang
+	$(SGLANG_PIP) $(EDITABLE) -e '.[daemon,test,sglang]'
+	@touch $@
+
+## test-sglang: kvrack as SGLang's HiCache storage backend, with SGLang's own pool, controller and radix tree on
+## CPU and a real daemon (CI runs it after `make test`)
+test-sglang: $(SGLANG_STAMP)
+	$(SGLANG_VENV)/bin/python -m pytest -q -p no:cacheprovider -m engine tests/engines/test_sglang.py
 
 ## test-all: every test, slow ones included
 test-all: $(TEST_STAMP)
@@ -125,7 +144,7 @@ wheel: $(PY)
 
 ## clean: remove the virtualenv and build outputs (not the data: see clean-data)
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) build dist *.egg-info pkg/_native*.so
+	rm -rf $(VENV) $(VLLM_VENV) $(SGLANG_VENV) build dist *.egg-info pkg/_native*.so
 
 ## clean-data: remove what `make run`'s daemon keeps between runs: its NVMe data file and index
 ## (nvme.dir, default ~/.local/share/kvrack) and CXL region files (/dev/shm/kvrack-cxl-*). Stop the daemon first.

@@ -27,6 +27,9 @@ def bench_local(address: AddressOpt = None, json_path: JsonOpt = None,
                 admin_load: Annotated[bool, typer.Option(
                     "--admin-load", help="meanwhile, scrape /metrics every second and poll /v1/stats ten times a "
                                          "second from another process (what an operator's tools cost)")] = False,
+                events: Annotated[bool, typer.Option(
+                    "--events", help="the private daemon publishes KV events and a router's subscriber in another "
+                                     "process indexes them")] = False,
                 ) -> None:
     """Same-host put/get bandwidth vs memcpy, lookup rate, round trip, index memory per block.
 
@@ -47,7 +50,7 @@ def bench_local(address: AddressOpt = None, json_path: JsonOpt = None,
         def step(label: str) -> None:
             progress.update(task, description=label, advance=0 if progress.tasks[0].description == "bench" else 1)
 
-        result = bl.run(address, names, repeats, index_blocks, step, parse_size(working_set), admin_load)
+        result = bl.run(address, names, repeats, index_blocks, step, parse_size(working_set), admin_load, events)
         progress.update(task, completed=progress.tasks[0].total)
     checks = result["checks"]
     table = Table(title=f"kvrack bench local ({'private daemon' if address is None else address})")

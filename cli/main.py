@@ -12,6 +12,7 @@ from rich.table import Table
 
 from kvrack import __version__
 from kvrack.cli import admin as admin_cli
+from kvrack.cli import events as events_cli
 from kvrack.cli.admin import AdminOpt, TokenOpt
 from kvrack.cli.bench import bench_app
 from kvrack.cli.common import AddressOpt, console
@@ -26,6 +27,8 @@ app = typer.Typer(help="kvrack: pooled KV cache for LLM inference.", no_args_is_
 app.add_typer(bench_app, name="bench")
 app.command()(sim)
 admin_cli.register(app)
+app.command()(events_cli.events)
+app.command()(events_cli.route)
 
 
 def _version(value: bool) -> None:

@@ -27,7 +27,6 @@ import dataclasses
 import json
 import logging
 import os
-import threading
 import time
 from typing import Any
 
@@ -42,6 +41,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 from kvrack.clients.client import Client
 from kvrack.clients.keys import KeyBuilder
 from kvrack.clients.layout import DTYPE_BYTES, Layout
+from kvrack.clients.link import Link
 from kvrack.clients.paged import PagedKV, get_kv, put_kv
 
 log = logging.getLogger("kvrack.vllm")
@@ -130,56 +130,6 @@ class KvrackStats(KVConnectorStats):
         return not any(self.data.values())
 
 
-class Link:
-    """A client connection that fails soft: used while it works, dropped on an error, tried again later."""
-
-    def __init__(self, opts: dict[str, Any], timeout: float, name: str, layout: Layout) -> None:
-        self.opts = opts
-        self.timeout = timeout
-        self.name = name
-        self.layout = layout
-        self.client: Client | None = None
-        self.retry_at = 0.0
-        self.down_since: float | None = None
-        self.lock = threading.Lock()  # the scheduler's and the worker's calls may come from different threads
-
-    def get(self) -> Client | None:
-        if self.client is not None:
-            return self.client
-        now = time.monotonic()
-        if now < self.retry_at:
-            return None
-        try:
-            self.client = Client.connect(self.opts["kvrack.address"], namespace=self.opts["kvrack.namespace"],
-                                         client_name=self.name, timeout=self.timeout, token=self.opts["kvrack.token"])
-        except Exception as exc:
-            self.failed(exc)
-            return None
-        if self.down_since is not None:
-            log.warning("kvrack: %s reconnected to kvrackd after %.1f s", self.name, now - self.down_since)
-            self.down_since = None
-        return self.client
-
-    def failed(self, exc: BaseException) -> None:
-        """Drop the connection; say so once per outage."""
-        if self.client is not None:
-            try:
-                self.client.close()
-            except Exception:
-                pass
-            self.client = None
-        self.retry_at = time.monotonic() + float(self.opts["kvrack.retry_s"])
-        if self.down_since is None:
-            self.down_since = time.monotonic()
-            log.warning("kvrack: %s cannot use kvrackd (%s); recomputing instead, trying again every %.0f s",
-                        self.name, exc, self.opts["kvrack.retry_s"])
-
-    def close(self) -> None:
-        if self.client is not None:
-            self.client.close()
-            self.client = None
-
-
 @dataclasses.dataclass
 class _Request:
     """What the scheduler keeps of a request between steps."""
@@ -214,14 +164,14 @@ class KvrackConnector(KVConnectorBase_V1):
         self._since_report: dict[str, float] = dict.fromkeys(COUNTERS, 0)
         if role == KVConnectorRole.SCHEDULER:
             self.layout = layout_of(vllm_config, kv_cache_config, 0)  # rank 0's keys stand for every rank's
-            self.link = Link(self.opts, float(self.opts["kvrack.lookup_timeout_s"]), "vllm-scheduler", self.layout)
+            self.link = self._link(float(self.opts["kvrack.lookup_timeout_s"]), "vllm-scheduler")
             self.requests: dict[str, _Request] = {}
             self.pending_loads: list[Transfer] = []
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
             self.layout = layout_of(vllm_config, kv_cache_config, get_tensor_model_parallel_rank())
-            self.link = Link(self.opts, float(self.opts["kvrack.timeout_s"]), "vllm-worker", self.layout)
+            self.link = self._link(float(self.opts["kvrack.timeout_s"]), "vllm-worker")
             self.paged: PagedKV | None = None
             self.failed_blocks: set[int] = set()
             # (key, engine block id) of the blocks loaded lately, newest last: what a test checks byte for byte
@@ -230,6 +180,11 @@ class KvrackConnector(KVConnectorBase_V1):
         self.keys: KeyBuilder | None = None  # built once the namespace's salt is known (first connection)
 
     # ------------------------------------------------------------------ shared
+    def _link(self, timeout: float, name: str) -> Link:
+        o = self.opts
+        return Link(o["kvrack.address"], o["kvrack.namespace"], o["kvrack.token"], timeout, float(o["kvrack.retry_s"]),
+                    name)
+
     def _count(self, **amounts: float) -> None:
         for k, v in amounts.items():
             self.counters[k] += v

@@ -125,6 +125,8 @@ class CxlPool(CopyWorker):
             if victim is None:
                 break
             self.worker.submit(region.delete, victim)
+            if self.store.events is not None:
+                self.store.events.removed_key(namespace, victim, self.tier_id)
 
     def _copied(self, e: Entry, fut: concurrent.futures.Future[bool]) -> None:
         self.in_flight -= 1
@@ -139,6 +141,8 @@ class CxlPool(CopyWorker):
         if fut.result():
             self.copied += 1
             self.copied_bytes += e.nbytes
+            if self.store.events is not None:
+                self.store.events.stored(e, self.tier_id)
         region, order = self.regions.get(e.ns.name), self.orders.get(e.ns.name)
         if region is not None and order is not None and (fut.result() or region.size_of(e.key) is not None):
             order.add(e.key, e.parent)  # stored now, or already there
@@ -160,7 +164,10 @@ class CxlPool(CopyWorker):
         if region is None:
             return False
         self.orders[namespace].remove(key)
-        return region.delete(key)
+        gone = bool(region.delete(key))
+        if gone and self.store.events is not None:
+            self.store.events.removed_key(namespace, key, self.tier_id)
+        return gone
 
     def touch(self, ns: Namespace, keys: Sequence[bytes]) -> None:
         """Reads of region blocks that clients served themselves from the mapping (or the daemon copied

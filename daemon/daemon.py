@@ -123,6 +123,8 @@ class Daemon(Draining):
         tier.warm_in_background()
         store = self.store = Store(tier, c.namespaces, c.leases.reserve_timeout_s, c.leases.pin_timeout_s,
                                    policy=c.dram.policy)
+        if c.events.enabled:  # before recovery: subscribers hear "cleared", then every block recovered
+            self._open_events()
         if isinstance(nvme, tuple):
             self._attach_nvme(*nvme)
         elif not c.nvme.enabled:
@@ -158,6 +160,8 @@ class Daemon(Draining):
         reg.register("transfers", server.transfer_stats)
         reg.register("leases", store.lease_stats)
         reg.register("hits_by_tier", store.hit_stats)
+        if store.events is not None:
+            reg.register("events", store.events.stats)
         reg.register("daemon", lambda ns: {"version": __version__, "pid": os.getpid(),
                                            "uptime_s": round(time.time() - self.started, 1),
                                            "socket": self.config.server.socket_path,
@@ -167,6 +171,28 @@ class Daemon(Draining):
             tcp = server.tcp
             reg.register("tcp", lambda ns: {"address": tcp.address,
                                             "nixl": server.nixl.stats() if server.nixl else None})
+
+    def _open_events(self) -> None:
+        """The KV-event publisher (kvrack.daemon.events); a namespace starts with AllBlocksCleared."""
+        from kvrack.daemon.events import EventPublisher
+
+        c = self.config
+        assert self.store is not None
+        try:
+            pub = EventPublisher(c.events.endpoint, c.events.replay_endpoint, c.events.topic_prefix,
+                                 c.events.interval_s, c.events.max_batch_events, c.events.max_queued_batches,
+                                 c.events.replay_batches)
+        except Exception as exc:  # zmq.ZMQError: a taken port, a bad endpoint
+            raise TierError(f"cannot publish KV events on {c.events.endpoint} (events.endpoint, "
+                            f"events.replay_endpoint): {exc}") from None
+        for name in self.store.namespaces:
+            pub.cleared(name)
+        # every namespace's clear goes out before any recovered block: a consumer that ignores namespaces (vLLM's
+        # own format has none) clears on each, and must not wipe one namespace's blocks with another's clear
+        pub.batch_pending()
+        self.store.events = pub
+        log.info("kv events on %s%s, topics %s<namespace>", pub.endpoint,
+                 f", replay on {pub.replay_endpoint}" if pub.replay_endpoint else "", c.events.topic_prefix)
 
     def _open_cxl(self) -> None:
         """One CXL region per namespace, the daemon its allocating host."""
@@ -310,6 +336,8 @@ class Daemon(Draining):
             self._start_admin(loop)
         self.server.start(loop)
         self.store.movement.start(loop)
+        if self.store.events is not None:
+            self.store.events.start(loop)
         gc.freeze()  # start-up objects (config, tiers, modules) never need collecting
         names = ", ".join(self.store.namespaces)
         log.info("kvrackd %s listening on unix:%s%s (namespaces: %s)%s", __version__, self.config.server.socket_path,
@@ -324,6 +352,8 @@ class Daemon(Draining):
         finally:
             for task in tasks:
                 task.cancel()
+            if self.store.events is not None:
+                self.store.events.close()  # what the drain evicted or wrote goes out first
             if self.admin is not None:
                 # on a worker thread: the admin API's last replies (a drain's report) may still need this loop
                 await asyncio.sleep(0.05)
@@ -423,6 +453,8 @@ class Daemon(Draining):
                 next_trim = now + 10.0
 
     def close(self) -> None:
+        if self.store is not None and self.store.events is not None:
+            self.store.events.close(flush=False)  # (already closed after a drain; a failed start lands here)
         if self.store is not None:
             self.store.movement.close()  # HBM, CXL, then NVMe (its index is flushed last)
         if self.server is not None and self.server.nixl is not None:

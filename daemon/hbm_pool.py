@@ -149,6 +149,8 @@ class HbmPool(CopyWorker):
         self.copies[e.ns.name][e.key] = (seg, slot)
         self.promoted += 1
         self.promoted_bytes += e.nbytes
+        if self.store.events is not None:
+            self.store.events.stored(e, self.tier_id)
 
     # ------------------------------------------------------------- removal
     def dram_copy_freed(self, e: Entry) -> None:
@@ -160,6 +162,8 @@ class HbmPool(CopyWorker):
         placement = self.copies[namespace].pop(key, None)
         if placement is not None:
             self.arenas[namespace].free(*placement)
+            if self.store.events is not None:
+                self.store.events.removed_key(namespace, key, self.tier_id)
 
     def has_copy(self, ns: Namespace, key: bytes) -> bool:
         return key in self.copies.get(ns.name, ())

@@ -118,6 +118,8 @@ class Mover(Retries, CopyingTier):
             ns.blocks += 1
             ns.bytes += rec.length
             self._track(e)
+            if store.events is not None:  # recovered: announced after the start's AllBlocksCleared
+                store.events.stored(e, self.tier_id)
             self.blocks += 1
             self.bytes += rec.length
             ns.nvme_blocks += 1
@@ -213,10 +215,13 @@ class Mover(Retries, CopyingTier):
             self.nvme.degraded = f"index update failed: {exc}"
             results = [exc] * len(batch)
         failed = 0
+        events = self.store.events
         for (e, seg, slot), err in zip(batch, results):
             if err is None:
                 e.nseg = seg
                 e.nslot = slot
+                if events is not None:
+                    events.stored(e, self.tier_id)
                 self._track(e)
                 self.blocks += 1
                 self.bytes += e.nbytes
@@ -301,6 +306,8 @@ class Mover(Retries, CopyingTier):
     def _forget_copy(self, e: Entry) -> None:
         """The entry no longer has an NVMe copy; an entry with no copy left leaves the index."""
         e.nseg = None
+        if self.store.events is not None:
+            self.store.events.removed(e, self.tier_id)
         self.order.remove(e)
         self.blocks -= 1
         self.bytes -= e.nbytes

@@ -261,6 +261,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("admin.metrics_max_namespaces", "int", 32,
             "Namespaces given their own label in /metrics, by bytes held; the rest are summed as namespace=\"other\".",
             min=1, max=10_000, runtime=True),
+    Setting("events.enabled", "bool", False, "Publish KV events (blocks stored and removed, per tier and namespace) in "
+            "vLLM's KV-event format over ZMQ, for prefix-aware routers. See docs/router.md."),
+    Setting("events.endpoint", "str", "tcp://127.0.0.1:5557", "ZMQ endpoint of the event PUB socket: bound "
+            "when it is this host's (tcp://0.0.0.0:PORT for subscribers on other hosts, ipc:///path for local ones), "
+            "connected to when the address is another host's (a collector that binds)."),
+    Setting("events.replay_endpoint", "str", "", "ZMQ endpoint of the replay ROUTER socket, for subscribers that missed "
+            "a range (vLLM's replay protocol); empty = no replay."),
+    Setting("events.topic_prefix", "str", "kvrack.", "Topic of a namespace's batches: this prefix and the namespace."),
+    Setting("events.interval_s", "float", 0.05, "How often pending events go out, in batches per namespace.",
+            min=0.001, max=10.0),
+    Setting("events.max_batch_events", "int", 4096, "Most blocks in one batch (more go out in further batches).", min=1,
+            max=1_000_000),
+    Setting("events.max_queued_batches", "int", 10000, "Batches waiting for the publisher thread; past it new ones are "
+            "dropped and counted (events never slow the data path).", min=1, max=10_000_000),
+    Setting("events.replay_batches", "int", 10000, "Batches kept for replay.", min=0, max=10_000_000),
     Setting("log.level", "choice", "info", "Log verbosity.", choices=("debug", "info", "warning", "error"), runtime=True),
 )
 BY_NAME = {s.name: s for s in SETTINGS}

@@ -36,6 +36,7 @@ from kvrack.tiers.base import Segment
 from kvrack.tiers.dram import MemoryTier
 
 if TYPE_CHECKING:
+    from kvrack.daemon.events import EventPublisher
     from kvrack.daemon.mover import Mover
 
 log = logging.getLogger("kvrack.store")
@@ -69,6 +70,7 @@ class Store(Eviction, Reads, StoreViews, Adoption):
         self.reserve_timeout_s = reserve_timeout_s
         self.pin_timeout_s = pin_timeout_s
         self.max_leases_per_session = 1 << 20  # leases.max_per_session
+        self.events: EventPublisher | None = None  # KV events for routers (events.enabled)
         self.clock = clock
         # non-LRU policies size their queues in blocks, estimated from the capacity and a typical block size
         self.order = NamespaceOrders(self.namespaces, policy, tier.capacity // max(1, typical_block_bytes))
@@ -260,6 +262,8 @@ class Store(Eviction, Reads, StoreViews, Adoption):
         """The block's bytes are now complete in this DRAM slot (a commit, or a read back from NVMe)."""
         e.seg = seg
         e.slot = slot
+        if self.events is not None:
+            self.events.stored(e, seg.tier)
         self.dram_blocks += 1
         self.dram_bytes += e.nbytes
         e.ns.dram_blocks += 1
@@ -272,6 +276,8 @@ class Store(Eviction, Reads, StoreViews, Adoption):
     def _free_dram_copy(self, e: Entry) -> None:
         for t in self.movement.on_dram_free:
             t.dram_copy_freed(e)
+        if self.events is not None:
+            self.events.removed(e, e.seg.tier)
         self.tier.free(e.seg, e.slot)
         e.seg = None
         self.dram_blocks -= 1

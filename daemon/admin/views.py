@@ -95,5 +95,6 @@ def stats_view(s: dict[str, Any], drain: dict[str, Any] | None = None) -> dict[s
         "server": server,
         "counters": ops,
         "tcp": s.get("tcp"),
+        "events": s.get("events"),
         "drain": drain or {"state": "serving"},
     }

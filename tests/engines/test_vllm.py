@@ -163,3 +163,23 @@ def test_requests_complete_while_the_daemon_is_down_and_loads_resume_when_it_ret
             assert engine.stats()["worker"]["loaded_tokens"] >= LOADABLE
         finally:
             d.stop()
+
+
+def test_vllms_own_event_decoder_reads_kvracks_kv_events():
+    """A consumer of vLLM's KV events (a router built on vLLM's decoder) reads kvrack's batches."""
+    import msgspec
+    from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
+
+    from kvrack import events as E
+    from kvrack.daemon.events import _events
+
+    keys = [bytes([i]) * 32 for i in range(3)]
+    pending = [("C",), ("S", "DRAM", keys[0], None, 4096), ("S", "DRAM", keys[1], keys[0], 4096),
+               ("R", "NVME", keys[2])]
+    raw = E.encoder.encode(E.KVEventBatch(12.5, _events("default", pending, epoch=7)))
+    batch = msgspec.msgpack.Decoder(KVEventBatch).decode(raw)
+    cleared, stored, removed = batch.events
+    assert isinstance(cleared, AllBlocksCleared) and batch.ts == 12.5
+    assert isinstance(stored, BlockStored) and stored.block_hashes == keys[:2] and stored.parent_block_hash is None
+    assert stored.medium == "DRAM" and stored.lora_name is None
+    assert isinstance(removed, BlockRemoved) and removed.block_hashes == [keys[2]] and removed.medium == "NVME"
