@@ -181,7 +181,7 @@ class Daemon(Draining):
         try:
             pub = EventPublisher(c.events.endpoint, c.events.replay_endpoint, c.events.topic_prefix,
                                  c.events.interval_s, c.events.max_batch_events, c.events.max_queued_batches,
-                                 c.events.replay_batches)
+                                 c.events.replay_batches, c.events.max_blocks_per_s)
         except Exception as exc:  # zmq.ZMQError: a taken port, a bad endpoint
             raise TierError(f"cannot publish KV events on {c.events.endpoint} (events.endpoint, "
                             f"events.replay_endpoint): {exc}") from None

@@ -53,11 +53,16 @@ class EventPublisher:
 
     def __init__(self, endpoint: str, replay_endpoint: str = "", topic_prefix: str = "kvrack.",
                  interval_s: float = 0.05, max_batch_events: int = 4096, max_queued_batches: int = 10000,
-                 replay_batches: int = 10000) -> None:
+                 replay_batches: int = 10000, max_blocks_per_s: int = 0) -> None:
         self.topic_prefix = topic_prefix
         self.interval_s = interval_s
         self.max_batch_events = max_batch_events
         self.max_queued_batches = max_queued_batches
+        self.max_blocks_per_s = max_blocks_per_s
+        # a token bucket of block events: a second's worth deep (a full batch at least)
+        self.bucket = float(max(max_blocks_per_s, max_batch_events))
+        self.allowance = self.bucket
+        self.refilled = time.monotonic()
         self.ctx: zmq.Context[Any] = zmq.Context.instance()
         self.pub = self.ctx.socket(zmq.PUB)
         # what ZMQ holds for a subscriber that reads slowly or not at all, at most about SUBSCRIBER_QUEUE_BYTES
@@ -92,6 +97,8 @@ class EventPublisher:
         self.published_blocks = 0
         self.dropped_batches = 0  # queue full: not handed to the thread (their numbers are gaps subscribers see)
         self.dropped_blocks = 0
+        self.rate_limited_batches = 0  # past events.max_blocks_per_s (numbered too: gaps subscribers see)
+        self.rate_limited_blocks = 0
         self.unsent_batches = 0  # the PUB socket refused (every subscriber at its high-water mark)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -138,6 +145,10 @@ class EventPublisher:
         if not self.pending:
             return
         now = time.time()
+        if self.max_blocks_per_s:
+            tick = time.monotonic()
+            self.allowance = min(self.bucket, self.allowance + (tick - self.refilled) * self.max_blocks_per_s)
+            self.refilled = tick
         pending, self.pending, self.pending_blocks = self.pending, {}, 0
         for namespace, events in pending.items():
             topic = (self.topic_prefix + namespace).encode()
@@ -145,10 +156,16 @@ class EventPublisher:
                 take = events[start: start + self.max_batch_events]
                 seq = self.seq
                 self.seq += 1
+                blocks = sum(1 for ev in take if ev[0] != "C")
                 if len(self.queue) >= self.max_queued_batches:
                     self.dropped_batches += 1
-                    self.dropped_blocks += sum(1 for ev in take if ev[0] != "C")
+                    self.dropped_blocks += blocks
                     continue
+                if self.max_blocks_per_s and blocks > self.allowance:
+                    self.rate_limited_batches += 1
+                    self.rate_limited_blocks += blocks
+                    continue
+                self.allowance -= blocks
                 self.queue.append((seq, topic, namespace, now, take))
         self.wake.set()
 
@@ -207,7 +224,8 @@ class EventPublisher:
                 "published_batches": self.published_batches, "published_events": self.published_events,
                 "published_blocks": self.published_blocks, "pending_blocks": self.pending_blocks,
                 "queued_batches": len(self.queue), "dropped_batches": self.dropped_batches,
-                "dropped_blocks": self.dropped_blocks, "unsent_batches": self.unsent_batches}
+                "dropped_blocks": self.dropped_blocks, "rate_limited_batches": self.rate_limited_batches,
+                "rate_limited_blocks": self.rate_limited_blocks, "unsent_batches": self.unsent_batches}
 
     def close(self, flush: bool = True) -> None:
         """Publish everything pending (``flush``; the thread gets 10 s to send it), stop the thread, close the

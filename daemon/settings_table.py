@@ -276,6 +276,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("events.max_queued_batches", "int", 10000, "Batches waiting for the publisher thread; past it new ones are "
             "dropped and counted (events never slow the data path).", min=1, max=10_000_000),
     Setting("events.replay_batches", "int", 10000, "Batches kept for replay.", min=0, max=10_000_000),
+    Setting("events.max_blocks_per_s", "int", 0, "Most block events published a second, with a burst of one "
+            "second's worth (0: no limit but the queue); batches past it are dropped and counted, and their "
+            "numbers are gaps subscribers see.", min=0, max=1_000_000_000),
     Setting("log.level", "choice", "info", "Log verbosity.", choices=("debug", "info", "warning", "error"), runtime=True),
 )
 BY_NAME = {s.name: s for s in SETTINGS}

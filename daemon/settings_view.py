@@ -134,6 +134,7 @@ class EventsSettings:
     max_batch_events: int
     max_queued_batches: int
     replay_batches: int
+    max_blocks_per_s: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -166,5 +167,5 @@ class SettingsView:
         self.hbm = HbmSettings(values["hbm.enabled"], values["hbm.device"], values["hbm.capacity_bytes"], values["hbm.segment_bytes"], values["hbm.promote_after_hits"])
         self.tcp = TcpSettings(values["tcp.enabled"], values["tcp.host"], values["tcp.port"], values["tcp.hello_timeout_s"], values["tcp.tls_handshake_timeout_s"], values["tcp.tls_cert"], values["tcp.tls_key"], values["tcp.tls_client_ca"], values["tcp.nixl"], values["tcp.nixl_progress_delay_us"])
         self.admin = AdminSettings(values["admin.enabled"], values["admin.socket_path"], values["admin.tcp_host"], values["admin.tcp_port"], values["admin.token_file"], values["admin.read_auth"], values["admin.metrics_max_namespaces"])
-        self.events = EventsSettings(values["events.enabled"], values["events.endpoint"], values["events.replay_endpoint"], values["events.topic_prefix"], values["events.interval_s"], values["events.max_batch_events"], values["events.max_queued_batches"], values["events.replay_batches"])
+        self.events = EventsSettings(values["events.enabled"], values["events.endpoint"], values["events.replay_endpoint"], values["events.topic_prefix"], values["events.interval_s"], values["events.max_batch_events"], values["events.max_queued_batches"], values["events.replay_batches"], values["events.max_blocks_per_s"])
         self.log = LogSettings(values["log.level"])

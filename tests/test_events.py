@@ -269,7 +269,7 @@ def _publish_all(tmp_path, name: str, blocks: int, **limits: int) -> tuple[dict,
         sub.close(linger=0)
 
 
-def test_closing_publishes_every_pending_event_and_a_full_queue_leaves_gaps_subscribers_see(tmp_path):
+def test_closing_publishes_every_pending_event_and_full_queues_and_rate_limits_leave_gaps_subscribers_see(tmp_path):
     stats, seqs, got = _publish_all(tmp_path, "all", 20_000)
     assert got == 20_000 and stats["published_blocks"] == 20_000 and stats["pending_blocks"] == 0
     assert seqs == list(range(stats["next_seq"])) and stats["dropped_batches"] == 0
@@ -278,6 +278,10 @@ def test_closing_publishes_every_pending_event_and_a_full_queue_leaves_gaps_subs
     assert stats["dropped_batches"] > 0
     missing = set(range(stats["next_seq"])) - set(seqs)
     assert len(missing) == stats["dropped_batches"] and got + stats["dropped_blocks"] == 20_000
+    # a rate limit of 1,000 block events a second (a second's burst): the first 1,000 go out, the rest are gaps
+    stats, seqs, got = _publish_all(tmp_path, "rate", 20_000, max_blocks_per_s=1000)
+    assert got == 1000 and stats["rate_limited_blocks"] == 19_000 and stats["dropped_batches"] == 0
+    assert len(set(range(stats["next_seq"])) - set(seqs)) == stats["rate_limited_batches"] > 0
 
 
 def test_an_event_batch_reads_back_with_vllms_field_set(tmp_path):
