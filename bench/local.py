@@ -112,6 +112,22 @@ def bench_lookup(client: Client, stored: int = 100_000, batch: int = 8192, secon
     return {"lookup_keys_per_s": round(done / elapsed), "lookup_batch": batch}
 
 
+def bench_dict_lookup(stored: int = 100_000, batch: int = 8192, seconds: float = 0.5) -> dict[str, float]:
+    """Baseline for lookups: membership tests of the same keys, batch by batch, in a dict of this process (the
+    least work per key any Python index does)."""
+    keys = _keys(stored)
+    index = dict.fromkeys(keys)
+    done, i = 0, 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        chunk = keys[i : i + batch]
+        i = (i + batch) % (stored - batch)
+        if not all(map(index.__contains__, chunk)):
+            raise RuntimeError("dict lookup missed")
+        done += len(chunk)
+    return {"dict_lookup_keys_per_s": round(done / (time.perf_counter() - t0))}
+
+
 def bench_rtt(client: Client, iterations: int = 5000) -> dict[str, float]:
     """Single-key lookup round trips: the floor of any request."""
     key = [os.urandom(32)]
@@ -207,8 +223,10 @@ def _idle_priority() -> None:
         os.nice(19)
 
 
-TARGETS = {"get_vs_memcpy": (">=", 0.8), "put_vs_memcpy": (">=", 0.7), "lookup_keys_per_s": (">=", 1_000_000),
-           "rtt_p50_us": ("<=", 50), "index_bytes_per_block": ("<=", 300)}
+# ratios to baselines of the same run, so that a check follows the machine (lookups: 1 M keys/s and the round
+# trip: 50 µs, on the machine these were set on)
+TARGETS = {"get_vs_memcpy": (">=", 0.8), "put_vs_memcpy": (">=", 0.7), "lookup_vs_dict": (">=", 0.035),
+           "rtt_vs_raw_socket": ("<=", 4.0), "index_bytes_per_block": ("<=", 300)}
 
 
 def run(address: str | None, sizes: list[str], repeats: int, index_blocks: int,
@@ -251,6 +269,8 @@ def run(address: str | None, sizes: list[str], repeats: int, index_blocks: int,
                 out["sizes"][name] = bench_bandwidth(client, SIZES[name], repeats, working_set)
             progress("lookup")
             out.update(bench_lookup(client))
+            out.update(bench_dict_lookup())
+            out["lookup_vs_dict"] = round(out["lookup_keys_per_s"] / out["dict_lookup_keys_per_s"], 3)
             progress("round trip")
             out.update(bench_raw_rtt())
             out.update(bench_rtt(client))

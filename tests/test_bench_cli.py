@@ -21,7 +21,8 @@ def test_bench_local_writes_the_contracted_json(tmp_path):
     out = tmp_path / "bench.json"
     data, stdout = run_bench(out, "local", "--sizes", "64KiB,2MiB", "--repeats", "1", "--working-set", "8MiB",
                              "--index-blocks", "20000")
-    for key in ("get_vs_memcpy", "put_vs_memcpy", "lookup_keys_per_s", "rtt_p50_us", "index_bytes_per_block"):
+    for key in ("get_vs_memcpy", "put_vs_memcpy", "lookup_keys_per_s", "lookup_vs_dict", "rtt_p50_us",
+                "rtt_vs_raw_socket", "index_bytes_per_block"):
         assert isinstance(data[key], (int, float)) and data[key] > 0, key
     assert data["index_blocks"] >= 20000
     assert set(data["sizes"]) == {"64KiB", "2MiB"}
@@ -46,7 +47,8 @@ def test_bench_cxl_writes_the_contracted_json(tmp_path):
     region_dir.mkdir()
     data, _ = run_bench(out, "cxl", "--dir", str(region_dir), "--sizes", "2MiB,64KiB", "--working-set", "16MiB",
                         "--repeats", "1")
-    for key in ("cxl_get_vs_memcpy", "cxl_lookup_keys_per_s", "cxl_get_coherent_vs_memcpy", "cxl_get_repeat_vs_memcpy",
+    for key in ("cxl_get_vs_memcpy", "cxl_lookup_keys_per_s", "cxl_lookup_vs_dict", "cxl_get_coherent_vs_memcpy",
+                "cxl_get_repeat_vs_memcpy",
                 "cxl_get_batched_vs_memcpy", "cxl_invalidate_us_per_block", "cxl_invalidate_bound_vs_memcpy",
                 "cxl_get_vs_invalidate_bound"):
         assert isinstance(data[key], float) and data[key] > 0, key

@@ -366,14 +366,15 @@ def test_verifier_detects_torn_and_wrong_blocks():
     assert not cxl_stress.verify(key(2), memoryview(good))
 
 
-def _stress(path: str, seconds: float, nproc: int) -> list[dict[str, int]]:
+def _stress(path: str, seconds: float, nproc: int, min_ops: int = 0) -> list[dict[str, int]]:
     region = CxlRegion.create(path, 32 << 20, 256 << 10, "stress")
     procs = [subprocess.Popen([sys.executable, "-m", "tests.cxl_stress", path, str(seconds), str(i),
-                               "reader" if i == 0 else "writer"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+                               "reader" if i == 0 else "writer", str(min_ops)], stdout=subprocess.PIPE, text=True,
+                              cwd=ROOT)
              for i in range(nproc)]
     results = []
     for p in procs:
-        out, _ = p.communicate(timeout=seconds + 120)
+        out, _ = p.communicate(timeout=seconds + cxl_stress.OVERTIME_S + 60)
         assert p.returncode == 0
         results.append(json.loads(out))
     # after the storm: every published block is reachable through the index and intact
@@ -388,7 +389,8 @@ def _stress(path: str, seconds: float, nproc: int) -> list[dict[str, int]]:
 
 
 def test_processes_hammering_one_region_never_read_a_torn_block(region_path):
-    results = _stress(region_path, 4.0, 4)
+    # each process runs 4 s and 4,000 operations at least (a loaded machine takes longer, never does less)
+    results = _stress(region_path, 4.0, 4, min_ops=4000)
     assert sum(r["bad"] for r in results) == 0
     assert sum(r["hits"] for r in results) > 100 and sum(r["puts"] for r in results) > 100
     assert sum(r["evictions"] + r["deletes"] for r in results) > 50

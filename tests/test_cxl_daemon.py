@@ -40,14 +40,15 @@ def blocks(n: int, seed: int = 0) -> tuple[list[bytes], list[np.ndarray]]:
     return [rng.bytes(32) for _ in range(n)], [rng.integers(0, 256, BLOCK, dtype=np.uint8) for _ in range(n)]
 
 
-def settle(client: Client, want_blocks: int, timeout: float = 10.0) -> dict:
+def settle(client: Client, want_blocks: int, timeout: float = 60.0) -> dict:
     """Wait until the daemon has copied (or given up on) ``want_blocks`` blocks into CXL in all."""
     deadline = time.monotonic() + timeout
     while True:
         cxl = next(t for t in client.stats()["tiers"] if t["tier"] == "cxl")
-        done = cxl["copied_blocks"] + cxl["skipped_blocks"] >= want_blocks and not cxl["copies_in_flight"]
-        if done or time.monotonic() > deadline:
+        if cxl["copied_blocks"] + cxl["skipped_blocks"] >= want_blocks and not cxl["copies_in_flight"]:
             return cxl
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{want_blocks} CXL copies not settled after {timeout} s: {cxl}")
         time.sleep(0.02)
 
 

@@ -20,8 +20,8 @@ def test_get_with_the_full_non_coherent_protocol_vs_memcpy(result):
     assert result["cxl_get_vs_memcpy"] >= 0.8
 
 
-def test_shared_index_lookup_rate(result):
-    assert result["cxl_lookup_keys_per_s"] >= 2_000_000
+def test_shared_index_lookup_rate_against_a_dict_of_the_same_keys(result):
+    assert result["cxl_lookup_vs_dict"] >= 0.07
 
 
 def test_first_reads_come_close_to_what_the_invalidation_leaves(result):

@@ -21,12 +21,12 @@ def test_get_and_put_bandwidth_vs_memcpy(result):
     assert result["put_vs_memcpy"] >= 0.7
 
 
-def test_lookup_rate(result):
-    assert result["lookup_keys_per_s"] >= 1_000_000
+def test_lookup_rate_against_a_dict_of_the_same_keys(result):
+    assert result["lookup_vs_dict"] >= 0.035
 
 
-def test_round_trip(result):
-    assert result["rtt_p50_us"] <= 50
+def test_round_trip_against_a_raw_socket_round_trip(result):
+    assert result["rtt_vs_raw_socket"] <= 4.0
 
 
 def test_index_memory(result):
