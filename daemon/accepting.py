@@ -37,6 +37,7 @@ class ServerLimits:
     max_queued_reply_bytes: int = 4 << 20
     max_total_queued_reply_bytes: int = 256 << 20
     stalled_client_timeout_s: float = 60.0
+    max_total_partial_frame_bytes: int = 256 << 20
 
 
 
@@ -131,16 +132,22 @@ class Accepting:
                                                   "(server.hello_timeout_s)")
 
     def close_stalled(self, now: float) -> int:
-        """Close connections kept over their reply limit longer than server.stalled_client_timeout_s: their
-        clients do not read. Returns how many."""
+        """Close connections kept over their reply limit longer than server.stalled_client_timeout_s (their
+        clients do not read), and those whose incomplete frame got no byte for as long (their clients started
+        a request and stopped sending). Returns how many."""
         limit = self.limits.stalled_client_timeout_s
         stalled = [c for c in self.connections if c.over_since and now - c.over_since > limit]
         for conn in stalled:
             self.ratelog(logging.WARNING, "stalled", "session %d: %d reply bytes queued for %.0f s and its client "
                          "reads none; closing the connection", conn.session.id, conn.frame_bytes, now - conn.over_since)
             conn.close()
-        self.stalled_closed += len(stalled)
-        return len(stalled)
+        halted = [c for c in self.connections if c.buffered and not c.closed and now - c.last_input > limit]
+        for conn in halted:
+            self.ratelog(logging.WARNING, "stalled", "session %d: an incomplete frame (%d bytes) got no byte for "
+                         "%.0f s; closing the connection", conn.session.id, conn.buffered, now - conn.last_input)
+            conn.close()
+        self.stalled_closed += len(stalled) + len(halted)
+        return len(stalled) + len(halted)
 
     def forget(self, conn: Connection) -> None:
         self.connections.discard(conn)

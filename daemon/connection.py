@@ -119,6 +119,8 @@ class Connection:
         self.frame_bytes = 0  # of out_bytes, reply frames (daemon memory), bounded by server.max_queued_reply_bytes
         self.over_since = 0.0  # when it went over its reply limit (its client stopped reading), else 0
         self.in_process = False  # dispatching buffered frames now (a reply sent meanwhile must not re-enter)
+        self.buffered = 0  # bytes of an incomplete request frame held in inbuf (server.partial_frame_bytes)
+        self.last_input = time.monotonic()  # when bytes last arrived (a frame left incomplete: close_stalled)
         self.writing = False
         self.reading = True
         self.paused = False  # a deferred reply is being prepared: take no further request yet
@@ -147,14 +149,35 @@ class Connection:
             if not n:
                 self.close()
                 return
+            self.last_input = time.monotonic()
             if direct:
                 self._consume_sink(n)
             else:
                 self.inbuf += rbuf[:n] if n < 4096 else memoryview(rbuf)[:n]
             self.process()
+            if self._account_partial():
+                return
             # TLS keeps decrypted bytes inside the socket object, where readiness cannot see them
             if self.closed or not self.reading or not (self.tls and self.sock.pending()):  # type: ignore[attr-defined]
                 return
+
+    def _account_partial(self) -> bool:
+        """Count what stays in the input buffer (an incomplete frame) against server.max_total_partial_frame_bytes;
+        a connection that takes the total past it is closed. Whether it was."""
+        n = len(self.inbuf) if not self.closed else 0
+        server = self.server
+        server.partial_frame_bytes += n - self.buffered
+        self.buffered = n
+        limit = server.limits.max_total_partial_frame_bytes
+        if n and server.partial_frame_bytes > limit and not self.closing:
+            self.fail(P.ErrorCode.FRAME_TOO_LARGE, f"{server.partial_frame_bytes} bytes of incomplete frames are "
+                      f"buffered across connections (server.max_total_partial_frame_bytes = {limit}); this "
+                      f"connection's {n} are dropped")
+            server.partial_frame_bytes -= self.buffered
+            self.buffered = 0
+            self.inbuf = bytearray()
+            return True
+        return False
 
     def _consume_sink(self, n: int) -> None:
         """``n`` bytes of payload were received into (or dropped for) the sink's head."""
@@ -385,6 +408,9 @@ class Connection:
             loop.remove_writer(self.fileno)
         self.server.queued_frame_bytes -= self.frame_bytes
         self.frame_bytes = 0
+        self.server.partial_frame_bytes -= self.buffered
+        self.buffered = 0
+        self.inbuf = bytearray()
         self.out.clear()  # pins held for unsent read payloads end with the session, below
         self.sink = None
         self.sink_done = None

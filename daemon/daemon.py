@@ -136,7 +136,7 @@ class Daemon(Draining):
         store.max_leases_per_session = c.leases.max_per_session
         limits = ServerLimits(c.server.hello_timeout_s, c.server.max_connections, c.server.max_connections_per_uid,
                               c.server.max_queued_reply_bytes, c.server.max_total_queued_reply_bytes,
-                              c.server.stalled_client_timeout_s)
+                              c.server.stalled_client_timeout_s, c.server.max_total_partial_frame_bytes)
         self.server = ControlServer(store, c.server.socket_path, c.server.max_frame_bytes, c.server.max_batch_keys,
                                     c.server.socket_mode, self.registry, limits=limits)
         if c.cxl.enabled:

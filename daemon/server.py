@@ -59,6 +59,7 @@ class ControlServer(Accepting):
         self.draining = False
         self.limits = limits or ServerLimits()
         self.queued_frame_bytes = 0  # reply frames queued on all connections (Connection.frame_bytes)
+        self.partial_frame_bytes = 0  # incomplete request frames buffered on all connections (Connection.buffered)
         self.per_uid: dict[int, int] = {}  # connections per local user
         self.ratelog = RateLimitedLog(log)
         self.refused = 0  # connections turned away: too many (BUSY)
@@ -132,6 +133,7 @@ class ControlServer(Accepting):
         """The ``server`` section of the stats."""
         return {"sessions": len(self.connections), "requests": self.requests, "in_flight": self.in_flight(),
                 "draining": int(self.draining), "queued_reply_bytes": self.queued_frame_bytes,
+                "partial_frame_bytes": self.partial_frame_bytes,
                 "refused_connections": self.refused, "accept_pauses": self.accept_pauses,
                 "stalled_closed": self.stalled_closed}
 

@@ -123,7 +123,11 @@ SETTINGS: tuple[Setting, ...] = (
             "past it, connections with replies queued are read no further until they drain.", min=1 * MiB,
             max=64 * GiB),
     Setting("server.stalled_client_timeout_s", "float", 60.0, "A connection kept over its reply limit this long (its "
-            "client does not read) is closed.", min=1.0, max=86400.0),
+            "client does not read), or whose incomplete request frame gets no byte for this long, is closed.",
+            min=1.0, max=86400.0),
+    Setting("server.max_total_partial_frame_bytes", "size", 256 * MiB, "Bytes of incomplete request frames buffered "
+            "on all connections together; a connection that takes the total past it is closed (FRAME_TOO_LARGE).",
+            min=1 * MiB, max=64 * GiB),
     Setting("leases.reserve_timeout_s", "float", 30.0, "A reservation not committed or aborted within this time is freed.",
             min=0.1, max=86400.0, runtime=True),
     Setting("leases.pin_timeout_s", "float", 300.0, "A pin not released within this time (since its last acquire) ends.",

@@ -23,6 +23,7 @@ class ServerSettings:
     max_queued_reply_bytes: int
     max_total_queued_reply_bytes: int
     stalled_client_timeout_s: float
+    max_total_partial_frame_bytes: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -159,7 +160,7 @@ class SettingsView:
     log: LogSettings
 
     def __init__(self, values: Mapping[str, Any]) -> None:
-        self.server = ServerSettings(values["server.socket_path"], values["server.socket_mode"], values["server.max_frame_bytes"], values["server.max_batch_keys"], values["server.drain_timeout_s"], values["server.hello_timeout_s"], values["server.max_connections"], values["server.max_connections_per_uid"], values["server.max_queued_reply_bytes"], values["server.max_total_queued_reply_bytes"], values["server.stalled_client_timeout_s"])
+        self.server = ServerSettings(values["server.socket_path"], values["server.socket_mode"], values["server.max_frame_bytes"], values["server.max_batch_keys"], values["server.drain_timeout_s"], values["server.hello_timeout_s"], values["server.max_connections"], values["server.max_connections_per_uid"], values["server.max_queued_reply_bytes"], values["server.max_total_queued_reply_bytes"], values["server.stalled_client_timeout_s"], values["server.max_total_partial_frame_bytes"])
         self.leases = LeasesSettings(values["leases.reserve_timeout_s"], values["leases.pin_timeout_s"], values["leases.sweep_interval_s"], values["leases.max_per_session"])
         self.dram = DramSettings(values["dram.capacity_bytes"], values["dram.segment_bytes"], values["dram.hugepages"], values["dram.prefault"], values["dram.shm_dir"], values["dram.policy"], values["dram.evict_high_watermark"], values["dram.evict_low_watermark"])
         self.nvme = NvmeSettings(values["nvme.enabled"], values["nvme.required"], values["nvme.dir"], values["nvme.paths"], values["nvme.capacity_bytes"], values["nvme.index_dir"], values["nvme.region_bytes"], values["nvme.policy"], values["nvme.admission"], values["nvme.keep_unpersisted"], values["nvme.retry_interval_s"], values["nvme.io_threads"], values["nvme.write_batch_bytes"])

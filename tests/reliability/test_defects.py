@@ -284,3 +284,42 @@ def test_a_key_twice_in_one_reserve_with_another_size_is_refused(daemon):
             assert client.get_into([k], [bytearray(100)]) == [True]
     finally:
         c.close()
+
+
+def _partial_frame(c: RawConn, announced: int, sent: int) -> None:
+    """A frame header for ``announced`` body bytes, then only ``sent`` of them (or fewer: the daemon may close
+    the connection on the way, its reply already sent)."""
+    try:
+        c.send_raw(P.HEADER.pack(announced) + b"\x00" * sent)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+
+
+def test_incomplete_frames_are_bounded_in_total_and_a_stopped_sender_is_closed():
+    settings = {"dram.capacity_bytes": "64MiB", "nvme.enabled": "false", "server.max_frame_bytes": "8MiB",
+                "server.max_total_partial_frame_bytes": "1MiB", "server.stalled_client_timeout_s": "1",
+                "leases.sweep_interval_s": "0.2"}
+    with DaemonProcess(settings) as d:
+        first, second = RawConn(d.socket_path), RawConn(d.socket_path)
+        try:
+            assert first.hello()["code"] == 0 and second.hello()["code"] == 0
+            _partial_frame(first, 4 << 20, 700 << 10)
+            assert eventually(lambda: d.admin().stats()["server"]["partial_frame_bytes"] >= 700 << 10)
+            _partial_frame(second, 4 << 20, 700 << 10)  # together past 1 MiB: the one that took it past goes
+            try:  # the reply says why, unless the close (with our bytes unread) reset the connection first
+                reply = second.recv()
+                assert reply is None or (reply["code"] == ErrorCode.FRAME_TOO_LARGE
+                                         and "max_total_partial_frame_bytes" in reply["message"])
+                assert second.recv() is None
+            except ConnectionResetError:
+                pass
+            assert eventually(lambda: "max_total_partial_frame_bytes" in open(d.log_path).read())
+            with Client.connect(d.socket_path) as good:  # everyone else is served meanwhile
+                assert good.put([b"g" * 32], [b"x" * 100]).stored == 1
+            # the first sends no further byte of its frame: closed after server.stalled_client_timeout_s
+            assert first.recv() is None
+            stats = d.admin().stats()["server"]
+            assert stats["partial_frame_bytes"] == 0 and stats["stalled_closed"] >= 1
+        finally:
+            first.sock.close()
+            second.sock.close()
