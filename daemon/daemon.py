@@ -260,7 +260,10 @@ class Daemon(Draining):
         nvme = None
         try:
             nvme = open_nvme_tier(c.nvme.dir, c.nvme.paths, c.nvme.capacity_bytes, c.nvme.index_dir,
-                                  c.nvme.region_bytes, c.nvme.io_threads)
+                                  c.nvme.region_bytes, c.nvme.io_threads, c.nvme.fault_plan)
+            if c.nvme.fault_plan:
+                log.warning("nvme.fault_plan = %s: injecting the I/O faults that file names (a test setting)",
+                            c.nvme.fault_plan)
             report, blocks = nvme.recover()
         except (OSError, ValueError, GeometryMismatch) as exc:
             if nvme is not None:

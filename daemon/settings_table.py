@@ -193,6 +193,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("nvme.io_threads", "int", 8, "Reads and writes in flight at once (the device's queue depth).", min=1, max=256),
     Setting("nvme.write_batch_bytes", "size", 64 * MiB, "Most bytes per durable write batch (one fdatasync and one "
             "index commit each).", min=64 * KiB, max=16 * GiB),
+    Setting("nvme.fault_plan", "str", "", "Testing only, never in production: a JSON file of I/O faults to inject "
+            "into the NVMe tier's files, re-read when it changes ({\"write_errno\": \"EIO\", \"read_errno\": ..., "
+            "\"delay_s\": 0.2, \"torn_writes\": true}); empty = none."),
     Setting("cxl.enabled", "bool", False,
             "CXL shared-memory tier: one region per namespace that every host mapping it reads without asking the "
             "daemon. Committed blocks are copied into it behind the commit. See docs/cxl.md."),

@@ -67,6 +67,7 @@ class NvmeSettings:
     retry_interval_s: float
     io_threads: int
     write_batch_bytes: int
+    fault_plan: str
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -163,7 +164,7 @@ class SettingsView:
         self.server = ServerSettings(values["server.socket_path"], values["server.socket_mode"], values["server.max_frame_bytes"], values["server.max_batch_keys"], values["server.drain_timeout_s"], values["server.hello_timeout_s"], values["server.max_connections"], values["server.max_connections_per_uid"], values["server.max_queued_reply_bytes"], values["server.max_total_queued_reply_bytes"], values["server.stalled_client_timeout_s"], values["server.max_total_partial_frame_bytes"])
         self.leases = LeasesSettings(values["leases.reserve_timeout_s"], values["leases.pin_timeout_s"], values["leases.sweep_interval_s"], values["leases.max_per_session"])
         self.dram = DramSettings(values["dram.capacity_bytes"], values["dram.segment_bytes"], values["dram.hugepages"], values["dram.prefault"], values["dram.shm_dir"], values["dram.policy"], values["dram.evict_high_watermark"], values["dram.evict_low_watermark"])
-        self.nvme = NvmeSettings(values["nvme.enabled"], values["nvme.required"], values["nvme.dir"], values["nvme.paths"], values["nvme.capacity_bytes"], values["nvme.index_dir"], values["nvme.region_bytes"], values["nvme.policy"], values["nvme.admission"], values["nvme.keep_unpersisted"], values["nvme.retry_interval_s"], values["nvme.io_threads"], values["nvme.write_batch_bytes"])
+        self.nvme = NvmeSettings(values["nvme.enabled"], values["nvme.required"], values["nvme.dir"], values["nvme.paths"], values["nvme.capacity_bytes"], values["nvme.index_dir"], values["nvme.region_bytes"], values["nvme.policy"], values["nvme.admission"], values["nvme.keep_unpersisted"], values["nvme.retry_interval_s"], values["nvme.io_threads"], values["nvme.write_batch_bytes"], values["nvme.fault_plan"])
         self.cxl = CxlSettings(values["cxl.enabled"], values["cxl.dir"], values["cxl.paths"], values["cxl.capacity_bytes"], values["cxl.chunk_bytes"], values["cxl.coherent"], values["cxl.policy"], values["cxl.host_timeout_s"])
         self.hbm = HbmSettings(values["hbm.enabled"], values["hbm.device"], values["hbm.capacity_bytes"], values["hbm.segment_bytes"], values["hbm.promote_after_hits"])
         self.tcp = TcpSettings(values["tcp.enabled"], values["tcp.host"], values["tcp.port"], values["tcp.hello_timeout_s"], values["tcp.tls_handshake_timeout_s"], values["tcp.tls_cert"], values["tcp.tls_key"], values["tcp.tls_client_ca"], values["tcp.nixl"], values["tcp.nixl_progress_delay_us"])

@@ -16,7 +16,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 ALIGN = 4096  # logical block size we align to; covers 512 B and 4 KiB devices
 
@@ -129,7 +129,55 @@ class FaultPlan:
         self.sync_errno = 0
         self.delay_s = 0.0
         self.fail_after_writes: int | None = None  # writes that still succeed before write_errno applies
+        self.torn_writes = False  # a failing write first writes the first half of its bytes (a torn write)
         self.writes = 0
+
+    def refresh(self) -> None:
+        """Take in changes made from outside (``FileFaultPlan``); nothing for a plan set in-process."""
+
+
+class FileFaultPlan(FaultPlan):
+    """A plan read from a JSON file and re-read when the file changes (``nvme.fault_plan``), so that a test can
+    inject faults into a running daemon: ``{"write_errno": "EIO", "delay_s": 0.2, "torn_writes": true}``
+    (errno names or numbers; a missing file or field means no fault)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+        self.stamp: tuple[int, int] | None = None
+        self.checked = 0.0
+        self.refresh()
+
+    def refresh(self) -> None:
+        now = time.monotonic()
+        if now - self.checked < 0.05:
+            return
+        self.checked = now
+        try:
+            st = os.stat(self.path)
+            stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            stamp = None
+        if stamp == self.stamp:
+            return
+        values: dict[str, Any] = {}
+        if stamp is not None:
+            import json
+
+            try:
+                with open(self.path, encoding="utf-8") as fh:
+                    values = json.load(fh)
+            except (OSError, ValueError):
+                return  # being rewritten: the next check takes it
+        with self.lock:
+            self.stamp = stamp
+            for name in ("write_errno", "read_errno", "sync_errno"):
+                value = values.get(name, 0)
+                setattr(self, name, getattr(errno, value) if isinstance(value, str) else int(value or 0))
+            self.delay_s = float(values.get("delay_s", 0.0) or 0.0)
+            after = values.get("fail_after_writes")
+            self.fail_after_writes = None if after is None else int(after)
+            self.torn_writes = bool(values.get("torn_writes", False))
 
 
 class FaultyFile:
@@ -148,18 +196,26 @@ class FaultyFile:
             raise OSError(code, f"injected {errno.errorcode.get(code, code)} on {what} of {self.path}")
 
     def pwrite(self, buf: memoryview | mmap.mmap, offset: int) -> int:
+        self.plan.refresh()
         with self.plan.lock:
             self.plan.writes += 1
             after = self.plan.fail_after_writes
             code = self.plan.write_errno if after is None or self.plan.writes > after else 0
+            torn = self.plan.torn_writes
+        if code and torn:  # the first half reaches the medium, then the write fails
+            half = (len(buf) // 2) // ALIGN * ALIGN
+            if half:
+                self.inner.pwrite(memoryview(buf)[:half], offset)
         self._maybe_fail(code, "write")
         return self.inner.pwrite(buf, offset)
 
     def pread_into(self, buf: memoryview | mmap.mmap, offset: int) -> int:
+        self.plan.refresh()
         self._maybe_fail(self.plan.read_errno, "read")
         return self.inner.pread_into(buf, offset)
 
     def sync(self) -> None:
+        self.plan.refresh()
         self._maybe_fail(self.plan.sync_errno, "sync")
         self.inner.sync()
 

@@ -30,7 +30,7 @@ from kvrack.protocol import TierId
 from kvrack.sizes import parse_size
 from kvrack.tiers.allocator import PAGE_ALIGN, SlotAllocator
 from kvrack.tiers.base import Segment
-from kvrack.tiers.blockio import ALIGN, BlockFile, DirectFile, align_up, aligned_buffer
+from kvrack.tiers.blockio import ALIGN, BlockFile, DirectFile, FaultyFile, FileFaultPlan, align_up, aligned_buffer
 from kvrack.tiers.gds import word_checksum
 from kvrack.tiers.nvme_index import INDEX_VERSION, Geometry, NvmeIndex, Record
 
@@ -373,8 +373,9 @@ def parse_path_spec(spec: str) -> BackingPath:
 
 
 def open_nvme_tier(directory: str, path_specs: Sequence[str], capacity: int, index_dir: str, region_bytes: int,
-                   io_threads: int) -> NvmeTier:
-    """The tier as the daemon configures it: explicit paths, or one file in ``directory``."""
+                   io_threads: int, fault_plan: str = "") -> NvmeTier:
+    """The tier as the daemon configures it: explicit paths, or one file in ``directory``; ``fault_plan``: a
+    JSON file of I/O faults to inject (tests only; ``FileFaultPlan``)."""
     if path_specs:
         paths = [parse_path_spec(s) for s in path_specs]
     else:
@@ -383,5 +384,12 @@ def open_nvme_tier(directory: str, path_specs: Sequence[str], capacity: int, ind
     for p in paths:
         if p.capacity and p.capacity < region_bytes and not os.path.exists(p.path):
             raise ValueError(f"{p.path}: capacity {p.capacity} is smaller than one region ({region_bytes} bytes)")
+    open_file: Callable[[str, int], BlockFile] = DirectFile
+    if fault_plan:
+        plan = FileFaultPlan(fault_plan)
+
+        def open_file(path: str, cap: int) -> BlockFile:
+            return FaultyFile(DirectFile(path, cap), plan)
+
     return NvmeTier(paths, index_dir or os.path.join(directory, "index"), region_bytes=region_bytes,
-                    io_threads=io_threads)
+                    io_threads=io_threads, open_file=open_file)
