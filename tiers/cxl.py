@@ -262,17 +262,22 @@ class CxlRegion:
             raise PermissionError("cxl: a read-only mapping cannot write")
         if self.host is not None:
             return self.host
-        for h in range(self.g.max_hosts):
-            off = self.g.host(h)
-            _native.invalidate(self.mm, off, LINE)
-            if _native.cas64(self.mm, off, 0, h + 1) == 0:
-                struct.pack_into("<QQQ", self.mm, off + 8, self.machine, os.getpid(), int(time.time() * 1000))
-                _native.flush(self.mm, off, LINE)
-                self.host = h
-                self._lock = RegionLock(self.mm, h, self._same_machine, self.lease_ms)
-                return h
-        self.reclaim()
-        raise RuntimeError(f"cxl: all {self.g.max_hosts} host slots of {self.path} are taken")
+        for attempt in range(2):  # a full table: free the lines of dead hosts, then look once more
+            for h in range(self.g.max_hosts):
+                off = self.g.host(h)
+                _native.invalidate(self.mm, off, LINE)
+                if _native.cas64(self.mm, off, 0, h + 1) == 0:
+                    struct.pack_into("<QQQ", self.mm, off + 8, self.machine, os.getpid(), int(time.time() * 1000))
+                    _native.flush(self.mm, off, LINE)
+                    self.host = h
+                    self._lock = RegionLock(self.mm, h, self._same_machine, self.lease_ms)
+                    return h
+            # not a host yet: reclaim under a lock word naming no host line (another machine's view: its lease
+            # decides if this process dies holding it)
+            nobody = min(self.g.max_hosts, 1022)
+            if attempt == 0 and not self.reclaim(lock=RegionLock(self.mm, nobody, self._same_machine, self.lease_ms)):
+                break
+        raise RuntimeError(f"cxl: all {self.g.max_hosts} host slots of {self.path} are taken by live hosts")
 
     def heartbeat(self) -> None:
         if self.host is not None:
@@ -530,10 +535,12 @@ class CxlRegion:
 
     # ---- recovery ---------------------------------------------------------------------------------
 
-    def reclaim(self, host_timeout_ms: int = 30000) -> int:
-        """Free what dead hosts held: their unpublished entries and the chunks in their heaps. Returns hosts reaped."""
+    def reclaim(self, host_timeout_ms: int = 30000, lock: RegionLock | None = None) -> int:
+        """Free what dead hosts held: their unpublished entries and the chunks in their heaps. Returns hosts reaped.
+        ``lock``: the region lock to hold (this host's by default)."""
         g = self.g
-        with self.lock:
+        lock = lock or self.lock
+        with lock:
             dead = [h for h in range(g.max_hosts) if h != self.host and self.host_is_dead(h, host_timeout_ms)]
             if not dead:
                 return 0
@@ -545,7 +552,7 @@ class CxlRegion:
                 e = self._entry(slot)
                 if meta_state(e[1]) == WRITING and meta_host(e[1]) in dead_ids:
                     self._remove(slot, loc_chunk(e[3]))
-            self.lock.renew()
+            lock.renew()
             live = (entries["meta"] & 0xFF == READY) | (entries["meta"] & 0xFF == WRITING)
             used = set((entries["loc"][live] & 0xFFFFFFFF).tolist())
             _native.invalidate(self.mm, g.chunks_offset, g.nchunks * 8)
