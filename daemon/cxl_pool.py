@@ -215,6 +215,9 @@ class CxlPool(CopyWorker):
             nbytes = region.size_of(key)
             if nbytes is None:
                 continue
+            coming = sum(n for _k, _s, _l, n in todo) + nbytes  # this batch's blocks count once adopted
+            if ns.quota and ns.over_quota("dram", coming, len(todo) + 1):
+                store.shed(ns, coming, len(todo) + 1)  # room among its own blocks, as a read from NVMe makes it
             placement = store.make_room(ns.name, nbytes)
             if placement is None:
                 break

@@ -16,6 +16,7 @@ from kvrack.bench.spawn import DaemonProcess
 from kvrack.clients import Client, TierId
 from kvrack.clients.core import TOUCH_BATCH
 from kvrack.tiers.cxl import CxlRegion
+from tests.conftest import eventually
 
 BLOCK = 1 << 20
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -311,5 +312,41 @@ def test_region_eviction_follows_reads_clients_report_and_keeps_chains_whole(reg
         # within a chain the tail goes first: never a kept block behind an evicted head
         for chain in (held[:4], held[4:8]):
             assert chain == sorted(chain, reverse=True)
+    finally:
+        d.stop()
+
+
+def test_blocks_copied_back_up_from_cxl_count_toward_the_namespaces_dram_quota(region_dir):
+    """A read that brings blocks up from the region into DRAM makes room among the namespace's own blocks
+    when it is at its DRAM quota, as a read from NVMe does: the quota holds."""
+    import socket as _socket
+
+    from kvrack import protocol as P
+    from tests.conftest import recv_exact as exact
+    from tests.conftest import recv_frame as recv
+    from tests.conftest import send_frame as send
+
+    d = start(region_dir)
+    try:
+        keys, data = fill(d, 24)
+        d.admin().set_quota("default", dram_blocks=12)
+        assert eventually(lambda: d.admin().quota("default")["dram_blocks"] <= 12)
+        with Client.connect(d.socket_path) as c:
+            tiers = c.lookup(keys).tiers
+        cxl_only = [i for i, t in enumerate(tiers) if t == P.TierId.CXL][:4]
+        assert len(cxl_only) == 4
+        s = _socket.socket(_socket.AF_UNIX)  # a client that cannot map the region: the daemon copies them up
+        s.connect(d.socket_path)
+        send(s, {"op": "hello", "id": 1, "version": P.PROTOCOL_VERSION})
+        recv(s)
+        send(s, {"op": "read", "id": 2, "keys": [keys[i] for i in cxl_only]})
+        reply = recv(s)
+        assert reply["codes"] == [0] * 4
+        for i in cxl_only:
+            assert exact(s, BLOCK) == data[i].tobytes()
+        s.close()
+        with Client.connect(d.socket_path) as c:
+            assert next(t for t in c.stats()["tiers"] if t["tier"] == "cxl")["promoted_blocks"] == 4
+        assert d.admin().quota("default")["dram_blocks"] <= 12, "the promotion made room among its own blocks"
     finally:
         d.stop()
