@@ -234,3 +234,54 @@ def test_nvme_tier_evicts_by_a_named_policy(tmp_path, policy):
         assert rig.store.pinned_blocks == 0
     finally:
         rig.close()
+
+
+def test_a_failed_index_update_keeps_the_blocks_for_the_retry_and_loses_nothing(rig):
+    """The data is durable but the index cannot record it (LMDB full, I/O error): the blocks count as not
+    persisted, stay in DRAM, and the retry writes and indexes them."""
+    real = rig.nvme.index.put_many
+
+    def failing(items):
+        raise OSError(errno.EIO, "injected: the index cannot be updated")
+
+    rig.nvme.index.put_many = failing
+    try:
+        assert rig.put([1, 2, 3]) == [0] * 3
+        rig.settle()
+        s = rig.mover.stats()
+        assert s["degraded"] and s["unpersisted_blocks"] == 3 and s["write_errors"] >= 3
+        assert all(rig.nvme.index.get("a", key(i)) is None for i in (1, 2, 3))
+        assert rig.tiers([1, 2, 3]) == bytes([TierId.DRAM] * 3)
+    finally:
+        rig.nvme.index.put_many = real
+    rig.mover.tick()
+    rig.settle()
+    assert rig.mover.stats()["unpersisted_blocks"] == 0 and rig.mover.stats()["degraded"] is None
+    assert all(rig.nvme.index.get("a", key(i)) is not None for i in (1, 2, 3))
+    assert rig.get([1, 2, 3]) == [payload(1), payload(2), payload(3)]
+
+
+def test_two_sessions_reading_the_same_nvme_only_block_share_one_promotion(rig):
+    for i in range(0, 12, 4):
+        rig.put(list(range(i, i + 4)))
+        rig.settle()
+    assert rig.tiers([0]) == bytes([TierId.NVME])
+    other = Session(2, None)
+    other.namespace = rig.store.namespaces["a"]
+    keys = [key(0)]
+    first = rig.store.acquire(rig.session, keys)
+    second = rig.store.acquire(other, keys)
+
+    async def both() -> None:
+        await asyncio.gather(rig.mover.promote(rig.session, keys, first, first.promote),
+                             rig.mover.promote(other, keys, second, second.promote))
+
+    rig.loop.run_until_complete(both())
+    assert first.codes == [0] and second.codes == [0]
+    assert first.descriptors[0] == second.descriptors[0], "one DRAM copy, both readers pinned on it"
+    assert rig.mover.counters.promoted_blocks == 1
+    d = first.descriptors[0]
+    assert bytes(rig.dram.view(rig.dram.segment(d.segment), d.offset // BLOCK, BLOCK)) == payload(0)
+    rig.store.release(rig.session, keys)
+    rig.store.release(other, keys)
+    assert rig.store.pinned_blocks == 0
