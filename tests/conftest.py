@@ -7,6 +7,7 @@ import shutil
 import socket
 import struct
 import time
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -208,3 +209,13 @@ def eventually(predicate, timeout: float = 10.0, interval: float = 0.05):
         time.sleep(interval)
         value = predicate()
     return value
+
+
+@pytest.fixture
+def region_path(tmp_path):
+    """Where a test's CXL region file goes (/dev/shm when writable), removed after the test."""
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else tmp_path
+    path = base / f"kvrack-test-cxl-{os.getpid()}-{tmp_path.name}"
+    yield str(path)
+    path.unlink(missing_ok=True)

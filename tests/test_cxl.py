@@ -25,15 +25,6 @@ from tests import cxl_stress
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def region_path(tmp_path):
-    shm = Path("/dev/shm")
-    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else tmp_path
-    path = base / f"kvrack-test-cxl-{os.getpid()}-{tmp_path.name}"
-    yield str(path)
-    path.unlink(missing_ok=True)
-
-
 def key(i: int) -> bytes:
     return cxl_stress.key_of(i)
 

@@ -10,7 +10,6 @@ import struct
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -18,15 +17,6 @@ from kvrack import _native
 from kvrack.tiers.cxl import CxlRegion
 from kvrack.tiers.cxl_layout import OFF_LOCK
 from kvrack.tiers.cxl_lock import MASK32, LockTimeout, RegionLock, expired, lock_owner, lock_word, now_ms32
-
-
-@pytest.fixture
-def region_path(tmp_path):
-    shm = Path("/dev/shm")
-    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else tmp_path
-    path = base / f"kvrack-test-cxl-lock-{os.getpid()}-{tmp_path.name}"
-    yield str(path)
-    path.unlink(missing_ok=True)
 
 
 def test_the_lease_deadline_is_compared_across_the_wrap_of_the_millisecond_clock():
