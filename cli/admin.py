@@ -248,14 +248,15 @@ def config_set(assignments: Annotated[list[str], typer.Argument(help="NAME=VALUE
 
 
 # --------------------------------------------------------------------------------------------- quota
+QUOTA_KEYS = ("dram_bytes", "dram_blocks", "nvme_bytes", "nvme_blocks", "leases")  # the admin API's quota fields
 def _show_quota(q: dict[str, Any]) -> None:
     table = Table(title=f"quota of {escape(q['namespace'])}")
     for col in ("", "used", "quota"):
         table.add_column(col, justify="left" if not col else "right")
-    for field in ("dram_bytes", "dram_blocks", "nvme_bytes", "nvme_blocks"):
+    for field in QUOTA_KEYS:
         limit = q["quota"].get(field)
         fmt = size_cell if field.endswith("bytes") else (lambda v: f"{v:,}")
-        table.add_row(field, fmt(q[field]), fmt(limit) if limit else "none")
+        table.add_row(field, fmt(q.get(field, 0)), fmt(limit) if limit else "none")
     console.print(table)
     if q.get("evicted_blocks"):
         console.print(f"evicted {q['evicted_blocks']:,} of its block(s) to fit")
@@ -271,7 +272,7 @@ def quota_get(namespace: Annotated[str, typer.Argument(help="namespace")] = "def
 @quota_app.command("set")
 def quota_set(namespace: str,
               limits: Annotated[list[str], typer.Argument(help="dram_bytes=SIZE dram_blocks=N nvme_bytes=SIZE "
-                                                              "nvme_blocks=N (0 or none: no limit)")],
+                                                              "nvme_blocks=N leases=N (0 or none: no limit)")],
               admin: AdminOpt = None, address: AddressOpt = None, token: TokenOpt = None,
               as_json: AsJson = False) -> None:
     """Replace a namespace's quota (limits left out are lifted); over it, its own blocks are evicted now."""
@@ -279,8 +280,8 @@ def quota_set(namespace: str,
     for item in limits:
         key, sep, value = item.partition("=")
         key, value = key.strip(), value.strip()
-        if not sep or key not in ("dram_bytes", "dram_blocks", "nvme_bytes", "nvme_blocks"):
-            raise typer.BadParameter(f"expected dram_bytes=, dram_blocks=, nvme_bytes= or nvme_blocks=; got {item!r}")
+        if not sep or key not in QUOTA_KEYS:
+            raise typer.BadParameter(f"expected {', '.join(k + '=' for k in QUOTA_KEYS)}; got {item!r}")
         if value.lower() in ("none", "0", ""):
             continue
         try:

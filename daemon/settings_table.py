@@ -315,8 +315,11 @@ NAMESPACE_FIELDS: tuple[NamespaceField, ...] = (
     NamespaceField("quota_nvme_bytes", "size", 0, "Most NVMe bytes the namespace holds; past it, its own NVMe copies "
                    "are evicted first."),
     NamespaceField("quota_nvme_blocks", "int", 0, "Most NVMe blocks the namespace holds (as quota_nvme_bytes)."),
+    NamespaceField("quota_leases", "int", 0, "Most reservations and pins the namespace's connections hold together "
+                   "(leases.max_per_session bounds each one); past it, reserves and gets answer QUOTA_EXCEEDED for "
+                   "the keys beyond it. 0 = no limit. Changeable at runtime (admin API, SIGHUP)."),
 )
-QUOTA_FIELDS = ("dram_bytes", "dram_blocks", "nvme_bytes", "nvme_blocks")
+QUOTA_FIELDS = ("dram_bytes", "dram_blocks", "nvme_bytes", "nvme_blocks", "leases")
 MIN_TOKEN_CHARS = 16
 
 

@@ -183,6 +183,7 @@ class Store(Eviction, Reads, StoreViews, Adoption):
         no_space = 0
         no_space_bytes = 0
         room = self.max_leases_per_session - session.leases()  # reservations this session may still take
+        ns_room = self.namespace_lease_room(ns)  # and the namespace's connections together (quota_leases)
         for i, key in enumerate(keys):
             size = sizes[i]
             parent = parents[i] if parents is not None else None
@@ -226,6 +227,10 @@ class Store(Eviction, Reads, StoreViews, Adoption):
                                f"(leases.max_per_session = {self.max_leases_per_session}): commit, abort or release "
                                "some first")
                 continue
+            if ns_room is not None and ns_room <= 0:
+                res.codes[i] = ErrorCode.QUOTA_EXCEEDED
+                res.message = self._lease_quota_text(ns)
+                continue
             if ns.quota and ns.over_quota("dram", size, 1) and not self.shed(ns, size, 1):
                 res.codes[i] = ErrorCode.QUOTA_EXCEEDED
                 res.message = (f"namespace {ns.name!r} is at its DRAM quota ({_quota_text(ns, 'dram')}) and none of "
@@ -244,6 +249,8 @@ class Store(Eviction, Reads, StoreViews, Adoption):
                 parent = pe.key if pe is not None else bytes(parent)  # share the parent's key object
             e = Entry(key, ns, seg, slot, size, parent)
             room -= 1
+            if ns_room is not None:
+                ns_room -= 1
             ns.entries[key] = e
             ns.reserved_blocks += 1
             ns.reserved_bytes += size
@@ -375,6 +382,7 @@ class Store(Eviction, Reads, StoreViews, Adoption):
         pins = session.pins
         hits = 0
         room = self.max_leases_per_session - session.leases()  # keys this session may still pin
+        ns_room = self.namespace_lease_room(ns)
         record = None if self.write_through else self.admission.record  # a request counts as a sighting
         nvme = self.nvme
         for i, key in enumerate(keys):
@@ -393,11 +401,17 @@ class Store(Eviction, Reads, StoreViews, Adoption):
                 res.message = (f"this connection holds {session.leases()} reservations and pins "
                                f"(leases.max_per_session = {self.max_leases_per_session}): release some first")
                 continue
+            if pin is None and ns_room is not None and ns_room <= 0:
+                res.codes[i] = ErrorCode.QUOTA_EXCEEDED
+                res.message = self._lease_quota_text(ns)
+                continue
             if not self.write_through and e.seg is not None:
                 self.admission.hit_in_dram(key)
             self.pin(e)
             if pin is None:
                 room -= 1
+                if ns_room is not None:
+                    ns_room -= 1
                 pins[key] = [1, deadline, e]
             else:
                 pin[0] += 1
@@ -487,6 +501,19 @@ class Store(Eviction, Reads, StoreViews, Adoption):
     def close_session(self, session: Session) -> tuple[int, int]:
         """A client went away: abort its reservations and end its pins. Returns (aborted, unpinned)."""
         return self.leases.close_session(session)
+
+    def namespace_leases(self, ns: Namespace) -> int:
+        """Reservations and pins the namespace's connections hold together (expired ones kept included)."""
+        return sum(s.leases() for s in self.leases.holders if s.namespace is ns)
+
+    def namespace_lease_room(self, ns: Namespace) -> int | None:
+        """How many more leases the namespace's quota_leases allows; None without one."""
+        limit = ns.quota.get("leases") if ns.quota else None
+        return None if limit is None else limit - self.namespace_leases(ns)
+
+    def _lease_quota_text(self, ns: Namespace) -> str:
+        return (f"namespace {ns.name!r} holds {self.namespace_leases(ns)} reservations and pins across its "
+                f"connections (quota_leases = {ns.quota['leases']}): commit, abort or release some first")
 
     def sweep(self) -> tuple[int, int]:
         """End reservations and pins whose lease ran out. Returns (reservations, pins) ended."""

@@ -97,3 +97,42 @@ def test_namespace_restricted_to_uids(tenants):
     res = subprocess.run([sys.executable, "-c", code, tenants.socket_path], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "ok 1"
+
+
+def test_a_namespaces_connections_together_hold_at_most_its_lease_quota(tenants, tmp_path):
+    """quota_leases bounds the reservations and pins of all a tenant's connections together (a tenant cannot get
+    past it by opening more connections); other tenants are not affected; it is set at runtime and in the file."""
+    admin = tenants.admin()
+    assert admin.set_quota("a", leases=4)["quota"] == {"leases": 4}
+    raws = [RawConn(tenants.socket_path) for _ in range(2)]
+    try:
+        for r in raws:
+            assert r.hello("a")["code"] == 0
+        keys = [bytes([i]) * 32 for i in range(1, 7)]
+        raws[0].send({"op": "reserve", "id": 2, "keys": keys[:3], "sizes": [100] * 3})
+        assert raws[0].recv()["codes"] == [0] * 3
+        raws[1].send({"op": "reserve", "id": 2, "keys": keys[3:], "sizes": [100] * 3})
+        reply = raws[1].recv()
+        assert reply["codes"] == [0, ErrorCode.QUOTA_EXCEEDED, ErrorCode.QUOTA_EXCEEDED]
+        assert "quota_leases = 4" in reply["message"]
+        assert admin.quota("a")["leases"] == 4
+        with Client.connect(tenants.socket_path, namespace="b") as b:  # another tenant: untouched
+            assert b.put(keys, [b"b" * 100] * 6).stored == 6
+        raws[0].send({"op": "commit", "id": 3, "keys": keys[:3]})  # its reservations end: room again
+        assert raws[0].recv()["codes"] == [0] * 3
+        with Client.connect(tenants.socket_path, namespace="a") as a:
+            assert a.put(keys[4:], [b"a" * 100] * 2).stored == 2
+            with a.get(keys[:3]) as lease:  # pins count too: 1 reservation + 3 pins
+                assert lease.hits == 3
+                raws[1].send({"op": "acquire", "id": 3, "keys": keys[4:6]})
+                assert raws[1].recv()["codes"] == [ErrorCode.QUOTA_EXCEEDED] * 2
+        admin.set_quota("a")  # lifted
+        raws[1].send({"op": "acquire", "id": 4, "keys": keys[4:6]})
+        assert raws[1].recv()["codes"] == [0, 0]
+    finally:
+        for r in raws:
+            r.sock.close()
+    cfg = tmp_path / "leases.toml"
+    cfg.write_text('[[namespaces]]\nname = "a"\nquota_leases = 2\n')
+    with DaemonProcess(config_path=str(cfg)) as d:
+        assert d.admin().quota("a")["quota"] == {"leases": 2}

@@ -126,6 +126,7 @@ class QuotaIn(BaseModel):
     dram_blocks: Count | None = None
     nvme_bytes: Count | None = None
     nvme_blocks: Count | None = None
+    leases: Count | None = None
 
 
 class QuotaOut(BaseModel):
@@ -135,6 +136,7 @@ class QuotaOut(BaseModel):
     dram_blocks: int
     nvme_bytes: int
     nvme_blocks: int
+    leases: int = 0  # reservations and pins its connections hold now
     evicted_blocks: int = 0
 
 

@@ -152,12 +152,15 @@ class AdminOps:
         mover = self.store.nvme
         if mover is not None:
             evicted += mover.shed(ns)
-        return {"namespace": ns.name, "quota": dict(ns.quota), "evicted_blocks": evicted,
-                **{f: getattr(ns, f) for f in QUOTA_FIELDS}}
+        return {"namespace": ns.name, "quota": dict(ns.quota), "evicted_blocks": evicted, **self.held(ns)}
 
     def quota(self, namespace: str) -> dict[str, Any]:
         ns = self.namespace(namespace)
-        return {"namespace": ns.name, "quota": dict(ns.quota), **{f: getattr(ns, f) for f in QUOTA_FIELDS}}
+        return {"namespace": ns.name, "quota": dict(ns.quota), **self.held(ns)}
+
+    def held(self, ns: Namespace) -> dict[str, int]:
+        """What the namespace holds of each thing a quota limits."""
+        return {f: self.store.namespace_leases(ns) if f == "leases" else getattr(ns, f) for f in QUOTA_FIELDS}
 
     # -------------------------------------------------------------- eviction
     def tier_used(self, tier: str) -> int:
