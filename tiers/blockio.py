@@ -145,39 +145,37 @@ class FileFaultPlan(FaultPlan):
         super().__init__()
         self.path = path
         self.stamp: tuple[int, int] | None = None
-        self.checked = 0.0
+        self.refresh_lock = threading.Lock()
         self.refresh()
 
     def refresh(self) -> None:
-        now = time.monotonic()
-        if now - self.checked < 0.05:
-            return
-        self.checked = now
-        try:
-            st = os.stat(self.path)
-            stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
-        except FileNotFoundError:
-            stamp = None
-        if stamp == self.stamp:
-            return
-        values: dict[str, Any] = {}
-        if stamp is not None:
-            import json
-
+        """A stat per I/O call (a test path): a change takes effect at the next call of every thread."""
+        with self.refresh_lock:  # one thread takes a change in; the others wait for it, never act on the old plan
             try:
-                with open(self.path, encoding="utf-8") as fh:
-                    values = json.load(fh)
-            except (OSError, ValueError):
-                return  # being rewritten: the next check takes it
-        with self.lock:
+                st = os.stat(self.path)
+                stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
+            except FileNotFoundError:
+                stamp = None
+            if stamp == self.stamp:
+                return
+            values: dict[str, Any] = {}
+            if stamp is not None:
+                import json
+
+                try:
+                    with open(self.path, encoding="utf-8") as fh:
+                        values = json.load(fh)
+                except (OSError, ValueError):
+                    return  # being rewritten: the next call takes it
+            with self.lock:
+                for name in ("write_errno", "read_errno", "sync_errno"):
+                    value = values.get(name, 0)
+                    setattr(self, name, getattr(errno, value) if isinstance(value, str) else int(value or 0))
+                self.delay_s = float(values.get("delay_s", 0.0) or 0.0)
+                after = values.get("fail_after_writes")
+                self.fail_after_writes = None if after is None else int(after)
+                self.torn_writes = bool(values.get("torn_writes", False))
             self.stamp = stamp
-            for name in ("write_errno", "read_errno", "sync_errno"):
-                value = values.get(name, 0)
-                setattr(self, name, getattr(errno, value) if isinstance(value, str) else int(value or 0))
-            self.delay_s = float(values.get("delay_s", 0.0) or 0.0)
-            after = values.get("fail_after_writes")
-            self.fail_after_writes = None if after is None else int(after)
-            self.torn_writes = bool(values.get("torn_writes", False))
 
 
 class FaultyFile:
