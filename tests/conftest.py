@@ -182,7 +182,9 @@ class RawConn:
         return self.recv()
 
     def close(self) -> None:
-        for fd in self.fds:
+        """Closing twice is harmless."""
+        fds, self.fds = self.fds, []
+        for fd in fds:
             os.close(fd)
         self.sock.close()
 

@@ -323,3 +323,65 @@ def test_incomplete_frames_are_bounded_in_total_and_a_stopped_sender_is_closed()
         finally:
             first.sock.close()
             second.sock.close()
+
+
+def test_leases_expire_under_load_and_the_clients_working_meanwhile_see_no_error():
+    """A client that reserves and pins and never finishes, while others put, read and delete: its leases run
+    out and are swept (counted), its late commit is refused, the others see no error and no wrong byte, and
+    nothing stays pinned once it is gone."""
+    import threading
+
+    import numpy as np
+
+    d = DaemonProcess({**SMALL, "leases.reserve_timeout_s": "0.3", "leases.pin_timeout_s": "0.3",
+                       "leases.sweep_interval_s": "0.05"})
+    errors: list[str] = []
+    rounds = 6
+
+    def worker(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        try:
+            with Client.connect(d.socket_path) as c:
+                for _ in range(150):
+                    keys = [rng.bytes(32) for _ in range(4)]
+                    data = [rng.integers(0, 256, 16384, dtype=np.uint8) for _ in keys]
+                    c.put(keys, data)
+                    outs = [np.zeros(16384, np.uint8) for _ in keys]
+                    hits = c.get_into(keys, outs)
+                    if not all(hits) or not all(np.array_equal(o, w) for o, w in zip(outs, data)):
+                        errors.append(f"worker {seed}: a block it just stored did not read back")
+                    c.delete(keys)
+        except Exception as exc:  # noqa: BLE001 - any error is a failure the test reports
+            errors.append(f"worker {seed}: {exc!r}")
+
+    hog = RawConn(d.socket_path)
+    try:
+        hog.hello()
+        with Client.connect(d.socket_path) as seeder:
+            pinned = [os.urandom(32) for _ in range(8)]
+            seeder.put(pinned, [b"p" * 16384] * 8)
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        late: list[bytes] = []
+        for r in range(rounds):  # reserve and pin, never commit nor release; let each lease run out
+            late = [os.urandom(32) for _ in range(8)]
+            hog.send({"op": "reserve", "id": 10 + r, "keys": late, "sizes": [16384] * 8})
+            assert hog.recv()["codes"] == [0] * 8
+            hog.send({"op": "acquire", "id": 100 + r, "keys": pinned})
+            assert hog.recv()["codes"] == [0] * 8
+            want = (r + 1) * 8
+            assert eventually(lambda want=want: (lambda c: c["expired_reservations"] >= want
+                                                 and c["expired_pins"] >= want)(d.admin().stats()["counters"]),
+                              timeout=30)
+        hog.send({"op": "commit", "id": 999, "keys": late})
+        assert hog.recv()["codes"] == [ErrorCode.NOT_RESERVED] * 8
+        for t in threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in threads) and not errors, errors
+        hog.close()
+        with Client.connect(d.socket_path) as c:
+            assert eventually(lambda: c.stats()["tiers"][0]["pinned_blocks"] == 0, timeout=10)
+    finally:
+        hog.close()
+        d.stop()
