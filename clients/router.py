@@ -33,14 +33,48 @@ MEDIA_BITS = {"HBM": 1, "CXL": 2, "DRAM": 4, "NVME": 8}
 Endpoints = str | tuple[str, str | None]
 
 
+def _socket(ctx: zmq.Context[Any], kind: int, endpoint: str) -> zmq.Socket[Any]:
+    """A socket connected to ``endpoint`` that closes without lingering (IPv6 for an address in brackets)."""
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IPV6, int("[" in endpoint))
+    sock.connect(endpoint)
+    return sock
+
+
+def _replayed(ctx: zmq.Context[Any], endpoint: str, start: int, timeout_s: float
+              ) -> Iterator[tuple[bytes, int, bytes]]:
+    """(topic, sequence, payload) of what a replay endpoint still keeps from ``start``, then ``(b"", -1, b"")``
+    at its end marker; nothing more once ``timeout_s`` passes without a frame."""
+    sock = _socket(ctx, zmq.DEALER, endpoint)
+    try:
+        sock.send_multipart([b"", E.seq_bytes(start)])
+        while sock.poll(int(timeout_s * 1000)):
+            frames = sock.recv_multipart()
+            if len(frames) != 4:
+                continue
+            _, topic, seq_b, payload = frames
+            seq = E.seq_of(seq_b)
+            yield (b"", -1, b"") if seq < 0 else (topic, seq, payload)
+            if seq < 0:
+                return
+    finally:
+        sock.close(linger=0)
+
+
+def _key(key: bytes | int) -> bytes:
+    """A block hash as bytes (kvrack's keys are; a vLLM publisher's 64-bit hashes become 8 bytes)."""
+    return key if isinstance(key, bytes) else key.to_bytes(8, "little")
+
+
 class _Daemon:
     """One daemon's subscription and what it holds."""
 
     def __init__(self, ctx: zmq.Context[Any], name: str, endpoint: str, replay: str | None, topic: bytes) -> None:
         self.name = name
         self.sub = ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.RCVHWM, 0)  # before connecting: it applies to the pipe the connection makes
         self.sub.setsockopt(zmq.LINGER, 0)
-        self.sub.setsockopt(zmq.RCVHWM, 0)
         self.sub.setsockopt(zmq.IPV6, int("[" in endpoint))
         self.sub.connect(endpoint)
         self.sub.setsockopt(zmq.SUBSCRIBE, topic)
@@ -143,37 +177,24 @@ class PrefixIndex:
         """Batches ``start`` .. ``stop`` - 1 (or all it keeps from ``start``) from the daemon's replay socket;
         whether the range came whole."""
         assert d.replay_endpoint is not None
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.IPV6, int("[" in d.replay_endpoint))
-        sock.connect(d.replay_endpoint)
-        try:
-            sock.send_multipart([b"", E.seq_bytes(start)])
-            expected = start
-            whole = True
-            while sock.poll(int(self.replay_timeout_s * 1000)):
-                frames = sock.recv_multipart()
-                if len(frames) != 4:
-                    continue
-                _, _topic, seq_b, payload = frames
-                seq = E.seq_of(seq_b)
-                if seq < 0:
-                    return whole and (stop is None or expected >= stop)
-                if stop is not None and seq >= stop:
-                    continue
-                if seq != expected:
-                    whole = False  # the daemon no longer keeps some of the range
-                batch = E.decoder.decode(payload)
-                if stop is not None and d.epoch is not None and _epoch(batch) not in (None, d.epoch):
-                    return False  # the daemon restarted since the batch that asked: its next live one starts over
-                if self._check_run(d, batch):  # a catch-up that finds a new run: start over from its first
-                    whole = seq == 0
-                if d.next_seq is None or seq >= d.next_seq:
-                    self._take(d, seq, batch)
-                expected = seq + 1
-            return False
-        finally:
-            sock.close(linger=0)
+        expected = start
+        whole = True
+        for _topic, seq, payload in _replayed(self.ctx, d.replay_endpoint, start, self.replay_timeout_s):
+            if seq < 0:
+                return whole and (stop is None or expected >= stop)
+            if stop is not None and seq >= stop:
+                continue
+            if seq != expected:
+                whole = False  # the daemon no longer keeps some of the range
+            batch = E.decoder.decode(payload)
+            if stop is not None and d.epoch is not None and _epoch(batch) not in (None, d.epoch):
+                return False  # the daemon restarted since the batch that asked: its next live one starts over
+            if self._check_run(d, batch):  # a catch-up that finds a new run: start over from its first
+                whole = seq == 0
+            if d.next_seq is None or seq >= d.next_seq:
+                self._take(d, seq, batch)
+            expected = seq + 1
+        return False
 
     def _apply(self, d: _Daemon, batch: E.KVEventBatch) -> None:
         d.batches += 1
@@ -189,12 +210,12 @@ class PrefixIndex:
             if isinstance(ev, E.BlockStored):
                 d.stored_blocks += len(ev.block_hashes)
                 for key in ev.block_hashes:
-                    k = key if isinstance(key, bytes) else key.to_bytes(8, "little")
+                    k = _key(key)
                     held[k] = held.get(k, 0) | bit
             else:
                 d.removed_blocks += len(ev.block_hashes)
                 for key in ev.block_hashes:
-                    k = key if isinstance(key, bytes) else key.to_bytes(8, "little")
+                    k = _key(key)
                     left = held.get(k, 0) & ~bit
                     if left:
                         held[k] = left
@@ -255,30 +276,20 @@ def follow(endpoint: str, replay: str | None = None, start: int | None = None, t
     """(topic, sequence, batch) as a daemon publishes them (replayed from ``start`` first, when given); ends
     after ``timeout_s`` without one. A restarted daemon (a new ``epoch``) is followed from its new numbers."""
     ctx: zmq.Context[Any] = zmq.Context.instance()
-    sub = ctx.socket(zmq.SUB)
-    sub.setsockopt(zmq.LINGER, 0)
-    sub.setsockopt(zmq.IPV6, int("[" in endpoint))
-    sub.connect(endpoint)
+    sub = _socket(ctx, zmq.SUB, endpoint)
     sub.setsockopt(zmq.SUBSCRIBE, topic)
     last = -1
     epoch: int | None = None
     try:
         if replay and start is not None:
-            dealer = ctx.socket(zmq.DEALER)
-            dealer.setsockopt(zmq.LINGER, 0)
-            dealer.setsockopt(zmq.IPV6, int("[" in replay))
-            dealer.connect(replay)
-            dealer.send_multipart([b"", E.seq_bytes(start)])
-            while dealer.poll(5000):
-                frames = dealer.recv_multipart()
-                if len(frames) != 4 or E.seq_of(frames[2]) < 0:
+            for t, seq, payload in _replayed(ctx, replay, start, 5.0):
+                if seq < 0:
                     break
-                if frames[1].startswith(topic):
-                    last = E.seq_of(frames[2])
-                    batch = E.decoder.decode(frames[3])
+                if t.startswith(topic):
+                    last = seq
+                    batch = E.decoder.decode(payload)
                     epoch = _epoch(batch) or epoch
-                    yield frames[1], last, batch
-            dealer.close(linger=0)
+                    yield t, seq, batch
         while sub.poll(None if timeout_s is None else int(timeout_s * 1000)):
             t, seq_b, payload = sub.recv_multipart()
             seq = E.seq_of(seq_b)

@@ -320,6 +320,16 @@ class KvrackHiCacheStorage(HiCacheStorage):
 
     def _set_pages(self, pages: _PoolPages, keys: list[str], host_indices: torch.Tensor,
                    prefix_keys: Sequence[str] | None) -> list[bool]:
+        def buffers() -> list[Any]:
+            if pages.zero_copy:
+                return list(pages.pieces(host_indices, len(keys)))
+            return [pages.pool.get_data_page(slot, flat=True) for slot in pages.first_slots(host_indices, len(keys))]
+
+        return self._store(pages.name, keys, buffers, prefix_keys)
+
+    def _store(self, pool: str, keys: list[str], buffers: Callable[[], list[Any]],
+               prefix_keys: Sequence[str] | None) -> list[bool]:
+        """Put one pool's pages (``buffers()``, built once connected), chained; per-page: stored or held."""
         if not keys:
             return []
         if not self.is_writer:  # MLA: one rank writes the pages every rank holds
@@ -327,17 +337,14 @@ class KvrackHiCacheStorage(HiCacheStorage):
         start = time.perf_counter()
 
         def write(c: Client) -> list[bool]:
-            kv = self.kvrack_keys(keys, pages.name)
-            if pages.zero_copy:
-                buffers: list[Any] = pages.pieces(host_indices, len(keys))
-            else:
-                buffers = [pages.pool.get_data_page(slot, flat=True)
-                           for slot in pages.first_slots(host_indices, len(keys))]
-            result = c.put(kv, buffers, self._parents(kv, prefix_keys, pages.name))
+            kv = self.kvrack_keys(keys, pool)
+            result = c.put(kv, buffers(), self._parents(kv, prefix_keys, pool))
             return [code in _STORED for code in result.codes]
 
         ok = self._call([False] * len(keys), write)
-        self._record("backup", "set", len(keys), sum(ok), time.perf_counter() - start, pages)
+        pages = self.pools.get(pool)
+        if pages is not None:
+            self._record("backup", "set", len(keys), sum(ok), time.perf_counter() - start, pages)
         return ok
 
     def _record(self, metric: str, op: str, asked: int, done: int, seconds: float, pages: _PoolPages) -> None:
@@ -470,21 +477,8 @@ class KvrackHiCacheStorage(HiCacheStorage):
         if values is None or len(values) != len(keys):
             log.error("kvrack: batch_set needs one value per key")
             return False
-        if not self.is_writer:
-            return True
-        start = time.perf_counter()
-
-        def write(c: Client) -> bool:
-            kv = self.kvrack_keys(keys)
-            buffers = [v.contiguous() if isinstance(v, torch.Tensor) else v for v in values]
-            result = c.put(kv, buffers, self._parents(kv, None, PoolName.KV.value))
-            return all(code in _STORED for code in result.codes)
-
-        ok = self._call(False, write)
-        pages = self.pools.get(PoolName.KV.value)
-        if pages is not None:
-            self._record("backup", "set", len(keys), len(keys) if ok else 0, time.perf_counter() - start, pages)
-        return ok
+        flat = [v.contiguous() if isinstance(v, torch.Tensor) else v for v in values]
+        return all(self._store(PoolName.KV.value, keys, lambda: flat, None))
 
     # ------------------------------------------------------------- the rest
     def clear(self) -> None:

@@ -211,11 +211,12 @@ class CxlPool(CopyWorker):
         if region is None or self.loop is None:
             return 0
         todo: list[tuple[bytes, Any, int, int]] = []
+        coming = 0  # bytes of this batch's blocks: they count toward the quota once adopted
         for key in dict.fromkeys(keys):
             nbytes = region.size_of(key)
             if nbytes is None:
                 continue
-            coming = sum(n for _k, _s, _l, n in todo) + nbytes  # this batch's blocks count once adopted
+            coming += nbytes
             if ns.quota and ns.over_quota("dram", coming, len(todo) + 1):
                 store.shed(ns, coming, len(todo) + 1)  # room among its own blocks, as a read from NVMe makes it
             placement = store.make_room(ns.name, nbytes)
