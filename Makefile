@@ -19,7 +19,7 @@ SGLANG_STAMP := $(SGLANG_VENV)/.kvrack-sglang
 SGLANG_PIP := $(SGLANG_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-warn-conflicts \
 	-c constraints-sglang.txt
 
-.PHONY: run test system-packages test-vllm test-sglang openapi panels reliability-report soak bench-e2e test-all test-hugepages bench bench-check stress lint example wheel clean clean-data
+.PHONY: run test system-packages test-vllm test-sglang openapi panels reliability-report soak bench-e2e bench-peers bench-e2e-peers test-all test-hugepages bench bench-check stress lint example wheel clean clean-data
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,16 +30,22 @@ $(RUN_STAMP): $(PY) $(SOURCES)
 	@touch $@
 
 $(TEST_STAMP): $(PY) $(SOURCES)
-	$(PIP) $(EDITABLE) -e '.[daemon,test,nixl]'
+	$(PIP) $(EDITABLE) -e '.[daemon,test,nixl,peers]'
 	@touch $@ $(RUN_STAMP)
 
-# Prometheus (Debian package) for the scrape test, when it is missing and this runs as root; the test says why it
-# skipped otherwise
+# Debian packages some tests and benchmarks run beside kvrack, when missing and this runs as root: Prometheus (the
+# scrape test) and redis-server (the peers benchmark's test); each test says why it skipped otherwise
+APT_INSTALL := apt-get install -y -qq --no-install-recommends
+define apt_need
+	@command -v $(1) >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		($(APT_INSTALL) $(2) >/dev/null 2>&1 || \
+		 (apt-get update -qq >/dev/null 2>&1 && $(APT_INSTALL) $(2) >/dev/null 2>&1)) \
+		|| echo "note: $(2) not installed (apt-get install $(2)); $(3)"; }
+endef
+
 system-packages:
-	@command -v prometheus >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
-		(apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || \
-		 (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1)) \
-		|| echo "note: Prometheus not installed (apt-get install prometheus); its scrape test will skip"; }
+	$(call apt_need,prometheus,prometheus,its scrape test will skip)
+	$(call apt_need,redis-server,redis-server,the peers benchmark test will skip Redis)
 
 ## run: start kvrackd in the foreground with the embedded default config
 run: $(RUN_STAMP)
@@ -107,6 +113,43 @@ soak: $(TEST_STAMP)
 ## bench: kvrack bench local, results in bench-local.json
 bench: $(RUN_STAMP)
 	$(VENV)/bin/kvrack bench local --json bench-local.json
+
+# LMCache in an environment of its own (its requirements pin versions an engine's environment may not have): the CPU
+# wheel of torch first, so pip never fetches a CUDA build
+LMCACHE_VENV := .venv-lmcache
+LMCACHE_STAMP := $(LMCACHE_VENV)/.kvrack-lmcache
+$(LMCACHE_STAMP): constraints-lmcache.txt
+	@test -x $(LMCACHE_VENV)/bin/python || $(PYTHON) -m venv $(LMCACHE_VENV)
+	$(LMCACHE_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints-lmcache.txt torch
+	$(LMCACHE_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints-lmcache.txt lmcache
+	@touch $@
+
+## bench-peers: kvrack beside Redis, LMCache and Mooncake Store (docs/bench-peers.json, plots in docs/peers); installs
+## redis-server and libibverbs1 (Mooncake's import needs it) with apt, and builds .venv-lmcache
+bench-peers: $(TEST_STAMP) $(LMCACHE_STAMP) system-packages
+	@ldconfig -p | grep -q libibverbs.so.1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		($(APT_INSTALL) libibverbs1 || (apt-get update -qq && $(APT_INSTALL) libibverbs1)) >/dev/null 2>&1; } || \
+		echo "note: libibverbs1 not installed; Mooncake Store will be reported as unavailable"
+	$(PIP) $(EDITABLE) -e '.[daemon,test,nixl,peers,mooncake,docs]'
+	$(VENV)/bin/kvrack bench peers --json docs/bench-peers.json --lmcache $(LMCACHE_VENV)/bin/lmcache
+	$(PY) docs/plot_peers.py docs/bench-peers.json docs/peers
+
+# vLLM's CPU build with kvrack and LMCache side by side, for the engine-level peers benchmark (LMCache's vLLM
+# connector runs inside vLLM's process); built as .venv-vllm is
+VL_VENV := .venv-vllm-lmcache
+VL_STAMP := $(VL_VENV)/.kvrack-vllm-lmcache
+$(VL_STAMP): $(SOURCES) constraints-vllm-lmcache.txt
+	@test -x $(VL_VENV)/bin/python || $(PYTHON) -m venv $(VL_VENV)
+	$(VL_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints-vllm-lmcache.txt torch
+	$(VL_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-warn-conflicts \
+		-c constraints-vllm-lmcache.txt $(EDITABLE) -e '.[daemon,test,vllm]' lmcache
+	$(VL_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+	@touch $@
+
+## bench-e2e-peers: TTFT on a prefix hit through vLLM with kvrack, LMCache's connector and vLLM's native CPU
+## offloading (where it runs), and each one's hit ratio on a multi-turn replay (docs/bench-e2e-peers.json)
+bench-e2e-peers: $(VL_STAMP)
+	$(VL_VENV)/bin/kvrack bench e2e --peers --json docs/bench-e2e-peers.json
 
 ## bench-e2e: time to first token through vLLM's server with kvrack (builds .venv-vllm), docs/bench-e2e.json
 bench-e2e: $(VLLM_STAMP)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -34,17 +35,36 @@ LENGTHS = (512, 2048, 4096, 8192)
 TARGETS = {"ttft_hit_vs_recompute_4k": ("<=", 0.2), "prompt_tokens_loaded_share_4k": (">=", 0.9)}
 
 
+class ServerFailed(RuntimeError):
+    """The vLLM server exited while starting; the message holds the error its log ends with."""
+
+
+def failure(log_path: str) -> str:
+    """The last error line of a server log (what made it exit)."""
+    try:
+        with open(log_path, errors="replace") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return "(no log)"
+    errors = [ln.strip() for ln in lines if re.search(r"\b\w*(Error|Exception): ", ln)]
+    # a failed engine core logs the cause first, then generic lines pointing back at it
+    causes = [ln for ln in errors if "See root cause" not in ln and "initialization failed" not in ln]
+    found = causes or errors
+    return found[-1][-400:] if found else (lines[-1][-400:] if lines else "(empty log)")
+
+
 class Server:
     """vLLM's OpenAI-compatible server on a local port, in a process of its own."""
 
-    def __init__(self, model: str, kv_transfer_config: dict[str, Any], port: int, log_path: str,
-                 timeout: float = 600.0) -> None:
+    def __init__(self, model: str, kv_transfer_config: dict[str, Any] | None, port: int, log_path: str,
+                 timeout: float = 600.0, extra_args: tuple[str, ...] = ()) -> None:
         self.port = port
         args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
                 "--port", str(port), "--dtype", "float32", "--block-size", "32", "--max-model-len", "16384",
                 "--max-num-batched-tokens", "16384", "--max-num-seqs", "4", "--gpu-memory-utilization", "0.3",
-                "--enable-prefix-caching", "--enable-prompt-tokens-details", "--enforce-eager",
-                "--kv-transfer-config", json.dumps(kv_transfer_config)]
+                "--enable-prefix-caching", "--enable-prompt-tokens-details", "--enforce-eager", *extra_args]
+        if kv_transfer_config is not None:
+            args += ["--kv-transfer-config", json.dumps(kv_transfer_config)]
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_SERVER_DEV_MODE": "1"}
         self.log = open(log_path, "ab")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env,
@@ -52,7 +72,8 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the vLLM server exited with {self.proc.returncode}; see {log_path}")
+                self.log.close()
+                raise ServerFailed(f"the vLLM server exited with {self.proc.returncode}: {failure(log_path)}")
             try:
                 if self.request("GET", "/health")[0] == 200:
                     self.model = json.loads(self.request("GET", "/v1/models")[1])["data"][0]["id"]

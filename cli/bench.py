@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -263,20 +263,132 @@ def bench_overwrite(json_path: JsonOpt = None,
 
 
 
+@bench_app.command("peers")
+def bench_peers(json_path: JsonOpt = None,
+                systems: Annotated[str, typer.Option(help="systems to run, comma-separated (those that cannot run "
+                                                        "here are reported with the reason)")]
+                = "kvrack-shm,kvrack-tcp,kvrack-nixl,redis-unix,redis-tcp,mooncake-tcp,lmcache",
+                sizes: Annotated[str, typer.Option(help="block sizes, comma-separated")] = "64KiB,256KiB,2MiB",
+                batches: Annotated[str, typer.Option(help="blocks per request, comma-separated")] = "1,16,64",
+                working_set: Annotated[str, typer.Option(help="bytes written per cell (at most 4096 blocks)")]
+                = "128MiB",
+                repeats: Annotated[int, typer.Option(min=1, max=10, help="passes per cell (best kept per phase)")]
+                = 2,
+                replay_trace: Annotated[str, typer.Option(help="kvrack sim generator of the replay: chat, rag, "
+                                                               "zipf, scan")] = "chat",
+                replay_requests: Annotated[int, typer.Option(min=1, help="requests of the replay")] = 800,
+                replay_memory: Annotated[str, typer.Option(help="memory each system gets for the replay")]
+                = "128MiB",
+                replay_policies: Annotated[str, typer.Option(help="kvrack's replay again under these dram.policy "
+                                                                  "values (comma-separated; '' for none)")]
+                = "s3fifo",
+                lmcache: Annotated[Path | None, typer.Option(help="LMCache's `lmcache` command (default: on PATH, "
+                                                                  "else .venv-lmcache/bin/lmcache)")] = None,
+                lmcache_requests: Annotated[int, typer.Option(min=2, max=100, help="requests per LMCache cell")]
+                = 12,
+                ) -> None:
+    """kvrack beside Redis, LMCache and Mooncake Store: one workload, each system's own client, same run."""
+    from kvrack.bench.peers import lmcache as lm
+    from kvrack.bench.peers import run as bp
+    from kvrack.bench.peers.workload import SIZES, Workload
+
+    chosen = [s.strip() for s in systems.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in (*bp.SYSTEMS, "lmcache")]
+    if unknown or not chosen:
+        raise typer.BadParameter(f"unknown system(s) {unknown}; choose from {', '.join((*bp.SYSTEMS, 'lmcache'))}")
+    if replay_trace not in ("chat", "rag", "zipf", "scan"):
+        raise typer.BadParameter(f"unknown replay trace {replay_trace!r}; choose chat, rag, zipf or scan")
+    try:
+        batch_sizes = [int(b) for b in batches.split(",") if b.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"batches must be integers, got {batches!r}") from None
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise typer.BadParameter("batches must be positive integers")
+    work = Workload(sizes=size_names(sizes, SIZES), batches=batch_sizes, working_set=parse_size(working_set),
+                    replay_trace=replay_trace, replay_requests=replay_requests,
+                    replay_memory=parse_size(replay_memory),
+                    replay_policies=[p.strip() for p in replay_policies.split(",") if p.strip()])
+    command = str(lmcache) if lmcache else lm.default_command()
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("bench", total=None)
+        result = bp.run([s for s in chosen if s != "lmcache"] + (["lmcache"] if "lmcache" in chosen else []),
+                        work, repeats, command, lmcache_requests,
+                        progress=lambda label: progress.update(task, description=label))
+    _peers_tables(result)
+    write_json(json_path, result)
+
+
+def _peers_tables(result: dict[str, Any]) -> None:
+    table = Table(title="kvrack bench peers: GB/s (p99 per request) by block size and batch")
+    for col in ("system", "cell", "write", "read", "mixed", "CPU s/GB (read)"):
+        table.add_column(col, justify="left" if col in ("system", "cell") else "right")
+    for name, system in result["systems"].items():
+        if "unavailable" in system:
+            table.add_row(name, "-", escape(system["unavailable"]), "", "", "")
+            continue
+        for cell, c in system["cells"].items():
+            table.add_row(name, cell, *(f"{c[p]['gbs']:.2f} ({c[p]['p99_us'] / 1000:.1f} ms)"
+                                        for p in ("write", "read", "mixed")), f"{c['read']['cpu_s_per_gb']}")
+    console.print(table)
+    replay = Table(title="prefix-reuse replay, equal memory")
+    for col in ("system", "hit ratio", "GB/s", "CPU s/GB", "memory / held byte"):
+        replay.add_column(col, justify="left" if col == "system" else "right")
+    for name, system in result["systems"].items():
+        if "replay" in system:
+            r = system["replay"]
+            replay.add_row(name, f"{r['hit_ratio']}", f"{r['gbs']}", f"{r['cpu_s_per_gb']}",
+                           f"{r['memory_bytes_per_held_byte']}")
+            for policy, r in system.get("replay_by_policy", {}).items():
+                replay.add_row(f"{name} (dram.policy={policy})", f"{r['hit_ratio']}", f"{r['gbs']}",
+                               f"{r['cpu_s_per_gb']}", f"{r['memory_bytes_per_held_byte']}")
+    console.print(replay)
+    lmc = result.get("lmcache")
+    if lmc:
+        if "unavailable" in lmc:
+            console.print(f"LMCache: not run: {escape(lmc['unavailable'])}")
+        else:
+            t = Table(title="LMCache server vs kvrack paged-KV API (p50 per request)")
+            for col in ("cell", "LMCache get", "kvrack get", "speed-up", "LMCache put", "kvrack put", "speed-up"):
+                t.add_column(col, justify="left" if col == "cell" else "right")
+            for cell, theirs in lmc["lmcache"].items():
+                ours = lmc["kvrack"][cell]
+                t.add_row(cell, f"{theirs['get_p50_ms']} ms", f"{ours['get_p50_ms']} ms",
+                          f"{theirs.get('kvrack_get_speedup')}", f"{theirs['store_p50_ms']} ms",
+                          f"{ours['store_p50_ms']} ms", f"{theirs.get('kvrack_put_speedup')}")
+            console.print(t)
+    checks = result["checks"]
+    for name in ("vs_redis_get_2mib", "vs_redis_put_2mib", "vs_lmcache_get_2mib", "vs_mooncake_get_2mib"):
+        value = result.get(name)
+        why = result.get(f"{name}_reason")
+        console.print(f"{name}: {value if value is not None else 'null'} "
+                      f"{verdict(checks, name) if value is not None else escape(why or '')}")
+
+
 @bench_app.command("e2e")
 def bench_e2e(json_path: JsonOpt = None,
               lengths: Annotated[str, typer.Option(help="prompt lengths in tokens, comma-separated")]
               = "512,2048,4096,8192",
               repeats: Annotated[int, typer.Option(min=1, max=10, help="runs per figure (the median is kept)")] = 2,
               model_dir: Annotated[Path | None, typer.Option(help="where the random model is built (reused)")] = None,
+              peers: Annotated[bool, typer.Option("--peers", help="the same prompts through LMCache's vLLM connector "
+                                                                  "and vLLM's native CPU offloading too, and a "
+                                                                  "multi-turn replay with equal memory")] = False,
+              replay_requests: Annotated[int, typer.Option(min=1, max=500, help="--peers: requests of the "
+                                                                                "multi-turn replay")] = 40,
+              replay_memory: Annotated[str, typer.Option(help="--peers: each system's CPU tier in the replay")]
+              = "256MiB",
               ) -> None:
     """Time to first token through vLLM's OpenAI server: recompute vs a prefix from kvrack's DRAM or NVMe tier."""
     try:
         import vllm  # noqa: F401
     except ImportError:
         console.print("[red]kvrack bench e2e needs vLLM (the vllm extra): `make test-vllm` builds .venv-vllm; run "
-                      "`.venv-vllm/bin/kvrack bench e2e`")
+                      "`.venv-vllm/bin/kvrack bench e2e` (with --peers: `make bench-e2e-peers`)")
         raise typer.Exit(2) from None
+    if peers:
+        _bench_e2e_peers(json_path, [int(x) for x in lengths.split(",") if x.strip()], repeats, model_dir,
+                         replay_requests, parse_size(replay_memory))
+        return
     from kvrack.bench import e2e
 
     sizes = [int(x) for x in lengths.split(",") if x.strip()]
@@ -299,4 +411,36 @@ def bench_e2e(json_path: JsonOpt = None,
                   f"({verdict(checks, 'ttft_hit_vs_recompute_4k')}); loaded share "
                   f"{result.get('prompt_tokens_loaded_share_4k')} ({verdict(checks, 'prompt_tokens_loaded_share_4k')}); "
                   f"greedy tokens identical: {result['greedy_tokens_identical']}")
+    write_json(json_path, result)
+
+
+def _bench_e2e_peers(json_path: Path | None, lengths: list[int], repeats: int, model_dir: Path | None,
+                     replay_requests: int, replay_memory: int) -> None:
+    from kvrack.bench import e2e_peers
+
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("bench", total=None)
+        result = e2e_peers.run(lengths, repeats, str(model_dir) if model_dir else None, replay_requests,
+                               replay_memory, progress=lambda label: progress.update(task, description=label))
+    table = Table(title=f"kvrack bench e2e --peers (vLLM {result['vllm_version']}): TTFT on a prefix hit")
+    for col in ("system", "prompt", "recompute", "CPU tier hit", "disk tier hit", "cached tokens"):
+        table.add_column(col, justify="left" if col == "system" else "right")
+    fmt = lambda v: f"{v:.3f} s" if isinstance(v, (int, float)) else "-"  # noqa: E731
+    for name, system in result["systems"].items():
+        if "unavailable" in system:
+            table.add_row(name, "-", escape(system["unavailable"]), "", "", "")
+            continue
+        for n, r in system["lengths"].items():
+            table.add_row(name, n, fmt(r["recompute_ttft_s"]), fmt(r["cpu_hit_ttft_s"]), fmt(r.get("disk_hit_ttft_s")),
+                          f"{r['cpu_hit_cached_tokens']}")
+    console.print(table)
+    for name, system in result["systems"].items():
+        if "replay" in system:
+            r = system["replay"]
+            console.print(f"replay, {fmt_bytes(result['replay_memory_bytes'])} each: {name} supplied "
+                          f"{r['hit_ratio']} of {r['prompt_tokens']} prompt tokens")
+    for key in ("ttft_vs_lmcache_4k", "ttft_disk_vs_lmcache_4k", "ttft_vs_vllm_offload_4k"):
+        value = result.get(key)
+        console.print(f"{key}: {value if value is not None else 'null'} "
+                      f"{verdict(result['checks'], key) if value is not None else escape(result.get(key + '_reason', ''))}")
     write_json(json_path, result)

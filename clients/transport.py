@@ -20,6 +20,7 @@ from kvrack.clients.errors import ConnectionLost, DaemonUnreachable, RequestTime
 
 _ANC_BYTES = socket.CMSG_SPACE(256 * 4)
 _RECV_BYTES = 1 << 20
+_IOV_BATCH = 512  # destinations per scattering receive (the kernel takes up to IOV_MAX = 1024)
 
 
 class FrameBuffer:
@@ -206,16 +207,30 @@ class SyncChannel:
         try:
             self.sock.sendall(frame)
             reply, fds = self._reply(op)
+            rest = []
             for view in sinks(reply):
-                got = self.frames.take_into(view)
-                while got < len(view):
-                    n = self.sock.recv_into(view[got:])
-                    if not n:
-                        raise ConnectionLost(message="kvrackd closed the connection in the middle of a read")
-                    got += n
+                got = self.frames.take_into(view)  # what came in with the reply's frame first
+                if got < len(view):
+                    rest.append(view[got:])
+            if rest:
+                self._recv_blocks(rest)
             return reply, fds
         except BlockingIOError:
             raise RequestTimeout(message=f"kvrackd did not send the {op} bytes in time") from None
+
+    def _recv_blocks(self, views: list[memoryview]) -> None:
+        """Fill ``views`` in order from the socket: one scattering ``recvmsg_into`` over as many of them as the
+        kernel takes at once, so that a batch of small blocks costs a few system calls, not one per block."""
+        i = 0
+        while i < len(views):
+            n = self.sock.recvmsg_into(views[i: i + _IOV_BATCH])[0]
+            if not n:
+                raise ConnectionLost(message="kvrackd closed the connection in the middle of a read")
+            while i < len(views) and n >= len(views[i]):
+                n -= len(views[i])
+                i += 1
+            if n:
+                views[i] = views[i][n:]
 
     def _reply(self, op: str) -> tuple[P.Reply, list[int]]:
         self.requests += 1
@@ -249,6 +264,18 @@ class StreamChannel(SyncChannel):
 
     def _recv_once(self, flags: int) -> tuple[int, list[tuple[int, int, bytes]]]:
         return self.sock.recv_into(self.rbuf, 0, flags), []  # no ancillary data on TCP
+
+    def _recv_blocks(self, views: list[memoryview]) -> None:
+        if not self.tls:
+            super()._recv_blocks(views)
+            return
+        for view in views:  # an SSL socket has no recvmsg_into: one destination at a time
+            got = 0
+            while got < len(view):
+                n = self.sock.recv_into(view[got:])
+                if not n:
+                    raise ConnectionLost(message="kvrackd closed the connection in the middle of a read")
+                got += n
 
 
 class AsyncChannel:

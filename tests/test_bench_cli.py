@@ -96,3 +96,39 @@ def test_bench_hbm_writes_the_contracted_json(tmp_path):
         assert data["hbm_get_vs_d2d_memcpy"] > 0 and not data["hbm_unavailable"]
     else:
         assert data["hbm_get_vs_d2d_memcpy"] is None and data["hbm_unavailable"] == why
+
+
+def test_bench_peers_writes_the_contracted_json(tmp_path):
+    """Every system runs the same small workload, or is reported with the reason it cannot run here; the keys the
+    contract names are present (null with a reason where their peer did not run); nothing is left behind."""
+    import shutil
+    import tempfile
+
+    before = {p.name for p in Path(tempfile.gettempdir()).iterdir()}
+    out = tmp_path / "peers.json"
+    data, stdout = run_bench(out, "peers", "--systems", "kvrack-shm,kvrack-tcp,redis-unix,mooncake-tcp,lmcache",
+                             "--sizes", "64KiB,2MiB", "--batches", "1,16", "--working-set", "8MiB", "--repeats", "1",
+                             "--replay-requests", "60", "--replay-memory", "16MiB", timeout=600)
+    shm = data["systems"]["kvrack-shm"]
+    assert set(shm["cells"]) == {"64KiB/1", "64KiB/16", "2MiB/1", "2MiB/16"}
+    for cell in shm["cells"].values():
+        for phase in ("write", "read", "mixed"):
+            assert cell[phase]["gbs"] > 0 and cell[phase]["p99_us"] >= cell[phase]["p50_us"] > 0
+            assert cell[phase]["complete"]
+    replay = shm["replay"]
+    assert 0 < replay["hit_ratio"] < 1 and replay["requests"] == 60 and replay["held_blocks"] > 0
+    assert replay["memory_bytes_per_held_byte"] >= 1.0  # the tier's memory is counted, not only what the daemon touched
+    for key in ("vs_redis_get_2mib", "vs_redis_put_2mib", "vs_lmcache_get_2mib", "vs_mooncake_get_2mib"):
+        assert key in data
+    if shutil.which("redis-server"):
+        assert data["vs_redis_get_2mib"] > 0 and data["vs_redis_put_2mib"] > 0
+        assert data["systems"]["redis-unix"]["replay"]["hit_ratio"] > 0
+    else:
+        assert data["systems"]["redis-unix"]["unavailable"]
+    for peer in ("lmcache", "mooncake"):
+        if data[f"vs_{peer}_get_2mib"] is None:
+            assert data[f"vs_{peer}_get_2mib_reason"]
+    assert "vs_redis_get_2mib" in stdout
+    left = {p.name for p in Path(tempfile.gettempdir()).iterdir()} - before
+    assert not [n for n in left if n.startswith(("kvrack-", "mooncake"))], left
+    assert subprocess.run(["pgrep", "-f", "redis-server .*kvrack-bench-redis"], capture_output=True).returncode == 1
