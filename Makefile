@@ -148,8 +148,10 @@ $(VL_STAMP): $(SOURCES) constraints-vllm-lmcache.txt
 
 ## bench-e2e-peers: TTFT on a prefix hit through vLLM with kvrack, LMCache's connector and vLLM's native CPU
 ## offloading (where it runs), and each one's hit ratio on a multi-turn replay (docs/bench-e2e-peers.json)
-bench-e2e-peers: $(VL_STAMP)
+bench-e2e-peers: $(VL_STAMP) $(TEST_STAMP)
 	$(VL_VENV)/bin/kvrack bench e2e --peers --json docs/bench-e2e-peers.json
+	$(PIP) 'matplotlib>=3.8'
+	$(PY) docs/plot_peers.py - docs/peers docs/bench-e2e-peers.json
 
 ## bench-e2e: time to first token through vLLM's server with kvrack (builds .venv-vllm), docs/bench-e2e.json
 bench-e2e: $(VLLM_STAMP)

@@ -57,7 +57,7 @@ class Server:
     """vLLM's OpenAI-compatible server on a local port, in a process of its own."""
 
     def __init__(self, model: str, kv_transfer_config: dict[str, Any] | None, port: int, log_path: str,
-                 timeout: float = 600.0, extra_args: tuple[str, ...] = ()) -> None:
+                 timeout: float = 600.0, extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
         self.port = port
         args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
                 "--port", str(port), "--dtype", "float32", "--block-size", "32", "--max-model-len", "16384",
@@ -65,7 +65,7 @@ class Server:
                 "--enable-prefix-caching", "--enable-prompt-tokens-details", "--enforce-eager", *extra_args]
         if kv_transfer_config is not None:
             args += ["--kv-transfer-config", json.dumps(kv_transfer_config)]
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_SERVER_DEV_MODE": "1"}
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_SERVER_DEV_MODE": "1", **(env or {})}
         self.log = open(log_path, "ab")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)

@@ -6,7 +6,8 @@ Each system behind vLLM's OpenAI server as its users configure it, the same prom
   disk tier its NVMe tier after a restart empties DRAM (reads with O_DIRECT: never the page cache);
 - LMCache: its multi-process server (``lmcache server``, L1 in host memory, an ``fs`` L2 on local disk) and its
   vLLM connector (``LMCacheMPConnector``); its disk tier is reached by emptying L1 through its admin API (its
-  files are read through the page cache, which is dropped first where this process may);
+  files are read through the page cache, which is dropped first where this process may); and LMCache inside
+  vLLM's process (``LMCacheConnectorV1``, local CPU and local disk backends), where it hits on this build;
 - vLLM's native CPU offloading (``--kv-offloading-backend native``), where this vLLM build runs it.
 
 TTFT for recompute and for a hit from each tier, vLLM's own prefix cache reset before every hit. Then a
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import statistics
 import tempfile
@@ -149,6 +151,8 @@ def run(lengths: list[int], repeats: int, model_dir: str | None, replay_requests
     try:
         out["systems"]["kvrack"] = _kvrack(model, lengths, repeats, prompts, replay_memory, work, progress)
         out["systems"]["lmcache"] = _lmcache(model, lengths, repeats, prompts, replay_memory, work, progress, out)
+        out["systems"]["lmcache-inprocess"] = _lmcache_inprocess(model, lengths, repeats, prompts, replay_memory,
+                                                                 work, progress)
         out["systems"]["vllm-native-offload"] = _native(model, lengths, repeats, prompts, replay_memory, work,
                                                         progress)
     finally:
@@ -240,6 +244,54 @@ def _lmcache(model: str, lengths: list[int], repeats: int, prompts: list[list[in
             server.stop()
     finally:
         lmc.stop()
+    return result
+
+
+def _lmcache_inprocess(model: str, lengths: list[int], repeats: int, prompts: list[list[int]], replay_memory: int,
+                       work: str, progress: Callable[[str], None]) -> dict[str, Any]:
+    """LMCache inside vLLM's process (``LMCacheConnectorV1``), its local CPU backend and its local disk backend."""
+    why = lmcache_missing()
+    if why is not None:
+        return {"unavailable": why}
+    disk = os.path.join(work, "lmcache-local-disk")
+    os.makedirs(disk)
+
+    def env(cpu_gib: float, with_disk: bool) -> dict[str, str]:
+        e = {"LMCACHE_CHUNK_SIZE": "256", "LMCACHE_LOCAL_CPU": "True", "LMCACHE_MAX_LOCAL_CPU_SIZE": str(cpu_gib)}
+        if with_disk:
+            e.update(LMCACHE_LOCAL_DISK=f"file://{disk}/", LMCACHE_MAX_LOCAL_DISK_SIZE="8")
+        return e
+
+    config = {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
+    progress("LMCache in vLLM's process: starting vLLM")
+    log = os.path.join(work, "vllm-lmcache-inprocess.log")
+    try:
+        server = e2e.Server(model, config, e2e._free_port(), log, env=env(CPU_TIER_GIB, True))
+    except e2e.ServerFailed as exc:
+        return {"unavailable": f"vLLM does not start with LMCacheConnectorV1: {exc}"}
+    try:
+        probe = prompt(1024, 77)
+        server.complete(probe, max_tokens=2)
+        time.sleep(1.0)
+        server.reset_prefix_cache()
+        if server.complete(probe, max_tokens=2)["cached_tokens"] == 0:
+            with open(log, errors="replace") as fh:
+                text = re.sub(r"\x1b\[[0-9;]*m", "", fh.read())
+            said = re.findall(r"[^\n]*(?:No supported[^\n]*|degraded mode[^\n]*)", text)
+            return {"unavailable": "LMCache's in-process connector never hits here (a 1024-token prompt sent again "
+                                   "after vLLM's prefix cache was reset had no cached token)"
+                                   + (f"; LMCache logs: {' / '.join(x.strip()[-250:] for x in said[-2:])}"
+                                      if said else "")}
+        result: dict[str, Any] = {"lengths": _ttft_lengths(server, lengths, repeats, progress,
+                                                           "LMCache in-process", None)}
+    finally:
+        server.stop()
+    server = e2e.Server(model, config, e2e._free_port(), os.path.join(work, "vllm-lmcache-inprocess-replay.log"),
+                        env=env(replay_memory / (1 << 30), False))
+    try:
+        result["replay"] = _replay(server, prompts, progress, "LMCache in-process")
+    finally:
+        server.stop()
     return result
 
 

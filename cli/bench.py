@@ -427,13 +427,13 @@ def _bench_e2e_peers(json_path: Path | None, lengths: list[int], repeats: int, m
         table.add_column(col, justify="left" if col == "system" else "right")
     fmt = lambda v: f"{v:.3f} s" if isinstance(v, (int, float)) else "-"  # noqa: E731
     for name, system in result["systems"].items():
-        if "unavailable" in system:
-            table.add_row(name, "-", escape(system["unavailable"]), "", "", "")
-            continue
-        for n, r in system["lengths"].items():
+        for n, r in system.get("lengths", {}).items():
             table.add_row(name, n, fmt(r["recompute_ttft_s"]), fmt(r["cpu_hit_ttft_s"]), fmt(r.get("disk_hit_ttft_s")),
                           f"{r['cpu_hit_cached_tokens']}")
     console.print(table)
+    for name, system in result["systems"].items():
+        if "unavailable" in system:
+            console.print(f"{name}: not run: {escape(system['unavailable'])}")
     for name, system in result["systems"].items():
         if "replay" in system:
             r = system["replay"]

@@ -1,6 +1,7 @@
 """Plot `kvrack bench peers --json` (and `kvrack bench e2e --peers --json`) results.
 
 python docs/plot_peers.py docs/bench-peers.json docs/peers [docs/bench-e2e-peers.json]
+(``-`` for the first file plots the engine-level results alone)
 
 Writes peers-throughput.png and peers-p99.png (per block size, one panel per batch size, read and write),
 peers-lmcache.png (LMCache's server vs kvrack's paged-KV API) and, with the e2e file, peers-ttft.png.
@@ -15,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 COLORS = {"kvrack-shm": "#1f77b4", "kvrack-tcp": "#6baed6", "kvrack-nixl": "#08306b", "redis-unix": "#d62728",
           "redis-tcp": "#ff9896", "mooncake-tcp": "#2ca02c"}
@@ -37,6 +39,9 @@ def _per_cell(data, dst, figure, ylabel, log, title):
                 ax.plot(xs, ys, marker="o", label=name, color=COLORS.get(name))
             if log:
                 ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+                ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+                ax.tick_params(axis="y", which="minor", labelsize=6)
             ax.set_title(f"{phase}, batches of {batch}", fontsize=9)
             ax.set_xlabel("block size")
             ax.set_ylabel(ylabel)
@@ -88,6 +93,8 @@ def _ttft(data, dst):
         lengths = sorted(recompute, key=int)
         ax.plot([int(n) for n in lengths], [recompute[n] for n in lengths], ":", color="#999999", label="recompute")
     ax.set_xscale("log", base=2)
+    ticks = sorted({int(n) for runs in data["systems"].values() for n in runs.get("lengths", {})})
+    ax.set_xticks(ticks, [str(n) for n in ticks])
     ax.set_yscale("log")
     ax.set_xlabel("prompt length (tokens)")
     ax.set_ylabel("time to first token (s, log)")
@@ -101,14 +108,16 @@ def _ttft(data, dst):
 
 def main(src, out_dir, e2e=None):
     os.makedirs(out_dir, exist_ok=True)
+    if e2e:
+        _ttft(json.loads(open(e2e).read()), os.path.join(out_dir, "peers-ttft.png"))
+    if src == "-":  # the engine-level plot alone
+        return
     data = json.loads(open(src).read())
     _per_cell(data, os.path.join(out_dir, "peers-throughput.png"), lambda p: p["gbs"], "GB/s (log)", True,
               "throughput by block size")
     _per_cell(data, os.path.join(out_dir, "peers-p99.png"), lambda p: p["p99_us"] / 1000, "p99 per request (ms, log)",
               True, "p99 latency per request by block size")
     _lmcache(data, os.path.join(out_dir, "peers-lmcache.png"))
-    if e2e:
-        _ttft(json.loads(open(e2e).read()), os.path.join(out_dir, "peers-ttft.png"))
 
 
 if __name__ == "__main__":

@@ -118,6 +118,7 @@ def test_bench_peers_writes_the_contracted_json(tmp_path):
     replay = shm["replay"]
     assert 0 < replay["hit_ratio"] < 1 and replay["requests"] == 60 and replay["held_blocks"] > 0
     assert replay["memory_bytes_per_held_byte"] >= 1.0  # the tier's memory is counted, not only what the daemon touched
+    assert 0 < shm["replay_by_policy"]["s3fifo"]["hit_ratio"] < 1  # the same replay under another dram.policy
     for key in ("vs_redis_get_2mib", "vs_redis_put_2mib", "vs_lmcache_get_2mib", "vs_mooncake_get_2mib"):
         assert key in data
     if shutil.which("redis-server"):
@@ -132,3 +133,18 @@ def test_bench_peers_writes_the_contracted_json(tmp_path):
     left = {p.name for p in Path(tempfile.gettempdir()).iterdir()} - before
     assert not [n for n in left if n.startswith(("kvrack-", "mooncake"))], left
     assert subprocess.run(["pgrep", "-f", "redis-server .*kvrack-bench-redis"], capture_output=True).returncode == 1
+
+
+def test_a_failed_vllm_server_is_reported_by_its_root_cause(tmp_path):
+    """`bench e2e --peers` says why a peer did not start: the engine core's exception, not the generic line
+    vLLM logs after it."""
+    from kvrack.bench.e2e import failure
+
+    log = tmp_path / "vllm.log"
+    log.write_text("INFO starting\n(EngineCore pid=7) ERROR Traceback (most recent call last):\n"
+                   "(EngineCore pid=7) Exception: CPU Offloading is currently only supported on CUDA-alike and "
+                   "XPU GPUs\nRuntimeError: Engine core initialization failed. See root cause above. Failed core "
+                   "proc(s): {'EngineCore': 1}\n")
+    assert failure(str(log)).endswith("Exception: CPU Offloading is currently only supported on CUDA-alike and "
+                                      "XPU GPUs")
+    assert failure(str(tmp_path / "missing.log")) == "(no log)"

@@ -127,6 +127,10 @@ def _headlines(out: dict[str, Any]) -> None:
         out[f"vs_mooncake_{key}_2mib"] = _ratio(ours, _cell(out, "mooncake-tcp", "2MiB/16", phase))
         out[f"vs_mooncake_tcp_{key}_2mib"] = _ratio(_cell(out, "kvrack-tcp", "2MiB/16", phase),
                                                     _cell(out, "mooncake-tcp", "2MiB/16", phase))
+        # each system at its best batch size for 2 MiB blocks (Redis moves 2 MiB values faster unbatched here)
+        best = {kind: max((_cell(out, kind, f"2MiB/{b}", phase) or 0.0) for b in out["workload"]["batches"])
+                for kind in ("kvrack-shm", "redis-unix")}
+        out[f"vs_redis_best_batch_{key}_2mib"] = _ratio(best["kvrack-shm"], best["redis-unix"])
     if out["vs_mooncake_get_2mib"] is None:
         out["vs_mooncake_get_2mib_reason"] = out["systems"].get("mooncake-tcp", {}).get(
             "unavailable", "mooncake-tcp was not among the systems of this run")
