@@ -18,7 +18,6 @@ import http.client
 import json
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kvrack.bench.spawn import DaemonProcess
+from kvrack.bench.spawn import DaemonProcess, terminate
 from kvrack.bench.targets import check_targets
 from kvrack.bench.vllm_model import ModelShape, build_model, connector_config, describe, prompt
 
@@ -130,13 +129,7 @@ class Server:
         return {"ttft_s": ttft, "tokens": out[:max_tokens], "cached_tokens": cached}
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        terminate(self.proc, 60, group=True)
         self.log.close()
 
 

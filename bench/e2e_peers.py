@@ -124,15 +124,19 @@ def replay_prompts(requests: int, max_blocks: int = 24) -> list[list[int]]:
 
 def _replay(server: e2e.Server, prompts: list[list[int]], progress: Callable[[str], None], name: str
             ) -> dict[str, Any]:
+    """The multi-turn replay through ``server``, which is stopped after it."""
     asked = cached = 0
     ttfts = []
-    for i, tokens in enumerate(prompts):
-        progress(f"{name}: replay {i + 1}/{len(prompts)}")
-        server.reset_prefix_cache()
-        r = server.complete(tokens, max_tokens=1)
-        asked += len(tokens)
-        cached += r["cached_tokens"]
-        ttfts.append(r["ttft_s"])
+    try:
+        for i, tokens in enumerate(prompts):
+            progress(f"{name}: replay {i + 1}/{len(prompts)}")
+            server.reset_prefix_cache()
+            r = server.complete(tokens, max_tokens=1)
+            asked += len(tokens)
+            cached += r["cached_tokens"]
+            ttfts.append(r["ttft_s"])
+    finally:
+        server.stop()
     return {"requests": len(prompts), "prompt_tokens": asked, "tokens_from_cache": cached,
             "hit_ratio": round(cached / asked, 4) if asked else None, "ttft_mean_s": round(statistics.fmean(ttfts), 4)}
 
@@ -146,7 +150,8 @@ def run(lengths: list[int], repeats: int, model_dir: str | None, replay_requests
     work = tempfile.mkdtemp(prefix="kvrack-bench-e2e-peers-")
     prompts = replay_prompts(replay_requests)
     out: dict[str, Any] = {"vllm_version": vllm.__version__, "model": describe(shape), "lengths": lengths,
-                           "repeats": repeats, "cpu_tier_bytes": CPU_TIER_GIB << 30, "replay_memory_bytes": replay_memory,
+                           "repeats": repeats, "cpu_tier_bytes": CPU_TIER_GIB << 30,
+                           "replay_memory_bytes": replay_memory,
                            "replay_block_tokens": REPLAY_BLOCK_TOKENS, "systems": {}, "versions": {}}
     try:
         out["systems"]["kvrack"] = _kvrack(model, lengths, repeats, prompts, replay_memory, work, progress)
@@ -175,7 +180,7 @@ def _kvrack(model: str, lengths: list[int], repeats: int, prompts: list[list[int
     try:
         progress("kvrack: starting vLLM")
         server = live = e2e.Server(model, connector_config(f"unix://{sock}", "kv_both", **{"kvrack.retry_s": 0.2}),
-                            e2e._free_port(), os.path.join(work, "vllm-kvrack.log"))
+                                   e2e._free_port(), os.path.join(work, "vllm-kvrack.log"))
         server.complete(prompt(64, 999), max_tokens=2)
 
         def to_disk() -> bool:  # a restart empties DRAM: the blocks come back from the NVMe tier
@@ -195,10 +200,7 @@ def _kvrack(model: str, lengths: list[int], repeats: int, prompts: list[list[int
         progress("kvrack: replay")
         server = e2e.Server(model, connector_config(f"unix://{sock}", "kv_both"), e2e._free_port(),
                             os.path.join(work, "vllm-kvrack-replay.log"))
-        try:
-            result["replay"] = _replay(server, prompts, progress, "kvrack")
-        finally:
-            server.stop()
+        result["replay"] = _replay(server, prompts, progress, "kvrack")
     return result
 
 
@@ -238,10 +240,7 @@ def _lmcache(model: str, lengths: list[int], repeats: int, prompts: list[list[in
         progress("LMCache: replay")
         server = e2e.Server(model, lmcache_connector(lmc.port), e2e._free_port(),
                             os.path.join(work, "vllm-lmcache-replay.log"))
-        try:
-            result["replay"] = _replay(server, prompts, progress, "LMCache")
-        finally:
-            server.stop()
+        result["replay"] = _replay(server, prompts, progress, "LMCache")
     finally:
         lmc.stop()
     return result
@@ -286,12 +285,10 @@ def _lmcache_inprocess(model: str, lengths: list[int], repeats: int, prompts: li
                                                            "LMCache in-process", None)}
     finally:
         server.stop()
-    server = e2e.Server(model, config, e2e._free_port(), os.path.join(work, "vllm-lmcache-inprocess-replay.log"),
-                        env=env(replay_memory / (1 << 30), False))
-    try:
-        result["replay"] = _replay(server, prompts, progress, "LMCache in-process")
-    finally:
-        server.stop()
+    result["replay"] = _replay(e2e.Server(model, config, e2e._free_port(),
+                                          os.path.join(work, "vllm-lmcache-inprocess-replay.log"),
+                                          env=env(replay_memory / (1 << 30), False)), prompts, progress,
+                               "LMCache in-process")
     return result
 
 
@@ -313,11 +310,8 @@ def _native(model: str, lengths: list[int], repeats: int, prompts: list[list[int
                                   "disk_tier": "none: vLLM's native offloading has a CPU tier only"}
     finally:
         server.stop()
-    server = start(replay_memory / (1 << 30), "vllm-native-replay.log")
-    try:
-        result["replay"] = _replay(server, prompts, progress, "vLLM native")
-    finally:
-        server.stop()
+    result["replay"] = _replay(start(replay_memory / (1 << 30), "vllm-native-replay.log"), prompts, progress,
+                               "vLLM native")
     return result
 
 

@@ -152,6 +152,19 @@ class DaemonProcess:
         self.stop()
 
 
+def terminate(proc: subprocess.Popen[Any], timeout: float = 30.0, group: bool = False) -> None:
+    """SIGTERM (to its whole process group with ``group``), wait up to ``timeout``, then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    send = (lambda sig: os.killpg(proc.pid, sig)) if group else proc.send_signal
+    send(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        send(signal.SIGKILL)
+        proc.wait()
+
+
 def wait_until_paged_in(client: Any, timeout: float = 120.0) -> None:
     """Wait until a fresh daemon has touched all its DRAM (it does so in the background after start-up),
     so a benchmark measures the steady state rather than first-touch page zeroing."""

@@ -296,6 +296,11 @@ def bench_peers(json_path: JsonOpt = None,
     unknown = [s for s in chosen if s not in (*bp.SYSTEMS, "lmcache")]
     if unknown or not chosen:
         raise typer.BadParameter(f"unknown system(s) {unknown}; choose from {', '.join((*bp.SYSTEMS, 'lmcache'))}")
+    from kvrack.daemon.policies import POLICIES
+
+    policies = [p.strip() for p in replay_policies.split(",") if p.strip()]
+    if any(p not in POLICIES for p in policies):
+        raise typer.BadParameter(f"unknown dram.policy in {replay_policies!r}; choose from {', '.join(sorted(POLICIES))}")
     if replay_trace not in ("chat", "rag", "zipf", "scan"):
         raise typer.BadParameter(f"unknown replay trace {replay_trace!r}; choose chat, rag, zipf or scan")
     try:
@@ -307,7 +312,7 @@ def bench_peers(json_path: JsonOpt = None,
     work = Workload(sizes=size_names(sizes, SIZES), batches=batch_sizes, working_set=parse_size(working_set),
                     replay_trace=replay_trace, replay_requests=replay_requests,
                     replay_memory=parse_size(replay_memory),
-                    replay_policies=[p.strip() for p in replay_policies.split(",") if p.strip()])
+                    replay_policies=policies)
     command = str(lmcache) if lmcache else lm.default_command()
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("bench", total=None)

@@ -19,7 +19,6 @@ import glob
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -28,7 +27,7 @@ from typing import Any
 
 from kvrack.bench.peers.stores import free_port
 from kvrack.bench.peers.workload import CpuMeter, memory_bytes, process_cpu_s
-from kvrack.bench.spawn import DaemonProcess, _die_with_parent, wait_until_paged_in
+from kvrack.bench.spawn import DaemonProcess, _die_with_parent, terminate, wait_until_paged_in
 
 BLOCK_TOKENS, KV_HEADS, HEAD_DIM = 16, 8, 128
 LAYERS = {"64KiB": 1, "256KiB": 4, "2MiB": 32}  # 2 (K, V) x 16 x 8 x 128 x 2 bytes = 64 KiB a layer
@@ -105,13 +104,7 @@ class LMCacheServer:
             return fh.read()[-n:]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        terminate(self.proc, 30, group=True)
         self.log.close()
         remove_shm(self.proc.pid)
 
@@ -163,7 +156,8 @@ def _lmcache_cell(command: str, server: LMCacheServer, layers: int, tokens: int,
     moved = (stores + retrieves) * nbytes
     r = {"requests": metrics["results"]["total_requests"], "checksum_ok": metrics["results"]["checksum_ok"],
          "checksum_fail": metrics["results"]["checksum_fail"], "retrieves": retrieves,
-         "store_p50_ms": metrics["cold_store"]["cold_store_p50"], "store_p99_ms": metrics["cold_store"]["cold_store_p99"],
+         "store_p50_ms": metrics["cold_store"]["cold_store_p50"],
+         "store_p99_ms": metrics["cold_store"]["cold_store_p99"],
          "get_p50_ms": metrics["warm_retrieve"].get("warm_retrieve_p50"),
          "get_p99_ms": metrics["warm_retrieve"].get("warm_retrieve_p99"),
          "lookup_p50_ms": metrics["warm_lookup"]["warm_lookup_p50"],

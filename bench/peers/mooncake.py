@@ -19,7 +19,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from kvrack.bench.peers.stores import free_port
-from kvrack.bench.spawn import _die_with_parent
+from kvrack.bench.spawn import _die_with_parent, terminate
 
 
 def missing(python: str | None = None) -> str | None:
@@ -161,14 +160,8 @@ class MooncakeStore:
         store = getattr(self, "store", None)
         if store is not None:
             store.close()
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        for proc in reversed(self.procs):  # the store node first, then the master
+            terminate(proc, 15)
         shutil.rmtree(self._tmp, ignore_errors=True)
 
 

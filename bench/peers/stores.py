@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -19,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from kvrack.bench.spawn import DaemonProcess, _die_with_parent, wait_until_paged_in
+from kvrack.bench.spawn import DaemonProcess, _die_with_parent, terminate, wait_until_paged_in
 
 TOKEN = "kvrack-bench-peers-token-0123456789"
 
@@ -185,13 +184,7 @@ class RedisStore:
         client = getattr(self, "client", None)
         if client is not None:
             client.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 30)
         shutil.rmtree(self._tmp, ignore_errors=True)
 
 
