@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kvrack.bench import e2e
+from kvrack.bench.peers.lmcache import metrics_dir
 from kvrack.bench.spawn import DaemonProcess
 from kvrack.bench.vllm_model import ModelShape, build_model, connector_config, describe, prompt
 
@@ -224,7 +225,7 @@ def _lmcache(model: str, lengths: list[int], repeats: int, prompts: list[list[in
     server = None
     try:
         server = e2e.Server(model, lmcache_connector(lmc.port), e2e._free_port(),
-                            os.path.join(work, "vllm-lmcache.log"))
+                            os.path.join(work, "vllm-lmcache.log"), env={"PROMETHEUS_MULTIPROC_DIR": metrics_dir(work)})
         server.complete(prompt(64, 999), max_tokens=2)
 
         def to_disk() -> bool:
@@ -239,7 +240,8 @@ def _lmcache(model: str, lengths: list[int], repeats: int, prompts: list[list[in
     try:
         progress("LMCache: replay")
         server = e2e.Server(model, lmcache_connector(lmc.port), e2e._free_port(),
-                            os.path.join(work, "vllm-lmcache-replay.log"))
+                            os.path.join(work, "vllm-lmcache-replay.log"),
+                            env={"PROMETHEUS_MULTIPROC_DIR": metrics_dir(work)})
         result["replay"] = _replay(server, prompts, progress, "LMCache")
     finally:
         lmc.stop()
@@ -256,7 +258,8 @@ def _lmcache_inprocess(model: str, lengths: list[int], repeats: int, prompts: li
     os.makedirs(disk)
 
     def env(cpu_gib: float, with_disk: bool) -> dict[str, str]:
-        e = {"LMCACHE_CHUNK_SIZE": "256", "LMCACHE_LOCAL_CPU": "True", "LMCACHE_MAX_LOCAL_CPU_SIZE": str(cpu_gib)}
+        e = {"LMCACHE_CHUNK_SIZE": "256", "LMCACHE_LOCAL_CPU": "True", "LMCACHE_MAX_LOCAL_CPU_SIZE": str(cpu_gib),
+             "PROMETHEUS_MULTIPROC_DIR": metrics_dir(work)}
         if with_disk:
             e.update(LMCACHE_LOCAL_DISK=f"file://{disk}/", LMCACHE_MAX_LOCAL_DISK_SIZE="8")
         return e

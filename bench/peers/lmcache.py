@@ -70,7 +70,8 @@ class LMCacheServer:
     def __init__(self, command: str, memory_gb: float, log_path: str, timeout: float = 180.0,
                  extra: Sequence[str] = ()) -> None:
         self.port, self.http_port, prom = free_port(), free_port(), free_port()
-        env = {**os.environ, "LMCACHE_DISABLE_BANNER": "1"}
+        env = {**os.environ, "LMCACHE_DISABLE_BANNER": "1",
+               "PROMETHEUS_MULTIPROC_DIR": metrics_dir(os.path.dirname(log_path))}
         self.log = open(log_path, "ab")
         self.proc = subprocess.Popen([command, "server", "--l1-size-gb", str(memory_gb), "--eviction-policy", "LRU",
                                       "--host", "127.0.0.1", "--port", str(self.port), "--http-port",
@@ -117,6 +118,13 @@ def remove_shm(pid: int) -> None:
             os.unlink(path)
 
 
+def metrics_dir(work: str) -> str:
+    """A fresh folder for one process's Prometheus multiprocess files: LMCache keeps them in
+    $PROMETHEUS_MULTIPROC_DIR, else in /tmp/lmcache_prometheus, which outlives it (and vLLM wants a folder of
+    its own per run); the benchmark passes one inside its work folder to each LMCache process it starts."""
+    return tempfile.mkdtemp(prefix="prometheus-", dir=work)
+
+
 def _spec(layers: int) -> str:
     return f"(2,{_num_blocks()},{BLOCK_TOKENS},{KV_HEADS},{HEAD_DIM}):float16:{layers}"
 
@@ -137,7 +145,8 @@ def _lmcache_cell(command: str, server: LMCacheServer, layers: int, tokens: int,
             "--interval", "0.2", "--format", "json", "--output", out_path, "--quiet"]
     cpu0 = process_cpu_s(server.proc.pid)
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "LMCACHE_DISABLE_BANNER": "1"}, preexec_fn=_die_with_parent)
+                            env={**os.environ, "LMCACHE_DISABLE_BANNER": "1",
+                                 "PROMETHEUS_MULTIPROC_DIR": metrics_dir(work)}, preexec_fn=_die_with_parent)
     try:
         text = proc.communicate(timeout=timeout)[0]
     except subprocess.TimeoutExpired:
