@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kvrack.bench.spawn import DaemonProcess, terminate
+from kvrack.bench.spawn import DaemonProcess, free_port, terminate
 from kvrack.bench.targets import check_targets
 from kvrack.bench.vllm_model import ModelShape, build_model, connector_config, describe, prompt
 
@@ -165,7 +165,7 @@ def run(lengths: list[int], repeats: int = 2, model_dir: str | None = None,
         progress("starting the vLLM server")
         config = connector_config(f"unix://{socket_path}", "kv_both",
                                   **{"kvrack.stats_path": events, "kvrack.retry_s": 0.2})
-        server = Server(model, config, _free_port(), os.path.join(work, "vllm.log"))
+        server = Server(model, config, free_port(), os.path.join(work, "vllm.log"))
         server.complete(prompt(64, 999), max_tokens=2)  # warm-up
         offset = _loads_since(events, 0)[1]
         prompts = {n: prompt(n, 10_000 + n) for n in lengths}
@@ -242,11 +242,3 @@ def _summarise(out: dict[str, Any], lengths: list[int]) -> None:
         out["ttft_hit_vs_recompute_4k"] = four["dram_hit_vs_recompute"]
         out["ttft_nvme_hit_vs_recompute_4k"] = four["nvme_hit_vs_recompute"]
         out["prompt_tokens_loaded_share_4k"] = four["prompt_tokens_loaded_share"]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

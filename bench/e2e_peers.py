@@ -29,7 +29,7 @@ from typing import Any
 
 from kvrack.bench import e2e
 from kvrack.bench.peers.lmcache import metrics_dir
-from kvrack.bench.spawn import DaemonProcess
+from kvrack.bench.spawn import DaemonProcess, free_port
 from kvrack.bench.vllm_model import ModelShape, build_model, connector_config, describe, prompt
 
 CPU_TIER_GIB = 2
@@ -181,7 +181,7 @@ def _kvrack(model: str, lengths: list[int], repeats: int, prompts: list[list[int
     try:
         progress("kvrack: starting vLLM")
         server = live = e2e.Server(model, connector_config(f"unix://{sock}", "kv_both", **{"kvrack.retry_s": 0.2}),
-                                   e2e._free_port(), os.path.join(work, "vllm-kvrack.log"))
+                                   free_port(), os.path.join(work, "vllm-kvrack.log"))
         server.complete(prompt(64, 999), max_tokens=2)
 
         def to_disk() -> bool:  # a restart empties DRAM: the blocks come back from the NVMe tier
@@ -199,7 +199,7 @@ def _kvrack(model: str, lengths: list[int], repeats: int, prompts: list[list[int
     with DaemonProcess({"dram.capacity_bytes": replay_memory, "dram.segment_bytes": min(replay_memory, 64 << 20),
                         "nvme.enabled": "false"}, socket_path=sock):
         progress("kvrack: replay")
-        server = e2e.Server(model, connector_config(f"unix://{sock}", "kv_both"), e2e._free_port(),
+        server = e2e.Server(model, connector_config(f"unix://{sock}", "kv_both"), free_port(),
                             os.path.join(work, "vllm-kvrack-replay.log"))
         result["replay"] = _replay(server, prompts, progress, "kvrack")
     return result
@@ -224,7 +224,7 @@ def _lmcache(model: str, lengths: list[int], repeats: int, prompts: list[list[in
                         extra=[*base, "--l2-adapter", f'{{"type": "fs", "base_path": "{disk}"}}'])
     server = None
     try:
-        server = e2e.Server(model, lmcache_connector(lmc.port), e2e._free_port(),
+        server = e2e.Server(model, lmcache_connector(lmc.port), free_port(),
                             os.path.join(work, "vllm-lmcache.log"), env={"PROMETHEUS_MULTIPROC_DIR": metrics_dir(work)})
         server.complete(prompt(64, 999), max_tokens=2)
 
@@ -239,7 +239,7 @@ def _lmcache(model: str, lengths: list[int], repeats: int, prompts: list[list[in
     lmc = LMCacheServer(command, replay_memory / (1 << 30), os.path.join(work, "lmcache-replay.log"), extra=base)
     try:
         progress("LMCache: replay")
-        server = e2e.Server(model, lmcache_connector(lmc.port), e2e._free_port(),
+        server = e2e.Server(model, lmcache_connector(lmc.port), free_port(),
                             os.path.join(work, "vllm-lmcache-replay.log"),
                             env={"PROMETHEUS_MULTIPROC_DIR": metrics_dir(work)})
         result["replay"] = _replay(server, prompts, progress, "LMCache")
@@ -268,7 +268,7 @@ def _lmcache_inprocess(model: str, lengths: list[int], repeats: int, prompts: li
     progress("LMCache in vLLM's process: starting vLLM")
     log = os.path.join(work, "vllm-lmcache-inprocess.log")
     try:
-        server = e2e.Server(model, config, e2e._free_port(), log, env=env(CPU_TIER_GIB, True))
+        server = e2e.Server(model, config, free_port(), log, env=env(CPU_TIER_GIB, True))
     except e2e.ServerFailed as exc:
         return {"unavailable": f"vLLM does not start with LMCacheConnectorV1: {exc}"}
     try:
@@ -288,7 +288,7 @@ def _lmcache_inprocess(model: str, lengths: list[int], repeats: int, prompts: li
                                                            "LMCache in-process", None)}
     finally:
         server.stop()
-    result["replay"] = _replay(e2e.Server(model, config, e2e._free_port(),
+    result["replay"] = _replay(e2e.Server(model, config, free_port(),
                                           os.path.join(work, "vllm-lmcache-inprocess-replay.log"),
                                           env=env(replay_memory / (1 << 30), False)), prompts, progress,
                                "LMCache in-process")
@@ -299,7 +299,7 @@ def _native(model: str, lengths: list[int], repeats: int, prompts: list[list[int
             progress: Callable[[str], None]) -> dict[str, Any]:
     """vLLM's own CPU offloading: a CPU tier, no disk tier."""
     def start(size_gib: float, log: str) -> e2e.Server:
-        return e2e.Server(model, None, e2e._free_port(), os.path.join(work, log),
+        return e2e.Server(model, None, free_port(), os.path.join(work, log),
                           extra_args=("--kv-offloading-backend", "native", "--kv-offloading-size", str(size_gib)))
 
     progress("vLLM native offloading: starting vLLM")

@@ -40,7 +40,7 @@ import blake3
 import numpy as np
 
 from kvrack import nixl_agent
-from kvrack.bench.spawn import DaemonProcess, wait_until_paged_in
+from kvrack.bench.spawn import DaemonProcess, free_port, wait_until_paged_in
 from kvrack.clients.client import Client
 from kvrack.clients.remote import tcp_socket
 
@@ -216,7 +216,7 @@ def run(names: list[str], working_set: int, repeats: int, host: str = "127.0.0.1
         cfg = os.path.join(tmp, "kvrack.toml")
         with open(cfg, "w") as fh:
             fh.write(textwrap.dedent(f'[[namespaces]]\nname = "bench"\ntoken = "{TOKEN}"\n'))
-        port = _free_port(host)
+        port = free_port(host)
         progress("starting kvrackd")
         daemon = DaemonProcess({"dram.capacity_bytes": 2 * total + 256 * MiB, "dram.segment_bytes": "64MiB",
                                 "nvme.enabled": "false", "tcp.enabled": "true", "tcp.host": host, "tcp.port": port},
@@ -226,12 +226,6 @@ def run(names: list[str], working_set: int, repeats: int, host: str = "127.0.0.1
         finally:
             daemon.stop()
     return result
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _measure(names: list[str], counts: dict[str, int], repeats: int, host: str, port: int, ctx: Any,

@@ -15,7 +15,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from kvrack.bench.spawn import DaemonProcess  # noqa: E402
+from kvrack.bench.spawn import DaemonProcess, free_port  # noqa: E402
 from kvrack.clients import Client  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,12 +48,6 @@ quota_dram_bytes = "48MiB"
 [[namespaces]]
 name = "tenant-b"
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def prom_get(port: int, path: str, **params: Any) -> Any:

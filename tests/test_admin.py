@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvrack import protocol as P
-from kvrack.bench.spawn import DaemonProcess
+from kvrack.bench.spawn import DaemonProcess, free_port
 from kvrack.clients import Client
 from kvrack.clients.admin import AdminApiError, AdminClient
 from kvrack.daemon.settings_table import SETTINGS
@@ -30,12 +29,6 @@ quota_dram_bytes = "2MiB"
 name = "b"
 token = "b-secret-token-0123456789"
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def error_of(fn, *args, **kw) -> AdminApiError:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -15,18 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from kvrack.bench.spawn import DaemonProcess
+from kvrack.bench.spawn import DaemonProcess, free_port
 from kvrack.clients import Client
 from tests.conftest import SMALL
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS = shutil.which("prometheus")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def query(port: int, expr: str) -> list[dict]:

@@ -17,7 +17,7 @@ import pytest
 
 from kvrack import nixl_agent
 from kvrack import protocol as P
-from kvrack.bench.spawn import DaemonProcess
+from kvrack.bench.spawn import DaemonProcess, free_port
 from kvrack.clients import Client, KvrackError
 from kvrack.clients.remote import client_tls_context, parse_address
 from tests.conftest import recv_frame as recv
@@ -36,12 +36,6 @@ def test_nixl_is_usable_wherever_its_extra_is_installed():
     if importlib.util.find_spec("nixl") is None and importlib.util.find_spec("nixl_cu12") is None:
         pytest.skip("the nixl extra is not installed (pip install 'kvrack[nixl]')")
     assert NIXL_MISSING is None, f"nixl is installed but cannot be used: {NIXL_MISSING}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_config(tmp_path, extra: str = "") -> str:

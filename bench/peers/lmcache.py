@@ -25,9 +25,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from kvrack.bench.peers.stores import free_port
-from kvrack.bench.peers.workload import CpuMeter, memory_bytes, process_cpu_s
-from kvrack.bench.spawn import DaemonProcess, _die_with_parent, terminate, wait_until_paged_in
+from kvrack.bench.peers.workload import CpuMeter, memory_bytes
+from kvrack.bench.spawn import DaemonProcess, _die_with_parent, free_port, process_cpu_s, terminate, wait_until_paged_in
 
 BLOCK_TOKENS, KV_HEADS, HEAD_DIM = 16, 8, 128
 LAYERS = {"64KiB": 1, "256KiB": 4, "2MiB": 32}  # 2 (K, V) x 16 x 8 x 128 x 2 bytes = 64 KiB a layer

@@ -29,8 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from kvrack.bench.peers.stores import free_port
-from kvrack.bench.spawn import _die_with_parent, terminate
+from kvrack.bench.spawn import _die_with_parent, free_port, terminate
 
 
 def missing(python: str | None = None) -> str | None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -18,15 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from kvrack.bench.spawn import DaemonProcess, _die_with_parent, terminate, wait_until_paged_in
+from kvrack.bench.spawn import DaemonProcess, _die_with_parent, free_port, terminate, wait_until_paged_in
 
 TOKEN = "kvrack-bench-peers-token-0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class KvrackStore:

@@ -27,10 +27,11 @@ from typing import Any, Protocol
 import blake3
 import numpy as np
 
+from kvrack.bench.spawn import process_cpu_s
+
 KiB, MiB = 1024, 1024 * 1024
 SIZES = {"64KiB": 64 * KiB, "256KiB": 256 * KiB, "2MiB": 2 * MiB}
 BATCHES = (1, 16, 64)
-_TICK = os.sysconf("SC_CLK_TCK")
 
 
 class Store(Protocol):
@@ -66,13 +67,6 @@ class Workload:
 
     def blocks(self, size: int) -> int:
         return max(64, min(self.max_blocks, self.working_set // size))
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process, all its threads (not its children)."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 def memory_bytes(pid: int) -> int:

@@ -13,16 +13,11 @@ import time
 import pytest
 
 from kvrack import protocol as P
-from kvrack.bench.spawn import DaemonProcess, rss_anon_bytes
+from kvrack.bench.spawn import DaemonProcess, process_cpu_s, rss_anon_bytes
 from kvrack.clients import Client
 from kvrack.protocol import ErrorCode, TierId
 from tests.conftest import SMALL, RawConn, eventually
 from tests.test_mover import FaultPlan, Rig, key, payload
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def open_fds(pid: int) -> int:
@@ -42,9 +37,9 @@ def test_out_of_file_descriptors_pauses_accepting_instead_of_spinning():
             s.connect(d.socket_path)
             socks.append(s)
         time.sleep(0.5)
-        t0, c0 = time.monotonic(), cpu_seconds(d.pid)
+        t0, c0 = time.monotonic(), process_cpu_s(d.pid)
         time.sleep(2.0)
-        busy = (cpu_seconds(d.pid) - c0) / (time.monotonic() - t0)
+        busy = (process_cpu_s(d.pid) - c0) / (time.monotonic() - t0)
         assert busy < 0.25, f"the daemon spins at {busy:.0%} of a core while out of descriptors"
         assert d.log().count("accept:") <= 2, "logged once per 10 s, not per attempt"
         assert "file descriptor limit 64" in d.log()
