@@ -141,7 +141,10 @@ class Accepting:
             self.ratelog(logging.WARNING, "stalled", "session %d: %d reply bytes queued for %.0f s and its client "
                          "reads none; closing the connection", conn.session.id, conn.frame_bytes, now - conn.over_since)
             conn.close()
-        halted = [c for c in self.connections if c.buffered and not c.closed and now - c.last_input > limit]
+        # only connections the daemon reads: one it stopped reading (its replies pile up, or a reply is being
+        # prepared) cannot be sent the rest of a frame, and is the first kind or none
+        halted = [c for c in self.connections
+                  if c.buffered and c.reading and not c.closed and now - c.last_input > limit]
         for conn in halted:
             self.ratelog(logging.WARNING, "stalled", "session %d: an incomplete frame (%d bytes) got no byte for "
                          "%.0f s; closing the connection", conn.session.id, conn.buffered, now - conn.last_input)

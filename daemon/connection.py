@@ -229,8 +229,7 @@ class Connection:
             self.in_process = False
         if not (self.reading or self.paused or self.closing or self.closed or self.writing) and not self.over_limit():
             self.over_since = 0.0  # it had stopped over its limit, and its replies went out meanwhile
-            self.reading = True
-            self.server.loop.add_reader(self.fileno, self.on_readable)
+            self.start_reading()
 
     def _process(self) -> None:
         buf = self.inbuf
@@ -282,6 +281,13 @@ class Connection:
             self.reading = False
             self.server.loop.remove_reader(self.fileno)
 
+    def start_reading(self) -> None:
+        """Read again; an incomplete frame's stall clock (close_stalled) restarts, since while the daemon did
+        not read, no byte could arrive."""
+        self.reading = True
+        self.last_input = time.monotonic()
+        self.server.loop.add_reader(self.fileno, self.on_readable)
+
     def pause(self) -> None:
         self.paused = True
         self.stop_reading()
@@ -295,8 +301,7 @@ class Connection:
         self.paused = False
         self.process()
         if not (self.paused or self.closing or self.closed or self.reading) and not self.over_limit():
-            self.reading = True
-            self.server.loop.add_reader(self.fileno, self.on_readable)
+            self.start_reading()
 
     # -------------------------------------------------------------- writing
     def send(self, frame: bytes, fds: tuple[int, ...] = (), payload: list[memoryview] | None = None,
@@ -393,8 +398,7 @@ class Connection:
                 self.process()
                 if self.closed or self.reading or self.paused or self.over_limit():
                     return
-            self.reading = True
-            loop.add_reader(self.fileno, self.on_readable)
+            self.start_reading()
 
     # -------------------------------------------------------------- closing
     def close(self) -> None:
