@@ -21,10 +21,11 @@ import pytest
 
 if importlib.util.find_spec("torchvision") is None:  # SGLang's pools import its multimodal configs, and so torchvision
     sys.path.insert(0, str(Path(__file__).with_name("shims")))
+sglang = pytest.importorskip("sglang", reason="the SGLang tests run in their own environment: make test-sglang")
+
+# made once the module runs (a skipped module must leave no folder behind); removed by the module's fixture
 _TORCH_EXT = tempfile.mkdtemp(prefix="kvrack-sglang-ext-")  # SGLang JIT-builds its page hash here
 os.environ["TORCH_EXTENSIONS_DIR"] = _TORCH_EXT
-
-sglang = pytest.importorskip("sglang", reason="the SGLang tests run in their own environment: make test-sglang")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
