@@ -152,20 +152,22 @@ class AsyncClient:
     @classmethod
     def connect(cls, address: str | None = None, namespace: str = "default", client_name: str = "", *,
                 token: str | None = None, transport: str | None = None, tls: ssl.SSLContext | bool | None = None,
-                timeout: float | None = 30.0, layout: Layout | None = None) -> Ready[AsyncClient]:
+                timeout: float | None = 30.0, layout: Layout | None = None,
+                copy_threads: int | None = None) -> Ready[AsyncClient]:
         """As ``Client.connect`` (the same default search, ``unix:///path``, ``tcp://host:port`` or
         ``tls://host:port``). Await it, or use it directly with ``async with``."""
-        return Ready(lambda: cls._connect(address, namespace, client_name, token, transport, tls, timeout, layout))
+        return Ready(lambda: cls._connect(address, namespace, client_name, token, transport, tls, timeout, layout,
+                                          copy_threads))
 
     @classmethod
     async def _connect(cls, address: str | None, namespace: str, client_name: str, token: str | None,
                        transport: str | None, tls: ssl.SSLContext | bool | None, timeout: float | None,
-                       layout: Layout | None) -> AsyncClient:
+                       layout: Layout | None, copy_threads: int | None = None) -> AsyncClient:
         token = token if token is not None else os.environ.get("KVRACK_TOKEN", "")
         transport = transport or os.environ.get("KVRACK_TRANSPORT", "auto")
         channel, where = await open_async_channel(address, timeout, tls)
         core = ClientCore(namespace, client_name, token, transport, remote=where.scheme != "unix", data_timeout=timeout,
-                          layout=layout)
+                          layout=layout, copy_threads=copy_threads)
         client = cls(channel, core)
         client.address = str(where)
         try:

@@ -126,7 +126,7 @@ class Client:
     def connect(cls, address: str | None = None, namespace: str = "default", client_name: str = "",
                 timeout: float | None = 30.0, spin_us: float | None = None, *, token: str | None = None,
                 transport: str | None = None, tls: ssl.SSLContext | bool | None = None,
-                layout: Layout | None = None) -> Client:
+                layout: Layout | None = None, copy_threads: int | None = None) -> Client:
         """Connect and say hello.
 
         ``address``: ``unix:///path`` (or a path), or ``tcp://host:port`` / ``tls://host:port`` for a
@@ -138,6 +138,8 @@ class Client:
         connection); ``auto`` takes the best the daemon offers. ``tls``: an ``ssl.SSLContext``,
         or True for one that verifies the daemon against the system CAs. ``layout``: every block put or
         read must be one block of it (size and dtype are checked before anything is sent).
+        ``copy_threads`` (default ``$KVRACK_COPY_THREADS``, else the CPUs it may run on, at most 4): threads
+        sharing the block copies of a same-host request that moves 16 MiB or more.
 
         ``timeout`` bounds each send and receive. ``spin_us`` is how long to poll for a reply
         before sleeping (default 50 µs when this process may run on more than one CPU, else 0);
@@ -149,7 +151,7 @@ class Client:
         transport = transport or os.environ.get("KVRACK_TRANSPORT", "auto")
         channel, where = open_sync_channel(address, timeout, spin_us, tls)
         core = ClientCore(namespace, client_name, token, transport, remote=where.scheme != "unix", data_timeout=timeout,
-                          layout=layout)
+                          layout=layout, copy_threads=copy_threads)
         client = cls(channel, core)
         client.address = str(where)
         try:

@@ -14,8 +14,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from kvrack import protocol as P
+from kvrack.clients import blocks
 from kvrack.clients.blocks import PieceViews, block_view, copy_in, on_device, parts_of, split
 from kvrack.clients.blocks import copy_out as scatter
+from kvrack.clients.copies import CopyPool
 from kvrack.clients.errors import KvrackError, SizeMismatch, TierUnavailable, error_for
 from kvrack.clients.gpu import Copier, IpcMaps, any_device, host_address
 from kvrack.clients.layout import Layout
@@ -113,7 +115,8 @@ class ClientCore:
     """
 
     def __init__(self, namespace: str, client_name: str, token: str = "", transport: str = "auto",
-                 remote: bool = False, data_timeout: float | None = None, layout: Layout | None = None) -> None:
+                 remote: bool = False, data_timeout: float | None = None, layout: Layout | None = None,
+                 copy_threads: int | None = None) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
         self.namespace = namespace
@@ -128,6 +131,7 @@ class ClientCore:
         self.cxl: Any = None  # the namespace's CxlRegion, read directly (no request to the daemon)
         self.hbm = IpcMaps()  # the namespace's HBM arena, opened by CUDA IPC on first device read
         self.segments = SegmentMaps()
+        self.copy_pool = CopyPool(copy_threads)  # a large request's block copies, spread over threads
         self.salt = b""
         self.session = 0
         self.reserve_lease_s = 0.0
@@ -143,6 +147,7 @@ class ClientCore:
 
     def close(self) -> None:
         """Unmap the segments and the CXL region, drop the NIXL agent's connection."""
+        self.copy_pool.close()
         self.segments.close()
         self.hbm.close()
         if self.cxl is not None:
@@ -158,6 +163,7 @@ class ClientCore:
         return {"transport": self.transport, "session": self.session, "requests": requests,
                 "cxl_region": getattr(self.cxl, "path", None), "hbm_segments": len(self.hbm.handles),
                 "hbm_reads": self.hbm_reads, "touch_reports": self.touch_reports,
+                "copy_threads": self.copy_pool.threads, "parallel_copies": self.copy_pool.parallel_requests,
                 "cxl_reads_invalidated": cxl_reads.get("reads_invalidated", 0),
                 "cxl_reads_unchanged": cxl_reads.get("reads_unchanged_since_last_read", 0)}
 
@@ -332,19 +338,12 @@ class ClientCore:
                          start: int) -> Op[list[int]]:
         """Copy into the reserved slots (mapped, or one NIXL WRITE), then commit; the batch's codes."""
         yield from self.map_segments(reply.descriptors)
-        ready = []
         try:
             if self.nixl is not None:
                 yield Transfer("WRITE", *split([reply.descriptors[i] for i in todo], [views[start + i] for i in todo]))
-                ready = [chunk[i] for i in todo]
-            maps = self.segments.maps
-            gpu = None
-            for i in todo if self.nixl is None else ():
-                d = reply.descriptors[i]
-                gpu = copy_in(maps[d.segment], d.offset, views[start + i], gpu)
-                ready.append(chunk[i])
-            if gpu is not None:
-                gpu.wait()  # the bytes are in DRAM before the commit publishes them
+            else:
+                self._copy_in([reply.descriptors[i] for i in todo], [views[start + i] for i in todo])
+            ready = [chunk[i] for i in todo]
         except BaseException:
             yield Call("abort", P.Abort(id=self._id(), keys=[chunk[i] for i in todo]))
             raise
@@ -621,10 +620,25 @@ class ClientCore:
             yield Transfer("READ", *split(descriptors, views))
             return [d is not None for d in descriptors]
         maps = self.segments.maps
-        for d, view in zip(descriptors, views):
-            if d is not None:
-                scatter(view, maps[d.segment], d.offset, d.length)  # type: ignore[arg-type]
+        streaming = sum(d.length for d in descriptors if d is not None) >= blocks.STREAM_GET_BYTES
+        self.copy_pool.run([(scatter, (view, maps[d.segment], d.offset, d.length, streaming), d.length)
+                         for d, view in zip(descriptors, views) if d is not None])
         return [d is not None for d in descriptors]
+
+    def _copy_in(self, descriptors: Sequence[P.Descriptor], views: Sequence[Any]) -> None:
+        """Copy a put's buffers into their reserved slots; device pieces go on the GPU's stream, waited for
+        here: the bytes are in DRAM before the commit publishes them."""
+        maps = self.segments.maps
+        streaming = sum(v.nbytes for v in views) >= blocks.STREAM_PUT_BYTES
+        if any(on_device(v) for v in views):
+            gpu = None
+            for d, view in zip(descriptors, views):
+                gpu = copy_in(maps[d.segment], d.offset, view, gpu, streaming)
+            if gpu is not None:
+                gpu.wait()
+            return
+        self.copy_pool.run([(copy_in, (maps[d.segment], d.offset, view, None, streaming), view.nbytes)
+                         for d, view in zip(descriptors, views)])
 
 
 def check_put(result: PutResult, message: str, raise_on_error: bool) -> PutResult:

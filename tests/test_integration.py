@@ -196,6 +196,63 @@ def test_large_batches_are_split_to_the_daemon_limits():
         assert c.delete(keys) == 250
 
 
+def test_large_batches_stream_in_and_out_byte_exact(monkeypatch):
+    """A put of a megabyte or more goes into the tier with streaming stores, a get_into of eight or more into
+    the caller's buffers; lengths that are no multiple of the vector width, unaligned buffers and pieces
+    arrive byte for byte; smaller batches take the ordinary copy."""
+    from kvrack.clients import blocks as client_blocks
+    from kvrack.clients.blocks import Pieces
+
+    streamed: list[int] = []
+    real_stream = client_blocks.stream
+
+    def counting(dst, dst_offset, src, src_offset, nbytes):
+        streamed.append(nbytes)
+        real_stream(dst, dst_offset, src, src_offset, nbytes)
+
+    monkeypatch.setattr(client_blocks, "stream", counting)
+    size = (1 << 20) + 4099
+    with DaemonProcess({**SMALL, "dram.capacity_bytes": "32MiB", "dram.segment_bytes": "4MiB"}) as d, \
+            Client.connect(d.socket_path) as c:
+        keys = [os.urandom(32) for _ in range(9)]
+        data = blocks(8, seed=5, size=size)
+        raw = bytearray(size + 1)
+        raw[1:] = data[0].tobytes()
+        sources = [memoryview(raw)[1:], *data[1:7], Pieces([data[7][:1000], data[7][1000:]])]
+        assert c.put(keys[:8], sources).stored == 8
+        assert len(streamed) == 9, "eight blocks, the last in two pieces"
+        arena = bytearray(8 * size + 3)
+        outs = [memoryview(arena)[3 + i * size: 3 + (i + 1) * size] for i in range(8)]
+        streamed.clear()
+        assert c.get_into(keys[:8], outs) == [True] * 8
+        assert len(streamed) == 8
+        assert all(bytes(o) == b.tobytes() for o, b in zip(outs, data))
+        streamed.clear()
+        small = blocks(1, seed=6, size=4096)
+        assert c.put(keys[8:], small).stored == 1
+        out = bytearray(4096)
+        assert c.get_into(keys[:1] + keys[8:], [bytearray(size), out]) == [True, True]
+        assert bytes(out) == small[0].tobytes() and streamed == []
+
+
+def test_large_requests_share_their_copies_between_threads_byte_exact():
+    """With two copy threads, a put and a get_into of 16 MiB or more each split their blocks between the caller
+    and a helper; every byte arrives, and the client's stats count those requests."""
+    size = (1 << 20) + 12345
+    with DaemonProcess({**SMALL, "dram.capacity_bytes": "48MiB", "dram.segment_bytes": "4MiB"}) as d, \
+            Client.connect(d.socket_path, copy_threads=2) as c:
+        keys = [os.urandom(32) for _ in range(20)]
+        data = blocks(20, seed=7, size=size)
+        assert c.put(keys, data).stored == 20
+        outs = [np.zeros(size, np.uint8) for _ in keys]
+        assert c.get_into(keys, outs) == [True] * 20
+        assert all(np.array_equal(o, b) for o, b in zip(outs, data))
+        client = c.stats()["client"]
+        assert client["copy_threads"] == 2 and client["parallel_copies"] == 2
+        assert c.get_into(keys[:2], outs[:2]) == [True, True]
+        assert c.stats()["client"]["parallel_copies"] == 2, "a small request stays on the caller's thread"
+
+
 def test_sigterm_drains_and_exits_cleanly():
     d = DaemonProcess(SMALL)
     try:
