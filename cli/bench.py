@@ -271,7 +271,7 @@ def bench_peers(json_path: JsonOpt = None,
                 sizes: Annotated[str, typer.Option(help="block sizes, comma-separated")] = "64KiB,256KiB,2MiB",
                 batches: Annotated[str, typer.Option(help="blocks per request, comma-separated")] = "1,16,64",
                 working_set: Annotated[str, typer.Option(help="bytes written per cell (at most 4096 blocks)")]
-                = "128MiB",
+                = "512MiB",
                 repeats: Annotated[int, typer.Option(min=1, max=10, help="passes per cell (best kept per phase)")]
                 = 2,
                 replay_trace: Annotated[str, typer.Option(help="kvrack sim generator of the replay: chat, rag, "
