@@ -622,7 +622,7 @@ class ClientCore:
         maps = self.segments.maps
         streaming = sum(d.length for d in descriptors if d is not None) >= blocks.STREAM_GET_BYTES
         self.copy_pool.run([(scatter, (view, maps[d.segment], d.offset, d.length, streaming), d.length)
-                         for d, view in zip(descriptors, views) if d is not None])
+                            for d, view in zip(descriptors, views) if d is not None])
         return [d is not None for d in descriptors]
 
     def _copy_in(self, descriptors: Sequence[P.Descriptor], views: Sequence[Any]) -> None:
@@ -638,7 +638,7 @@ class ClientCore:
                 gpu.wait()
             return
         self.copy_pool.run([(copy_in, (maps[d.segment], d.offset, view, None, streaming), view.nbytes)
-                         for d, view in zip(descriptors, views)])
+                            for d, view in zip(descriptors, views)])
 
 
 def check_put(result: PutResult, message: str, raise_on_error: bool) -> PutResult:
