@@ -16,40 +16,78 @@ from typing import Any
 RESERVED = 1
 COMMITTED = 2
 DELETED = 3  # removed from the index, bytes kept until the last pin ends
-HIT_SHIFT = 3  # Entry.nflags: CLOCK bits below, the hit count above
+
+# Entry.loc: the block's size above SLOT_BITS, its slot in the memory tier below
+SLOT_BITS = 32
+SLOT_MASK = (1 << SLOT_BITS) - 1
+# Entry.nflags: the NVMe tier's CLOCK bits (3), the hit count (21 bits, saturating), the NVMe slot above
+HIT_SHIFT = 3
 HIT = 1 << HIT_SHIFT
 CLOCK_BITS = HIT - 1
+HITS_MASK = ((1 << 21) - 1) << HIT_SHIFT
+NSLOT_SHIFT = 24
+NFLAGS_LOW = (1 << NSLOT_SHIFT) - 1
 
 
 class Entry:
-    """One block. ~144 bytes with its GC header (14 slots); the key's bytes object is shared with the index dict."""
+    """One block. 128 bytes with its GC header (12 slots); the key's bytes object is shared with the index dict.
 
-    __slots__ = ("key", "ns", "seg", "slot", "nbytes", "state", "pins", "prev", "next", "parent", "nseg", "nslot",
-                 "nflags", "kids")
+    Two pairs of numbers share an int each, so an entry costs a 128-byte object, not 144, and one int beside
+    it: ``loc`` holds the size and the memory slot (the size alone is an interned int shared by every block of
+    that size), ``nflags`` the CLOCK bits, the hit count and the NVMe slot (a small int, shared, until the
+    block has an NVMe copy or 32 hits)."""
+
+    __slots__ = ("key", "ns", "seg", "loc", "state", "pins", "prev", "next", "parent", "nseg", "nflags", "kids")
 
     def __init__(self, key: bytes, ns: Namespace, seg: Any, slot: int, nbytes: int, parent: bytes | None) -> None:
         self.key = key
         self.ns = ns
         self.seg = seg
-        self.slot = slot
-        self.nbytes = nbytes
+        self.loc = nbytes << SLOT_BITS | slot
         self.state = RESERVED
         self.pins = 0
         self.prev: Entry | None = None
         self.next: Entry | None = None
         self.parent = parent
-        self.nseg: Any = None  # NVMe copy, once durable
-        self.nslot = 0
-        # low 3 bits: the NVMe tier's CLOCK bits (kvrack.daemon.policies.clock, EntryFlags); above them, how many
-        # times the block was acquired (HIT): no memory of its own until 31 hits (ints below 256 are shared)
-        self.nflags = 0
+        self.nseg: Any = None  # NVMe copy, once durable (its slot: ``nslot``)
+        self.nflags = 0  # CLOCK bits (kvrack.daemon.policies.clock, EntryFlags), hits, NVMe slot
         # children with a DRAM copy, kept by kvrack.daemon.policies.chains.EntryChains
         self.kids: Any = None
 
     @property
+    def slot(self) -> int:
+        """The block's slot in its memory-tier segment ``seg``."""
+        return self.loc & SLOT_MASK
+
+    @slot.setter
+    def slot(self, slot: int) -> None:
+        if not 0 <= slot <= SLOT_MASK:
+            raise ValueError(f"slot {slot} out of range")
+        self.loc = (self.loc & ~SLOT_MASK) | slot
+
+    @property
+    def nbytes(self) -> int:
+        return self.loc >> SLOT_BITS
+
+    @property
+    def nslot(self) -> int:
+        """The slot of the NVMe copy in ``nseg``."""
+        return self.nflags >> NSLOT_SHIFT
+
+    @nslot.setter
+    def nslot(self, slot: int) -> None:
+        if slot < 0:
+            raise ValueError(f"slot {slot} out of range")
+        self.nflags = (self.nflags & NFLAGS_LOW) | slot << NSLOT_SHIFT
+
+    @property
     def hits(self) -> int:
-        """How many times it was acquired (kept above the CLOCK bits of ``nflags``)."""
-        return int(self.nflags) >> HIT_SHIFT
+        """How many times it was acquired (saturating at 2,097,151)."""
+        return (int(self.nflags) & HITS_MASK) >> HIT_SHIFT
+
+    def count_hit(self) -> None:
+        if self.nflags & HITS_MASK != HITS_MASK:
+            self.nflags += HIT
 
     @property
     def offset(self) -> int:

@@ -19,7 +19,7 @@ import blake3
 from kvrack.daemon.adoption import Adoption
 from kvrack.daemon.counters import StoreCounters
 from kvrack.daemon.eviction import Eviction
-from kvrack.daemon.index import COMMITTED, DELETED, HIT, RESERVED, Entry, Namespace
+from kvrack.daemon.index import COMMITTED, DELETED, RESERVED, SLOT_BITS, SLOT_MASK, Entry, Namespace
 from kvrack.daemon.leases import Leases
 from kvrack.daemon.movement import CopyingTier, Movement
 from kvrack.daemon.order import NamespaceOrders
@@ -268,13 +268,16 @@ class Store(Eviction, Reads, StoreViews, Adoption):
     def add_dram_copy(self, e: Entry, seg: Segment, slot: int) -> None:
         """The block's bytes are now complete in this DRAM slot (a commit, or a read back from NVMe)."""
         e.seg = seg
-        e.slot = slot
+        loc = e.loc
+        if loc & SLOT_MASK != slot:
+            e.slot = slot
         if self.events is not None:
             self.events.stored(e, seg.tier)
+        nbytes = loc >> SLOT_BITS
         self.dram_blocks += 1
-        self.dram_bytes += e.nbytes
+        self.dram_bytes += nbytes
         e.ns.dram_blocks += 1
-        e.ns.dram_bytes += e.nbytes
+        e.ns.dram_bytes += nbytes
         if e.parent is not None:
             pe = e.ns.entries.get(e.parent)
             if pe is not None:
@@ -285,12 +288,14 @@ class Store(Eviction, Reads, StoreViews, Adoption):
             t.dram_copy_freed(e)
         if self.events is not None:
             self.events.removed(e, e.seg.tier)
-        self.tier.free(e.seg, e.slot)
+        loc = e.loc
+        self.tier.free(e.seg, loc & SLOT_MASK)
         e.seg = None
+        nbytes = loc >> SLOT_BITS
         self.dram_blocks -= 1
-        self.dram_bytes -= e.nbytes
+        self.dram_bytes -= nbytes
         e.ns.dram_blocks -= 1
-        e.ns.dram_bytes -= e.nbytes
+        e.ns.dram_bytes -= nbytes
         if e.parent is not None:
             pe = e.ns.entries.get(e.parent)
             if pe is not None:
@@ -326,13 +331,14 @@ class Store(Eviction, Reads, StoreViews, Adoption):
             e = held[0]
             e.state = COMMITTED
             ns = e.ns
+            nbytes = e.loc >> SLOT_BITS
             ns.reserved_blocks -= 1
-            ns.reserved_bytes -= e.nbytes
+            ns.reserved_bytes -= nbytes
             ns.blocks += 1
-            ns.bytes += e.nbytes
+            ns.bytes += nbytes
             counters.puts += 1
-            counters.put_bytes += e.nbytes
-            self.add_dram_copy(e, e.seg, e.slot)
+            counters.put_bytes += nbytes
+            self.add_dram_copy(e, e.seg, e.loc & SLOT_MASK)
             if not self.write_through:
                 self.admission.record(key)
             self._settle(e)
@@ -416,7 +422,7 @@ class Store(Eviction, Reads, StoreViews, Adoption):
             else:
                 pin[0] += 1
                 pin[1] = deadline
-            e.nflags += HIT
+            e.count_hit()
             if e.seg is not None:
                 res.descriptors[i] = self.descriptor(e)
             else:
@@ -526,7 +532,8 @@ class Store(Eviction, Reads, StoreViews, Adoption):
 
     # -------------------------------------------------------------- helpers
     def descriptor(self, e: Entry) -> Descriptor:
-        return Descriptor(int(e.seg.tier), e.seg.id, e.slot * e.seg.slot_size, e.nbytes)
+        loc = e.loc
+        return Descriptor(int(e.seg.tier), e.seg.id, (loc & SLOT_MASK) * e.seg.slot_size, loc >> SLOT_BITS)
 
     def _pinned_or_reserved(self) -> int:
         reserved = sum(len(ns.entries) - ns.blocks for ns in self.namespaces.values())
