@@ -4,11 +4,11 @@ slot out across them: the one copy into or out of kvrack's memory, no staging bu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from kvrack import protocol as P
-from kvrack.clients.buffers import byte_view, copy, stream
+from kvrack.clients.buffers import GIL_RELEASE_BYTES, byte_view, copy, stream
 from kvrack.clients.gpu import Copier, DeviceSpan, device_span, host_address
 
 
@@ -76,6 +76,12 @@ STREAM_GET_BYTES = 8 << 20
 """A get_into that moves at least this many bytes in one call streams them into the caller's buffers: the
 caller reads what it asked for soon, so smaller batches stay in the cache it will read them from; a batch
 this large would not (and a GPU's DMA reads it from memory in any case)."""
+
+
+def copies_run_unlocked(views: Iterable[BlockView]) -> bool:
+    """Whether every host copy of these blocks is large enough to run without the GIL (pieces of a block
+    are copied one by one), so that threads sharing them run at once rather than by turns."""
+    return all(p.nbytes >= GIL_RELEASE_BYTES for v in views for p in parts_of(v))
 
 
 def copy_in(mapping: Any, offset: int, view: BlockView, gpu: Copier | None, streaming: bool = False

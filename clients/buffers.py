@@ -14,6 +14,9 @@ except ImportError as _exc:  # the package imports, but says what is missing
 else:
     NATIVE_IMPORT_ERROR = None
 
+# native copies of at least this many bytes run without the GIL (none do without the extension)
+GIL_RELEASE_BYTES: int = _native.GIL_RELEASE_BYTES if _native is not None else 1 << 62
+
 
 def byte_view(obj: Any, writable: bool = False) -> memoryview:
     """A flat, C-contiguous ``uint8`` memoryview of ``obj`` without copying."""

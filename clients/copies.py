@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 PARALLEL_BYTES = 16 << 20
@@ -65,28 +65,43 @@ class CopyPool:
         self._lock = threading.Lock()
         self.parallel_requests = 0  # requests whose copies were spread over threads
 
-    def run(self, copies: Sequence[Copy]) -> None:
-        """Make every copy; returns when all are done, raising the first error any of them raised."""
+    def run(self, copies: Sequence[Copy], shareable: bool = True) -> None:
+        """Make every copy; returns when all are done, raising the first error any of them raised.
+        ``shareable`` False keeps them on the caller's thread (copies too small to run without the GIL).
+
+        Whatever happens (an error in any copy, an interrupt while waiting), no helper is still copying when
+        this returns: the caller's next step (a commit, an abort, a release) may free the memory involved."""
         total = sum(c[2] for c in copies)
-        if self.threads == 1 or len(copies) < 2 or total < PARALLEL_BYTES:
+        if not shareable or self.threads == 1 or len(copies) < 2 or total < PARALLEL_BYTES:
             for fn, args, _ in copies:
                 fn(*args)
             return
         groups = runs([c[2] for c in copies], self.threads)
-        executor = self._pool()
         self.parallel_requests += 1
-        futures: list[Future[None]] = [executor.submit(_copy_all, [copies[i] for i in g]) for g in groups[1:]]
+        futures: list[Future[None]] = []
         error: BaseException | None = None
         try:
+            executor = self._pool()
+            for g in groups[1:]:
+                futures.append(executor.submit(_copy_all, [copies[i] for i in g]))
             _copy_all([copies[i] for i in groups[0]])
         except BaseException as exc:
             error = exc
-        for f in futures:  # every helper has finished with the buffers before this returns
+        while True:  # every helper has finished with the buffers before this returns
+            try:
+                wait(futures)
+                break
+            except BaseException as exc:  # an interrupt while waiting: keep waiting, raise it after
+                error = error or exc
+        for f in futures:
             error = error or f.exception()
         if error is not None:
             raise error
 
     def _pool(self) -> ThreadPoolExecutor:
+        if self._pid != os.getpid():  # a forked child: the parent's threads, and maybe its lock, are not here
+            self._lock = threading.Lock()
+            self._executor = None
         with self._lock:
             if self._executor is None or self._pid != os.getpid():
                 self._executor = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="kvrack-copy")

@@ -622,7 +622,8 @@ class ClientCore:
         maps = self.segments.maps
         streaming = sum(d.length for d in descriptors if d is not None) >= blocks.STREAM_GET_BYTES
         self.copy_pool.run([(scatter, (view, maps[d.segment], d.offset, d.length, streaming), d.length)
-                            for d, view in zip(descriptors, views) if d is not None])
+                            for d, view in zip(descriptors, views) if d is not None],
+                           blocks.copies_run_unlocked(v for v in views if v is not None))
         return [d is not None for d in descriptors]
 
     def _copy_in(self, descriptors: Sequence[P.Descriptor], views: Sequence[Any]) -> None:
@@ -632,13 +633,15 @@ class ClientCore:
         streaming = sum(v.nbytes for v in views) >= blocks.STREAM_PUT_BYTES
         if any(on_device(v) for v in views):
             gpu = None
-            for d, view in zip(descriptors, views):
-                gpu = copy_in(maps[d.segment], d.offset, view, gpu, streaming)
-            if gpu is not None:
-                gpu.wait()
+            try:
+                for d, view in zip(descriptors, views):
+                    gpu = copy_in(maps[d.segment], d.offset, view, gpu, streaming)
+            finally:  # queued device copies end before an abort can free their slots
+                if gpu is not None:
+                    gpu.wait()
             return
         self.copy_pool.run([(copy_in, (maps[d.segment], d.offset, view, None, streaming), view.nbytes)
-                            for d, view in zip(descriptors, views)])
+                            for d, view in zip(descriptors, views)], blocks.copies_run_unlocked(views))
 
 
 def check_put(result: PutResult, message: str, raise_on_error: bool) -> PutResult:

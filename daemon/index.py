@@ -43,6 +43,8 @@ class Entry:
         self.key = key
         self.ns = ns
         self.seg = seg
+        if not 0 <= slot <= SLOT_MASK:
+            raise ValueError(f"slot {slot} out of range")
         self.loc = nbytes << SLOT_BITS | slot
         self.state = RESERVED
         self.pins = 0

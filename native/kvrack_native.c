@@ -387,5 +387,10 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "kvrack._native",
 
 PyMODINIT_FUNC PyInit__native(void) {
     detect_cpu();
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "GIL_RELEASE_BYTES", KV_GIL_RELEASE_BYTES) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

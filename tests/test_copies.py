@@ -52,6 +52,43 @@ def test_an_error_in_a_helper_is_raised_after_every_copy_has_ended():
         pool.close()
 
 
+def test_no_helper_is_still_copying_when_an_error_is_raised():
+    """The caller's own run fails at once while three helpers are still copying: ``run`` raises only after they
+    have all ended (the next step, an abort or a release, may free the memory they write)."""
+    import time
+
+    pool = CopyPool(4)
+    done: list[int] = []
+
+    def slow(i: int) -> None:
+        time.sleep(0.05)
+        done.append(i)
+
+    def failing(i: int) -> None:
+        raise KeyboardInterrupt
+
+    copies = [(failing, (0,), PARALLEL_BYTES)] + [(slow, (i,), PARALLEL_BYTES) for i in range(1, 4)]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pool.run(copies)
+        assert sorted(done) == [1, 2, 3]
+    finally:
+        pool.close()
+
+
+def test_copies_that_keep_the_gil_stay_on_the_caller():
+    from kvrack.clients.blocks import Pieces, block_view, copies_run_unlocked
+    from kvrack.clients.buffers import GIL_RELEASE_BYTES
+
+    big, small = bytearray(GIL_RELEASE_BYTES), bytearray(GIL_RELEASE_BYTES - 1)
+    assert copies_run_unlocked([block_view(big), block_view(Pieces([big, big]))])
+    assert not copies_run_unlocked([block_view(big), block_view(Pieces([big, small]))])
+    pool = CopyPool(3)
+    seen: list[int] = []
+    pool.run(_recorder(seen, PARALLEL_BYTES), shareable=False)
+    assert set(seen) == {threading.get_ident()} and pool.parallel_requests == 0
+
+
 def test_one_thread_copies_on_the_caller_alone():
     pool = CopyPool(1)
     seen: list[int] = []
