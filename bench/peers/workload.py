@@ -5,7 +5,8 @@ block count and by a deadline:
 
 - write: ``blocks`` new blocks, ``batch`` a request;
 - read: the same blocks back in a shuffled order, into buffers of the caller's (what an engine needs: the
-  bytes in its own memory), checked against what was written;
+  bytes in its own memory), checked against what was written (the first and last block of each request, at
+  their first, middle and last 4 KiB);
 - mixed: requests alternate between reading a batch of stored blocks and writing a batch of new ones.
 
 Per phase: throughput, p50/p99 per request, and CPU seconds per GB moved, counted from /proc for every process
@@ -134,35 +135,39 @@ def _quantile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * q))]
 
 
-Op = tuple[Callable[[], int], Callable[[], None] | None]
-"""A request (returns the bytes it moved) and the harness's check of what it read, run outside the timing."""
-
-
-def _phase(ops: list[Op], pids: Sequence[int], seconds: float) -> dict[str, Any]:
-    """Run ``ops`` until done or the deadline; the figures of the phase. Only the stores' calls are timed:
-    throughput is bytes over the sum of request times, and CPU time leaves out what the checks took (this
-    process's CPU clock around them), so the harness counts for no system."""
+def _phase(ops: list[Callable[[], int]], pids: Sequence[int], seconds: float) -> dict[str, Any]:
+    """Run ``ops`` (each returns the bytes it moved) back to back until done or the deadline; the figures of
+    the phase, by the wall clock: work a store defers past a request's return counts too."""
     latencies: list[float] = []
     moved = 0
-    checking = 0.0
     deadline = time.monotonic() + seconds
     with CpuMeter(pids) as cpu:
-        for op, check in ops:
+        t0 = time.perf_counter()
+        for op in ops:
             t = time.perf_counter()
             moved += op()
             latencies.append(time.perf_counter() - t)
-            if check is not None:
-                c = time.process_time()
-                check()
-                checking += time.process_time() - c
             if time.monotonic() > deadline:
                 break
-    cpu.seconds -= checking
-    busy = sum(latencies)
+        elapsed = time.perf_counter() - t0
     latencies.sort()
-    return {"gbs": round(moved / busy / 1e9, 4), "ops": len(latencies), "complete": len(latencies) == len(ops),
+    return {"gbs": round(moved / elapsed / 1e9, 4), "ops": len(latencies), "complete": len(latencies) == len(ops),
             "p50_us": round(_quantile(latencies, 0.5) * 1e6, 1), "p99_us": round(_quantile(latencies, 0.99) * 1e6, 1),
             "bytes": moved, "cpu_s_per_gb": round(cpu.seconds / (moved / 1e9), 3) if moved else None}
+
+
+SAMPLE = 4096
+
+
+def same_bytes(got: np.ndarray, want: np.ndarray) -> bool:
+    """Whether ``got`` holds ``want``'s bytes where a read that went wrong would show: its first, middle and
+    last 4 KiB (a few microseconds, whatever the block size, so the check costs no system anything to speak
+    of; the test suite checks every byte)."""
+    n = want.nbytes
+    for off in {0, max(0, n // 2 - SAMPLE // 2), max(0, n - SAMPLE)}:
+        if not np.array_equal(got[off: off + SAMPLE], want[off: off + SAMPLE]):
+            return False
+    return got.nbytes == n
 
 
 def run_cell(store: Store, size: int, batch: int, work: Workload, label: str) -> dict[str, Any]:
@@ -179,35 +184,33 @@ def run_cell(store: Store, size: int, batch: int, work: Workload, label: str) ->
     pids = store.pids()
     bad: list[int] = []
 
-    def write(ks: list[bytes], first: int) -> Op:
+    def write(ks: list[bytes], first: int) -> Callable[[], int]:
         blocks = [pool[(first + j) % 8] for j in range(len(ks))]
 
         def op() -> int:
             store.put(ks, blocks)
             return len(ks) * size
-        return op, None
+        return op
 
-    def read(idx: list[int]) -> Op:
+    def read(idx: list[int]) -> Callable[[], int]:
         ks = [keys[i] for i in idx]
-        hits: list[bool] = []
 
         def op() -> int:
-            hits[:] = store.get(ks, out[: len(ks)])
-            return len(ks) * size
-
-        def check() -> None:
+            hits = store.get(ks, out[: len(ks)])
             if not all(hits):
                 raise RuntimeError(f"{store.name}: {hits.count(False)} of {len(ks)} blocks just written were missing")
-            if not np.array_equal(out[0], pool[idx[0] % 8]):
-                bad.append(idx[0])
-        return op, check
+            for j in {0, len(idx) - 1}:  # the first and the last block of the request, sampled
+                if not same_bytes(out[j], pool[idx[j] % 8]):
+                    bad.append(idx[j])
+            return len(ks) * size
+        return op
 
     try:
         result = {"blocks": n, "write": _phase([write([keys[i] for i in s], s.start) for s in spans], pids,
                                               work.phase_seconds)}
         shuffled = [[order[i] for i in s] for s in spans]
         result["read"] = _phase([read(idx) for idx in shuffled], pids, work.phase_seconds)
-        mixed: list[Op] = []
+        mixed: list[Callable[[], int]] = []
         for j, s in enumerate(spans[: max(1, len(spans) // 2)]):
             mixed += [read(shuffled[-1 - j]), write([fresh[i] for i in s], s.start)]
         result["mixed"] = _phase(mixed, pids, work.phase_seconds)
