@@ -87,7 +87,7 @@ def copies_run_unlocked(views: Iterable[BlockView]) -> bool:
 def copy_in(mapping: Any, offset: int, view: BlockView, gpu: Copier | None, streaming: bool = False
             ) -> Copier | None:
     """Copy a block's buffer into its mapped slot at ``offset``; the GPU copier used (device pieces), if any.
-    ``streaming``: host bytes go with non-temporal stores (see ``STREAM_BYTES``)."""
+    ``streaming``: host bytes go with non-temporal stores (see ``STREAM_PUT_BYTES``)."""
     write = stream if streaming else copy
     if type(view) is memoryview:  # the common case, first: one host buffer
         write(mapping, offset, view, 0, view.nbytes)

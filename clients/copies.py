@@ -73,8 +73,7 @@ class CopyPool:
         this returns: the caller's next step (a commit, an abort, a release) may free the memory involved."""
         total = sum(c[2] for c in copies)
         if not shareable or self.threads == 1 or len(copies) < 2 or total < PARALLEL_BYTES:
-            for fn, args, _ in copies:
-                fn(*args)
+            _copy_all(copies)
             return
         groups = runs([c[2] for c in copies], self.threads)
         self.parallel_requests += 1
@@ -103,7 +102,7 @@ class CopyPool:
             self._lock = threading.Lock()
             self._executor = None
         with self._lock:
-            if self._executor is None or self._pid != os.getpid():
+            if self._executor is None:
                 self._executor = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="kvrack-copy")
                 self._pid = os.getpid()
             return self._executor

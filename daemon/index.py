@@ -43,9 +43,7 @@ class Entry:
         self.key = key
         self.ns = ns
         self.seg = seg
-        if not 0 <= slot <= SLOT_MASK:
-            raise ValueError(f"slot {slot} out of range")
-        self.loc = nbytes << SLOT_BITS | slot
+        self.loc = nbytes << SLOT_BITS | _memory_slot(slot)
         self.state = RESERVED
         self.pins = 0
         self.prev: Entry | None = None
@@ -63,9 +61,7 @@ class Entry:
 
     @slot.setter
     def slot(self, slot: int) -> None:
-        if not 0 <= slot <= SLOT_MASK:
-            raise ValueError(f"slot {slot} out of range")
-        self.loc = (self.loc & ~SLOT_MASK) | slot
+        self.loc = (self.loc & ~SLOT_MASK) | _memory_slot(slot)
 
     @property
     def nbytes(self) -> int:
@@ -94,6 +90,13 @@ class Entry:
     @property
     def offset(self) -> int:
         return self.slot * self.seg.slot_size
+
+
+def _memory_slot(slot: int) -> int:
+    """``slot``, checked to fit below ``loc``'s size bits."""
+    if not 0 <= slot <= SLOT_MASK:
+        raise ValueError(f"slot {slot} out of range")
+    return slot
 
 
 class Namespace:
